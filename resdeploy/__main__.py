@@ -1,0 +1,3 @@
+from resdeploy.pipeline.cli import main
+
+raise SystemExit(main())

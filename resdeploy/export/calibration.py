@@ -1,0 +1,64 @@
+"""Calibration data for INT8: real, already-normalised images fed to ONNX Runtime's calibrator in batches.
+
+The caller (the pipeline) decides where the images come from; by convention it is the data module's val split,
+never the test split, so the accuracy measured on the test split stays an honest one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from resdeploy.errors import InputError
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Normalised NCHW float32 images plus where they came from (recorded in the variant's metadata)."""
+
+    images: np.ndarray  # float32 (N, C, H, W), already normalised with the model's mean/std
+    source: str = "array"  # data name, e.g. "mnist"
+    split: str = "val"  # which split of the source
+    fingerprint: str = ""  # the source's fingerprint (DataBundle.fingerprint)
+
+    def __post_init__(self) -> None:
+        x = self.images
+        if not isinstance(x, np.ndarray) or x.ndim != 4 or x.dtype != np.float32:
+            shape = getattr(x, "shape", None)
+            raise InputError(f"calibration images must be a float32 (N, C, H, W) array; got {type(x).__name__} "
+                             f"{getattr(x, 'dtype', '')} {shape}. Normalise the [0, 1] images with the model's mean/std first")
+        if len(x) == 0:
+            raise InputError("the calibration set is empty; give at least one image (a few hundred is typical)")
+        if not np.isfinite(x).all():
+            raise InputError("the calibration images hold NaN or inf; check the data and the normalisation")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def describe(self) -> dict[str, object]:
+        return {"data": self.source, "split": self.split, "count": len(self), "fingerprint": self.fingerprint}
+
+
+def batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    for i in range(0, len(images), batch_size):
+        yield np.ascontiguousarray(images[i:i + batch_size])
+
+
+def make_reader(images: np.ndarray, input_name: str, batch_size: int):  # noqa: ANN201 - onnxruntime type
+    """A ``CalibrationDataReader`` over ``images``; rewindable, so calibrators that read twice (entropy) work."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = batches(images, batch_size)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            x = next(self._it, None)
+            return None if x is None else {input_name: x}
+
+        def rewind(self) -> None:
+            self._it = batches(images, batch_size)
+
+    return _Reader()

@@ -1,0 +1,213 @@
+"""ONNX front-end of the residual analysis: reduce a ModelProto to a :class:`~resdeploy.export.graph.DataGraph`.
+
+Seen through (a node whose output is treated as its data input): Identity, Cast, CastLike, Dropout,
+QuantizeLinear, DequantizeLinear, a Reshape or Transpose that changes nothing, and a Reshape/Transpose that
+undoes the Reshape/Transpose before it. Weights, constants and shape metadata (Shape/Size and anything
+computed only from constants) are not data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from resdeploy.export.graph import DataGraph, DNode
+
+SEE_THROUGH = {"Identity", "Cast", "CastLike", "Dropout", "QuantizeLinear", "DequantizeLinear"}
+CONV_OPS = {"Conv", "ConvInteger", "QLinearConv", "FusedConv", "NhwcConv", "NhwcFusedConv"}
+OP_CLASS = {
+    "Add": "add", "Sum": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Max": "max", "Min": "min",
+    "Slice": "slice", "Pad": "pad", "Concat": "concat", "Relu": "relu", "BatchNormalization": "bn",
+    "Gemm": "linear", "MatMul": "linear", "MatMulInteger": "linear", "QLinearMatMul": "linear",
+}
+METADATA_OPS = {"Shape", "Size", "Constant", "ConstantOfShape", "Range", "EyeLike"}
+
+
+def _dims(vi: onnx.ValueInfoProto) -> tuple[object, ...] | None:
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    out: list[object] = []
+    for d in t.shape.dim:
+        # onnx names the dims it cannot infer "unk__N": those are unknown, not a named dynamic axis.
+        param = d.dim_param if d.dim_param and not d.dim_param.startswith("unk__") else None
+        out.append(d.dim_value if d.HasField("dim_value") else param)
+    return tuple(out)
+
+
+def shapes_of(model: onnx.ModelProto) -> dict[str, tuple[object, ...] | None]:
+    """Tensor shapes from (non-strict) shape inference; tensors it cannot type are left out."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - custom-domain ops (ORT's FusedConv) may stop inference; use what the file has
+        inferred = model
+    g = inferred.graph
+    shapes: dict[str, tuple[object, ...] | None] = {}
+    for vi in [*g.input, *g.value_info, *g.output]:
+        s = _dims(vi)
+        if s is not None:
+            shapes[vi.name] = s
+    return shapes
+
+
+def topo_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The graph's nodes in a topological order (stable: file order where the file is already sorted)."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    out: list[onnx.NodeProto] = []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in available for i in n.input):
+                out.append(n)
+                available.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            # A cycle or a dangling input: keep file order for the rest, the checker reports the real problem.
+            out.extend(rest)
+            break
+        pending = rest
+    return out
+
+
+def _const_values(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    vals = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output:
+            for a in n.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    vals[n.output[0]] = a.t
+    return vals
+
+
+def _array(t: onnx.TensorProto) -> np.ndarray | None:
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return None  # never follow external data here: shape/0-1 tests do not need it
+    try:
+        return numpy_helper.to_array(t)
+    except Exception:  # noqa: BLE001 - unusual dtypes: treat as unknown
+        return None
+
+
+def _weight(name: str, consts: dict[str, onnx.TensorProto], producers: dict[str, onnx.NodeProto]) -> np.ndarray | None:
+    """The value of a conv weight: an initializer, or a DequantizeLinear of one."""
+    if name in consts:
+        return _array(consts[name])
+    node = producers.get(name)
+    if node is not None and node.op_type == "DequantizeLinear" and node.input[0] in consts:
+        q = _array(consts[node.input[0]])
+        scale = _array(consts[node.input[1]]) if len(node.input) > 1 and node.input[1] in consts else None
+        zp = _array(consts[node.input[2]]) if len(node.input) > 2 and node.input[2] in consts else None
+        if q is None or scale is None:
+            return None
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * q.ndim
+        if scale.ndim == 1 and scale.size > 1:
+            shape[axis] = scale.size
+        zp_arr = 0 if zp is None else zp.astype(np.float32).reshape(shape if zp.size > 1 else [1] * q.ndim)
+        return (q.astype(np.float32) - zp_arr) * scale.astype(np.float32).reshape(shape if scale.size > 1 else [1] * q.ndim)
+    return None
+
+
+def is_selection_conv(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto],
+                      producers: dict[str, onnx.NodeProto]) -> bool:
+    """A 1x1 Conv whose weight is 0/1 with at most one 1 per output channel and no bias: an exact subsample/pad."""
+    if node.op_type != "Conv" or len(node.input) < 2:
+        return False
+    w = _weight(node.input[1], consts, producers)
+    if w is None or w.ndim != 4 or w.shape[2:] != (1, 1):
+        return False
+    if not np.all((w == 0) | (w == 1)) or np.any(w.reshape(w.shape[0], -1).sum(axis=1) > 1):
+        return False
+    if len(node.input) > 2 and node.input[2]:
+        b = _weight(node.input[2], consts, producers)
+        if b is None or np.any(b != 0):
+            return False
+    return True
+
+
+def _namespace(node: onnx.NodeProto) -> str:
+    """The module path the dynamo exporter recorded for a node (``pkg.torch.onnx.name_scopes``), if any."""
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                import ast
+
+                scopes = ast.literal_eval(p.value)
+                return str(scopes[-2]) if len(scopes) >= 2 else ""
+            except (ValueError, SyntaxError):
+                return ""
+    return ""
+
+
+def to_datagraph(model: onnx.ModelProto) -> tuple[DataGraph, dict[str, onnx.NodeProto]]:
+    """Reduce ``model`` to a DataGraph; also return ONNX nodes by DataGraph node name."""
+    g = model.graph
+    consts = _const_values(model)
+    shapes = shapes_of(model)
+    nodes = topo_nodes(g)
+    producers = {o: n for n in nodes for o in n.output}
+    const_like = set(consts) | {""}
+    alias: dict[str, str] = {}
+
+    def resolve(t: str) -> str:
+        while t in alias:
+            t = alias[t]
+        return t
+
+    def static(t: str) -> tuple[object, ...] | None:
+        s = shapes.get(t)
+        return s if s is not None and all(isinstance(d, int) for d in s) else None
+
+    dnodes: list[DNode] = []
+    by_name: dict[str, onnx.NodeProto] = {}
+    for i, n in enumerate(nodes):
+        data_in = [x for x in n.input if x not in const_like]
+        if n.op_type in METADATA_OPS or not data_in:
+            const_like.update(n.output)
+            continue
+        src = data_in[0]
+        if n.op_type in SEE_THROUGH and n.input and n.input[0] not in const_like:
+            alias[n.output[0]] = resolve(n.input[0])
+            continue
+        if n.op_type in ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten") and n.input[0] not in const_like:
+            before = producers.get(n.input[0])
+            out_shape = static(n.output[0])
+            if out_shape is not None and out_shape == static(n.input[0]) and _keeps_order(n):
+                alias[n.output[0]] = resolve(n.input[0])
+                continue
+            if (before is not None and before.op_type == n.op_type and before.input
+                    and _undoes(before, n, static(before.input[0]), out_shape)):
+                alias[n.output[0]] = resolve(before.input[0])
+                continue
+        name = n.name or f"{n.op_type}_{i}"
+        op = "conv" if n.op_type in CONV_OPS or (n.domain == "com.microsoft.nchwc" and n.op_type == "Conv") \
+            else OP_CLASS.get(n.op_type, "other")
+        ins = [resolve(x) for x in data_in]
+        if n.op_type in ("QLinearConv", "QLinearMatMul"):
+            ins = [resolve(n.input[0])]
+        if n.op_type == "Sum" and len(ins) != 2:
+            op = "other"
+        dnodes.append(DNode(name, op, ins, [o for o in n.output if o], is_selection_conv(n, consts, producers),
+                            _namespace(n), n.op_type))
+        by_name[name] = n
+    inputs = [i.name for i in g.input if i.name not in consts]
+    return DataGraph(dnodes, inputs, shapes), by_name
+
+
+def _keeps_order(n: onnx.NodeProto) -> bool:
+    if n.op_type != "Transpose":
+        return True
+    perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
+    return perm is not None and perm == sorted(perm)
+
+
+def _undoes(first: onnx.NodeProto, second: onnx.NodeProto, first_in: tuple[object, ...] | None,
+            second_out: tuple[object, ...] | None) -> bool:
+    if second.op_type == "Transpose":
+        p1 = next((list(a.ints) for a in first.attribute if a.name == "perm"), None)
+        p2 = next((list(a.ints) for a in second.attribute if a.name == "perm"), None)
+        return p1 is not None and p2 is not None and [p1[k] for k in p2] == list(range(len(p1)))
+    return first_in is not None and first_in == second_out

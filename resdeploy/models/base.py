@@ -1,0 +1,44 @@
+"""What every resdeploy network knows about itself beyond its weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from resdeploy.models.spec import InputSpec, ModelCard, ResidualBlockInfo
+
+
+class ResidualNet(nn.Module):
+    """Base class: carries the input spec and labels, and enumerates residual blocks.
+
+    A block declares itself residual by a ``shortcut_kind`` attribute ("identity", "projection",
+    "option_a"; ``None`` for a plain block). Adds no parameters, so state_dict keys stay those of the
+    architecture (torchvision-identical for the ImageNet ResNets).
+    """
+
+    arch: str = ""
+    arch_kwargs: dict[str, Any]
+    input_spec: InputSpec
+    labels: tuple[str, ...]
+
+    def _set_card(self, input_spec: InputSpec, num_classes: int, labels: tuple[str, ...] | list[str] | None) -> None:
+        self.input_spec = input_spec
+        labels = tuple(labels) if labels else tuple(str(i) for i in range(num_classes))
+        if len(labels) != num_classes:
+            raise ValueError(f"{len(labels)} labels given for num_classes={num_classes}; give one label per class")
+        self.labels = labels
+
+    @property
+    def card(self) -> ModelCard:
+        return ModelCard(arch=self.arch, kwargs=dict(self.arch_kwargs), input_spec=self.input_spec, labels=self.labels)
+
+    def residual_blocks(self) -> list[ResidualBlockInfo]:
+        blocks = []
+        for path, module in self.named_modules():
+            kind = getattr(module, "shortcut_kind", None)
+            if kind is None:
+                continue
+            shortcut = getattr(module, "shortcut_module_name", None)
+            blocks.append(ResidualBlockInfo(path=path, kind=kind, shortcut_path=f"{path}.{shortcut}" if shortcut else None))
+        return blocks

@@ -1,0 +1,522 @@
+"""Parity: every backend x precision against the PyTorch FP32 reference on held-out real images.
+
+    report = run_parity("tests/data/resnet20-mnist", backends=("onnxruntime",))
+    assert report, report          # prints the table and the failing gates
+
+Metrics (``compare``) per variant: max abs error, max rel error (per image: max |engine - torch| over the
+logits divided by max |torch|, then the worst image), mean abs error, cosine similarity of the logits
+(mean and worst image), top-1 agreement with PyTorch, accuracy and accuracy delta (points).
+
+Gates (``ParityGates``) by precision: FP32 max abs error and top-1 agreement; FP16/BF16 top-1 agreement;
+INT8 accuracy drop in points on a trained model, or top-1 agreement with the FP32 reference on a
+random-weight model (whose accuracy means nothing). A failed gate carries backend, metric, value and limit.
+When a variant fails, the skip-add check (``resdeploy.export.skipadd``) localises the first residual block
+whose output diverges from PyTorch, and the report names it with its errors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from resdeploy.errors import BackendUnavailable, CheckFailed, InputError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+# Backends parity (and bench) knows: name -> (open_runner backend, options). GPU ones need CUDA.
+BACKENDS: dict[str, tuple[str, dict[str, Any]]] = {
+    "onnxruntime": ("onnxruntime", {"provider": "cpu"}),
+    "openvino": ("openvino", {"precision_hint": "f32"}),
+    "onnxruntime-cuda": ("onnxruntime", {"provider": "cuda"}),
+    "tensorrt": ("onnxruntime", {"provider": "tensorrt"}),
+}
+GPU_BACKENDS = ("onnxruntime-cuda", "tensorrt")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# metrics and gates
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParityMetrics:
+    """How far an engine's logits are from the reference logits on the same images."""
+
+    n: int  # images compared
+    max_abs: float  # max |engine - reference| over all logits
+    max_rel: float  # worst image's max |engine - reference| / max |reference|
+    mean_abs: float  # mean |engine - reference|
+    cosine_mean: float  # mean per-image cosine similarity of the logit vectors
+    cosine_min: float  # worst image's cosine similarity
+    top1_agreement: float  # fraction of images where argmax agrees with the reference
+    accuracy: float | None = None  # engine accuracy on the labels (None without labels)
+    reference_accuracy: float | None = None  # reference accuracy on the same labels
+    reference_classes: int = 0  # distinct classes the reference predicts (1 = degenerate sample)
+
+    @property
+    def accuracy_delta(self) -> float | None:
+        """Engine minus reference accuracy, in percentage points (negative = the engine loses accuracy)."""
+        if self.accuracy is None or self.reference_accuracy is None:
+            return None
+        return 100.0 * (self.accuracy - self.reference_accuracy)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "accuracy_delta_points": self.accuracy_delta}
+
+    def __str__(self) -> str:
+        acc = "" if self.accuracy is None else f"  acc {100 * self.accuracy:.2f}% ({self.accuracy_delta:+.2f} pt)"
+        return (f"max abs {self.max_abs:.2e}  max rel {self.max_rel:.2e}  mean abs {self.mean_abs:.2e}  "
+                f"cos {self.cosine_min:.6f}  top-1 {100 * self.top1_agreement:.2f}%{acc}  (n={self.n})")
+
+
+def compare(reference_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray | None = None) -> ParityMetrics:
+    """Compare ``logits`` (N, K) with ``reference_logits`` (N, K); ``labels`` (N,) adds accuracy."""
+    ref = np.asarray(reference_logits, np.float64)
+    out = np.asarray(logits, np.float64)
+    if ref.shape != out.shape or ref.ndim != 2 or len(ref) == 0:
+        raise InputError(f"parity: logits shape {out.shape} vs reference {ref.shape}; both must be the same (N, classes), N > 0")
+    if not np.isfinite(out).all():
+        bad = int((~np.isfinite(out)).any(axis=1).sum())
+        raise CheckFailed(f"parity: the engine produced NaN/inf logits for {bad} of {len(out)} images (an FP16 overflow?)")
+    diff = np.abs(out - ref)
+    scale = np.maximum(np.abs(ref).max(axis=1), np.finfo(np.float32).tiny)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+    cos = np.where(norms > 0, (ref * out).sum(axis=1) / np.where(norms > 0, norms, 1.0), 1.0)
+    ref_top, top = ref.argmax(axis=1), out.argmax(axis=1)
+    acc = ref_acc = None
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (len(ref),):
+            raise InputError(f"parity: labels shape {labels.shape}; expected ({len(ref)},)")
+        acc, ref_acc = float((top == labels).mean()), float((ref_top == labels).mean())
+    return ParityMetrics(n=len(ref), max_abs=float(diff.max()), max_rel=float((diff.max(axis=1) / scale).max()),
+                         mean_abs=float(diff.mean()), cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
+                         top1_agreement=float((top == ref_top).mean()), accuracy=acc, reference_accuracy=ref_acc,
+                         reference_classes=int(len(np.unique(ref_top))))
+
+
+@dataclass(frozen=True)
+class ParityGates:
+    """Release gates by precision. Agreements are fractions; accuracy drops are percentage points."""
+
+    fp32_max_abs: float = 1e-4  # FP32 engine vs PyTorch FP32: max abs logit error
+    fp32_min_agreement: float = 1.0  # FP32: every image's top-1 must agree
+    fp16_min_agreement: float = 0.995  # FP16 and BF16: top-1 agreement with PyTorch FP32
+    int8_max_accuracy_drop: float = 1.0  # INT8 on a trained model: accuracy may drop at most this many points
+    int8_min_agreement: float = 0.95  # INT8 on a random-weight model (accuracy meaningless): top-1 agreement
+
+    def check(self, backend: str, precision: str, m: ParityMetrics, labels_meaningful: bool) -> tuple["GateResult", ...]:
+        """The gates that apply to ``precision``, evaluated on ``m``."""
+        def gate(metric: str, value: float, limit: float, op: str) -> GateResult:
+            ok = value <= limit if op == "<=" else value >= limit
+            return GateResult(backend, precision, metric, value, limit, op, bool(ok))
+
+        if precision == "fp32":
+            return (gate("max_abs_error", m.max_abs, self.fp32_max_abs, "<="),
+                    gate("top1_agreement", m.top1_agreement, self.fp32_min_agreement, ">="))
+        if precision in ("fp16", "bf16"):
+            return (gate("top1_agreement", m.top1_agreement, self.fp16_min_agreement, ">="),)
+        if precision == "int8":
+            if labels_meaningful and m.accuracy_delta is not None:
+                return (gate("accuracy_drop_points", -m.accuracy_delta, self.int8_max_accuracy_drop, "<="),)
+            return (gate("top1_agreement", m.top1_agreement, self.int8_min_agreement, ">="),)
+        raise InputError(f"parity: no gate for precision {precision!r}; use one of fp32, fp16, bf16, int8")
+
+
+@dataclass(frozen=True)
+class GateResult:
+    backend: str
+    precision: str
+    metric: str
+    value: float
+    limit: float
+    op: str  # "<=" or ">="
+    passed: bool
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def __str__(self) -> str:
+        fmt = (lambda v: f"{100 * v:.2f}%") if "agreement" in self.metric else (
+            (lambda v: f"{v:.2f} points") if "points" in self.metric else (lambda v: f"{v:.3g}"))
+        verdict = "ok" if self.passed else "FAILED"
+        want = {"<=": "<=", ">=": ">="}[self.op]
+        return f"{verdict}: {self.backend} {self.precision}: {self.metric} {fmt(self.value)} (limit {want} {fmt(self.limit)})"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reference, data, variants
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParityData:
+    """Normalised images with labels, and what they are (said in every report)."""
+
+    images: np.ndarray  # float32 (N, C, H, W), normalised with the model's mean/std
+    labels: np.ndarray  # int64 (N,)
+    calibration: np.ndarray  # float32, from the val split: INT8 calibration, never the test split
+    description: str
+    labels_meaningful: bool  # False for random weights: accuracy is reported but not gated
+
+
+@dataclass
+class Reference:
+    model: Any  # nn.Module in eval mode, FP32
+    name: str  # arch (+ checkpoint path)
+    trained: bool  # False: random weights
+    data: str = "mnist"  # the data the model was trained on (or "mnist" for random weights)
+
+
+def load_reference(checkpoint: str | Path | None = None, arch: str | None = None, seed: int = 0) -> Reference:
+    """A trained checkpoint, or (with ``arch`` alone) a random-weight model with a fixed seed."""
+    import torch
+
+    from resdeploy.models import create_model, load_checkpoint
+
+    if checkpoint is not None:
+        model, info = load_checkpoint(checkpoint)
+        return Reference(model.eval(), f"{info.arch} ({checkpoint})", True, str(info.metrics.get("data", "mnist")))
+    if not arch:
+        raise InputError("give a CHECKPOINT folder or --arch NAME (random weights)")
+    torch.manual_seed(seed)
+    return Reference(create_model(arch).eval(), f"{arch} (random weights, seed {seed})", False)
+
+
+def _fit_images(x: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, str]:
+    """Resize (bilinear) and replicate/average channels so [0,1] images ``x`` fit ``shape`` (C, H, W)."""
+    c, h, w = shape
+    note = ""
+    if x.shape[2:] != (h, w):
+        import torch
+        import torch.nn.functional as F
+
+        with torch.no_grad():
+            x = F.interpolate(torch.from_numpy(x), size=(h, w), mode="bilinear", align_corners=False).clamp_(0, 1).numpy()
+        note += f"resized to {h}x{w}"
+    if x.shape[1] != c:
+        if x.shape[1] == 1:
+            x = np.repeat(x, c, axis=1)
+            note += f"{', ' if note else ''}replicated to {c} channels"
+        else:
+            x = x.mean(axis=1, keepdims=True).repeat(c, axis=1)
+            note += f"{', ' if note else ''}averaged to {c} channel(s)"
+    return np.ascontiguousarray(x, dtype=np.float32), note
+
+
+def load_parity_data(ref: Reference, limit: int | None = None, calibration_size: int = 128) -> ParityData:
+    """The test split of the model's data (all of it unless ``limit``), normalised as the model expects."""
+    from resdeploy.models import load_data, normalize
+
+    spec = ref.model.input_spec
+    bundle = load_data(ref.data)
+    test, val = bundle.test, bundle.val
+    n = len(test) if limit is None else max(1, min(int(limit), len(test)))
+    images, note = _fit_images(test.images[:n], spec.shape)
+    calib, _ = _fit_images(val.images[:calibration_size], spec.shape)
+    num_classes = len(getattr(ref.model, "labels", ()) or ()) or None
+    meaningful = ref.trained and (num_classes is None or num_classes == len(bundle.classes)) and not note
+    desc = f"{bundle.name} test split, {n} real images" + (f" ({note})" if note else "")
+    if not ref.trained:
+        desc += "; random weights: accuracy is meaningless, INT8 is gated on top-1 agreement with FP32"
+    elif not meaningful:
+        desc += "; the labels do not match the model's classes: accuracy is not gated"
+    return ParityData(normalize(images, spec.mean, spec.std), test.labels[:n].copy(),
+                      normalize(calib, spec.mean, spec.std), desc, meaningful)
+
+
+def export_fp32(model: Any, path: Path) -> Path:
+    """FP32 ONNX with a dynamic batch: the export slice's ``export_onnx`` when it is there, else torch.onnx."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if importlib.util.find_spec("resdeploy.export.onnx_export") is not None:
+        from resdeploy.export import onnx_export
+
+        try:
+            result = onnx_export.export_onnx(model, path)
+            return Path(getattr(result, "path", path))
+        except TypeError:  # a signature this adapter does not know yet: fall back below
+            pass
+    import warnings
+
+    x = torch.zeros(1, *model.input_spec.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, x, str(path), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    return path
+
+
+def convert_fp16(fp32_path: Path, path: Path) -> Path:
+    """FP16 weights and compute, FP32 inputs/outputs (the user-facing contract stays float32)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    onnx.save(model, str(path))
+    return Path(path)
+
+
+def quantize_int8(fp32_path: Path, path: Path, calibration: np.ndarray, flavour: str = "u8s8") -> Path:
+    """Static INT8 Q/DQ, per-channel weights. ``u8s8`` (uint8 activations) for ORT CPU / OpenVINO, ``s8s8`` for TensorRT."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from resdeploy.export.calibration import make_reader
+
+    if flavour not in ("u8s8", "s8s8"):
+        raise InputError(f"int8 flavour {flavour!r} unknown; use u8s8 (CPU) or s8s8 (TensorRT)")
+    pre = Path(path).with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+    act = QuantType.QUInt8 if flavour == "u8s8" else QuantType.QInt8
+    quantize_static(str(pre), str(path), make_reader(calibration, "input", 16), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=act, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"ActivationSymmetric": flavour == "s8s8"})
+    pre.unlink(missing_ok=True)
+    return Path(path)
+
+
+def prepare_variants(ref: Reference, workdir: Path, precisions: Sequence[str], calibration: np.ndarray,
+                     given: Mapping[str, str | Path] | None = None,
+                     progress: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """ONNX files per precision: the ``given`` ones as they are, the others made in ``workdir``."""
+    say = progress or (lambda _msg: None)
+    given = {k: Path(v) for k, v in (given or {}).items() if v}
+    for k, p in given.items():
+        if k not in PRECISIONS:
+            raise InputError(f"variant precision {k!r} unknown; use one of {', '.join(PRECISIONS)}")
+        if not p.is_file():
+            raise InputError(f"{k} model {p} does not exist; drop the option to build it from the checkpoint")
+    out: dict[str, Path] = {}
+    workdir = Path(workdir)
+    fp32 = given.get("fp32")
+    if fp32 is None and any(p not in given for p in precisions):
+        say(f"exporting FP32 ONNX to {workdir / 'fp32.onnx'}")
+        fp32 = export_fp32(ref.model, workdir / "fp32.onnx")
+    for prec in precisions:
+        if prec in given:
+            out[prec] = given[prec]
+        elif prec == "fp32":
+            out[prec] = fp32
+        elif prec == "fp16":
+            say("converting to FP16")
+            out[prec] = convert_fp16(fp32, workdir / "fp16.onnx")
+        elif prec == "int8":
+            say(f"quantizing to INT8 u8s8 (Q/DQ, per-channel) with {len(calibration)} calibration images from the val split")
+            out[prec] = quantize_int8(fp32, workdir / "int8.onnx", calibration)
+        else:
+            raise InputError(f"precision {prec!r} unknown; use one of {', '.join(PRECISIONS)}")
+    return out
+
+
+def backend_available(backend: str) -> str | None:
+    """None when ``backend`` can run here, else the reason it cannot (said in the report, not an error)."""
+    if backend not in BACKENDS:
+        raise InputError(f"backend {backend!r} unknown; use one of {', '.join(BACKENDS)}")
+    if backend == "openvino" and importlib.util.find_spec("openvino") is None:
+        return "OpenVINO is not installed (`pip install 'resdeploy[openvino]'`)"
+    if backend in GPU_BACKENDS:
+        from resdeploy.serve.runners import _cuda_device_present
+        from resdeploy.serve.runners.onnxruntime_runner import PROVIDERS, available_providers
+
+        if not _cuda_device_present():
+            return "no CUDA device"
+        provider = PROVIDERS[BACKENDS[backend][1]["provider"]]
+        if provider not in available_providers():
+            return f"onnxruntime has no {provider} (install the gpu extra)"
+    return None
+
+
+def open_backend(backend: str, onnx_path: Path, threads: int | None = None, **extra: Any) -> Any:
+    """A runner (not yet active) for ``backend`` on ``onnx_path`` with ``threads`` intra-op threads."""
+    from resdeploy.serve.runners import open_runner
+
+    kind, opts = BACKENDS[backend]
+    opts = {**opts, **extra}
+    if threads:
+        opts["threads"] = threads
+    return open_runner(str(onnx_path), backend=kind, name=backend, **opts)
+
+
+def run_batches(runner: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Logits for ``images`` in batches of ``batch_size``."""
+    outs = [runner.infer({"input": np.ascontiguousarray(images[i:i + batch_size])})["logits"]
+            for i in range(0, len(images), batch_size)]
+    return np.concatenate(outs).astype(np.float32)
+
+
+def reference_logits(model: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return np.concatenate([model(torch.from_numpy(images[i:i + batch_size])).float().numpy()
+                               for i in range(0, len(images), batch_size)])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the harness
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class ParityConfig:
+    backends: tuple[str, ...] = ("onnxruntime", "openvino")  # unavailable ones are reported as skipped
+    precisions: tuple[str, ...] = PRECISIONS  # variants to compare
+    limit: int | None = None  # test images to use; None = the whole test split
+    batch_size: int = 32  # images per engine call
+    calibration_size: int = 128  # val-split images to calibrate INT8 with
+    threads: int | None = None  # intra-op threads per engine; None = the engine's default
+    gates: ParityGates = field(default_factory=ParityGates)
+    localize: bool = True  # run the skip-add check on failing variants to name the first diverging block
+    seed: int = 0  # random weights (with --arch only)
+
+
+@dataclass(frozen=True)
+class VariantParity:
+    backend: str
+    precision: str
+    onnx: str
+    description: str  # what actually ran
+    metrics: ParityMetrics | None
+    gates: tuple[GateResult, ...] = ()
+    skipped: str | None = None  # why it did not run
+    divergence: dict[str, Any] | None = None  # skip-add localisation for a failing variant
+
+    @property
+    def passed(self) -> bool:
+        return self.skipped is not None or all(self.gates)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "precision": self.precision, "onnx": self.onnx, "description": self.description,
+                "metrics": self.metrics.to_dict() if self.metrics else None, "gates": [asdict(g) for g in self.gates],
+                "passed": self.passed, "skipped": self.skipped, "divergence": self.divergence}
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    model: str
+    data: str
+    reference_accuracy: float | None
+    rows: tuple[VariantParity, ...]
+    gates: ParityGates
+
+    def __bool__(self) -> bool:
+        return all(r.passed for r in self.rows) and any(r.skipped is None for r in self.rows)
+
+    def failures(self) -> list[GateResult]:
+        return [g for r in self.rows for g in r.gates if not g]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "data": self.data, "reference": "PyTorch FP32 eager",
+                "reference_accuracy": self.reference_accuracy, "passed": bool(self), "gates": asdict(self.gates),
+                "failures": [str(g) for g in self.failures()], "variants": [r.to_dict() for r in self.rows]}
+
+    def __str__(self) -> str:
+        acc = "" if self.reference_accuracy is None else f"; reference accuracy {100 * self.reference_accuracy:.2f}%"
+        lines = [f"parity of {self.model} vs PyTorch FP32 on {self.data}{acc}",
+                 f"{'backend':<17} {'prec':<5} {'max abs':>9} {'max rel':>9} {'mean abs':>9} {'cos min':>9} "
+                 f"{'top-1':>8} {'accuracy':>9} {'delta':>8}  gate"]
+        for r in self.rows:
+            if r.metrics is None:
+                lines.append(f"{r.backend:<17} {r.precision:<5} skipped: {r.skipped}")
+                continue
+            m = r.metrics
+            acc_s = f"{100 * m.accuracy:8.2f}%" if m.accuracy is not None else f"{'-':>9}"
+            delta = f"{m.accuracy_delta:+7.2f}pt" if m.accuracy_delta is not None else f"{'-':>9}"
+            lines.append(f"{r.backend:<17} {r.precision:<5} {m.max_abs:9.2e} {m.max_rel:9.2e} {m.mean_abs:9.2e} "
+                         f"{m.cosine_min:9.6f} {100 * m.top1_agreement:7.2f}% {acc_s} {delta}  {'pass' if r.passed else 'FAIL'}")
+        for r in self.rows:
+            if r.divergence:
+                d = r.divergence
+                where = d.get("first_divergent") or "no residual block diverges beyond tolerance (look after the last add)"
+                errs = d.get("first_row") or {}
+                detail = (f" (Add output max abs {errs['max_abs_err']:.2e}, rel {errs['rel_err']:.2e})"
+                          if errs.get("max_abs_err") is not None and errs.get("rel_err") is not None else "")
+                lines.append(f"{r.backend} {r.precision}: skip-add check: first diverging block {where}{detail}")
+        lines += [str(g) for g in self.failures()]
+        lines.append("PASSED" if self else ("FAILED" if self.failures() else "FAILED: no backend ran"))
+        return "\n".join(lines)
+
+    def require_pass(self) -> "ParityReport":
+        """Raise CheckFailed (exit 1) naming every failing gate unless the report passed."""
+        if not self:
+            fails = self.failures()
+            msg = "; ".join(str(g) for g in fails) if fails else "no backend ran (all were skipped); install one or pick another"
+            raise CheckFailed(f"parity gate: {msg}")
+        return self
+
+
+def _localize(onnx_path: Path, model: Any, sample: np.ndarray) -> dict[str, Any]:
+    """The skip-add check's numeric localisation, reduced to what the parity report prints."""
+    try:
+        from resdeploy.export.skipadd import check_skip_adds
+    except ImportError as exc:
+        return {"error": f"skip-add check unavailable: {exc}"}
+    try:
+        rep = check_skip_adds(str(onnx_path), reference=model, sample=sample)
+    except Exception as exc:  # the localisation is a diagnosis aid: never let it hide the gate result
+        return {"error": f"skip-add check failed to run: {type(exc).__name__}: {exc}"}
+    rows = [dict(r.__dict__) for r in rep.rows]
+    first = next((r for r in rows if r["block"] == rep.first_divergent), None) if rep.first_divergent else None
+    return {"first_divergent": rep.first_divergent, "first_row": first, "passed": bool(rep),
+            "defects": [str(d) for d in rep.defects], "rows": rows}
+
+
+def run_parity(checkpoint: str | Path | Reference | None = None,
+               variants: Mapping[str, str | Path] | None = None,
+               backends: Iterable[str] | None = None,
+               config: ParityConfig | None = None,
+               *, arch: str | None = None, workdir: str | Path | None = None,
+               progress: Callable[[str], None] | None = None) -> ParityReport:
+    """Compare every available backend x precision with PyTorch FP32 on the test split.
+
+    ``checkpoint``: a checkpoint folder (or a :class:`Reference`); with ``arch`` instead, a random-weight model.
+    ``variants``: precision -> ONNX path for variants already built; missing ones are built in ``workdir``
+    (a temporary folder when not given). Never raises for a failed gate: read the report.
+    """
+    config = config or ParityConfig()
+    if backends is not None:
+        config.backends = tuple(backends)
+    say = progress or (lambda msg: print(f"[parity] {msg}", file=sys.stderr, flush=True))
+    for b in config.backends:
+        backend_available(b)  # raises InputError on an unknown name
+    ref = checkpoint if isinstance(checkpoint, Reference) else load_reference(checkpoint, arch, config.seed)
+    data = load_parity_data(ref, config.limit, config.calibration_size)
+    say(f"reference {ref.name} on {data.description}")
+    ref_logits = reference_logits(ref.model, data.images)
+    labels = data.labels
+    ref_acc = float((ref_logits.argmax(1) == labels).mean()) if data.labels_meaningful else None
+    with tempfile.TemporaryDirectory(prefix="resdeploy-parity-") as tmp:
+        work = Path(workdir) if workdir else Path(tmp)
+        paths = prepare_variants(ref, work, config.precisions, data.calibration, variants, say)
+        rows: list[VariantParity] = []
+        localized: dict[Path, dict[str, Any]] = {}
+        for backend in config.backends:
+            why = backend_available(backend)
+            for prec in config.precisions:
+                path = paths[prec]
+                if why:
+                    rows.append(VariantParity(backend, prec, str(path), "", None, skipped=why))
+                    continue
+                try:
+                    with open_backend(backend, path, config.threads) as runner:
+                        say(f"{backend} {prec}: {runner.description}")
+                        logits = run_batches(runner, data.images, config.batch_size)
+                        desc = runner.description
+                except BackendUnavailable as exc:
+                    rows.append(VariantParity(backend, prec, str(path), "", None, skipped=str(exc)))
+                    continue
+                m = compare(ref_logits, logits, labels if data.labels_meaningful else None)
+                gates = config.gates.check(backend, prec, m, data.labels_meaningful)
+                div = None
+                if config.localize and not all(gates):
+                    if path not in localized:
+                        say(f"{backend} {prec} failed a gate: localising with the skip-add check")
+                        localized[path] = _localize(path, ref.model, data.images[:4])
+                    div = localized[path]
+                rows.append(VariantParity(backend, prec, str(path), desc, m, gates, divergence=div))
+    return ParityReport(ref.name, data.description, ref_acc, tuple(rows), config.gates)
+

@@ -1,0 +1,285 @@
+"""Dynamic batching: requests queue per model and are merged into one execution, run off the event loop.
+
+The policy (Triton's dynamic batcher, plus one rule for latency):
+
+* A batch is formed when a runner instance is free. It takes queued requests in arrival order whose
+  per-sample shapes match the oldest one, up to ``max_batch_size`` samples.
+* It is dispatched at once when it is full, when it reaches a preferred size, when nothing is executing
+  (an idle server never makes a lone request wait: batch-1 latency does not pay ``max_queue_delay``), or
+  when the oldest request has waited ``max_queue_delay``. Otherwise it waits for more requests until then.
+* While every instance is busy, requests pile up and the next free instance takes them all: under load
+  batches grow by themselves even with a zero delay.
+* The queue is bounded (``max_queue_size``): one more request is rejected at once (503), never queued.
+* Requests carry a deadline; one that expires or is cancelled before it runs is dropped from the queue.
+
+Everything here runs on the event loop except ``Runner.infer`` (and the concatenation/split around it),
+which runs in a thread pool with one thread per instance; each instance owns its runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from resdeploy.serve.metrics import ModelStats
+from resdeploy.serve.protocol import BadRequest, ServeError, Unavailable
+from resdeploy.serve.runners.base import RunnerError
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    max_batch_size: int = 0  # 0: the model has no batch axis; every request runs alone
+    dynamic: bool = True  # False: Triton's default scheduler, one request per execution
+    preferred_batch_sizes: tuple[int, ...] = ()  # dispatch as soon as one of these sizes is reached
+    max_queue_delay_us: int = 0  # wait at most this long for a fuller batch (only while something executes)
+    max_queue_size: int = 0  # queued requests beyond this are rejected with 503; 0 = unbounded
+    default_timeout_us: int = 0  # a request's deadline when it gives none; 0 = none
+
+    def __str__(self) -> str:
+        if not self.dynamic or self.max_batch_size == 0:
+            return f"no dynamic batching (max_batch_size {self.max_batch_size})"
+        return (f"dynamic batching to {self.max_batch_size}, preferred {list(self.preferred_batch_sizes) or '-'}, "
+                f"delay {self.max_queue_delay_us} us, queue {self.max_queue_size or 'unbounded'}")
+
+
+@dataclass
+class _Item:
+    feed: dict[str, np.ndarray]
+    batch: int
+    signature: tuple
+    future: asyncio.Future
+    enqueued_ns: int
+    deadline_ns: int | None
+
+
+@dataclass(frozen=True)
+class ExecutionRecord:
+    """What one execution did: how many requests, how many samples, and its timings (ns)."""
+
+    requests: int
+    batch_size: int
+    input_ns: int
+    infer_ns: int
+    output_ns: int
+
+
+class DynamicBatcher:
+    """Queue + batch former + thread pool over ``runners`` (one per instance).
+
+    ``await batcher.submit(feed, batch)`` returns the outputs for that request alone. The feed must
+    already be validated against the model (shape, dtype), so a batch never fails for one request's input.
+    """
+
+    def __init__(self, runners: Sequence[Any], config: BatcherConfig, stats: ModelStats | None = None,
+                 name: str = "model") -> None:
+        if not runners:
+            raise ValueError("DynamicBatcher needs at least one runner instance")
+        self.config = config
+        self.name = name
+        self.stats = stats or ModelStats(name, "1")
+        self._free = list(runners)
+        self._n_instances = len(runners)
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._executing = 0
+        self._pool = ThreadPoolExecutor(max_workers=len(runners), thread_name_prefix=f"infer-{name}")
+        self._timer: asyncio.TimerHandle | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+        self.executions: collections.deque[ExecutionRecord] = collections.deque(maxlen=4096)
+        self.on_execution: Callable[[ExecutionRecord], None] | None = None
+
+    # -- public ----------------------------------------------------------------------------------------
+    @property
+    def queued(self) -> int:
+        return sum(1 for it in self._queue if not it.future.done())
+
+    @property
+    def executing(self) -> int:
+        return self._executing
+
+    def submit(self, feed: dict[str, np.ndarray], batch: int = 1, timeout_us: int | None = None) -> asyncio.Future:
+        """Queue one request; the future resolves to its outputs or raises a ServeError. Call on the loop."""
+        if self._closed:
+            raise Unavailable(f"model '{self.name}' is shutting down; retry on another replica")
+        loop = asyncio.get_running_loop()
+        if self.config.max_queue_size and len(self._queue) >= self.config.max_queue_size:
+            self._prune()
+            if len(self._queue) >= self.config.max_queue_size:
+                self.stats.record_failure(0, "REJECTED")
+                raise Unavailable(f"model '{self.name}' is overloaded: {len(self._queue)} requests queued "
+                                  f"(max_queue_size {self.config.max_queue_size}); retry later or add instances")
+        now = time.perf_counter_ns()
+        timeout = timeout_us or self.config.default_timeout_us
+        sig = tuple((k, v.dtype.str, v.shape[1:] if self.config.max_batch_size else v.shape) for k, v in sorted(feed.items()))
+        item = _Item(feed, batch, sig, loop.create_future(), now, now + timeout * 1000 if timeout else None)
+        self._queue.append(item)
+        self.stats.pending += 1
+        self._idle.clear()
+        self._dispatch()
+        return item.future
+
+    async def infer(self, feed: dict[str, np.ndarray], batch: int = 1, timeout_us: int | None = None) -> dict[str, np.ndarray]:
+        fut = self.submit(feed, batch, timeout_us)
+        timeout = timeout_us or self.config.default_timeout_us
+        if not timeout:
+            return await fut
+        try:
+            # The queue drops expired items itself; this bounds a request whose execution overruns too.
+            return await asyncio.wait_for(asyncio.shield(fut), timeout / 1e6 + 0.001)
+        except asyncio.TimeoutError:
+            fut.cancel()
+            raise Unavailable(f"model '{self.name}': request timed out after {timeout / 1000:.1f} ms; "
+                              "raise the timeout or reduce the load") from None
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until nothing is queued or executing (True) or ``timeout_s`` passes (False)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def close(self) -> None:
+        """Reject what is still queued and stop the threads (after in-flight executions finish)."""
+        self._closed = True
+        while self._queue:
+            it = self._queue.popleft()
+            if not it.future.done():
+                it.future.set_exception(Unavailable(f"model '{self.name}' shut down before the request ran"))
+        self._pool.shutdown(wait=True)
+
+    # -- batch forming ---------------------------------------------------------------------------------
+    def _prune(self) -> None:
+        if any(it.future.done() for it in self._queue):
+            kept = [it for it in self._queue if not it.future.done()]
+            self.stats.pending -= len(self._queue) - len(kept)
+            self._queue = collections.deque(kept)
+            self._check_idle()
+
+    def _expire(self, now: int) -> None:
+        for it in self._queue:
+            if it.deadline_ns is not None and now >= it.deadline_ns and not it.future.done():
+                it.future.set_exception(Unavailable(
+                    f"model '{self.name}': request timed out after {(now - it.enqueued_ns) / 1e6:.1f} ms in the queue; "
+                    "raise the timeout or reduce the load"))
+                self.stats.record_failure(now - it.enqueued_ns, "REJECTED")
+        self._prune()
+
+    def _take(self, now: int) -> tuple[list[_Item] | None, int | None]:
+        """The batch to run now, or (None, when to look again in perf_counter ns)."""
+        cfg = self.config
+        head = self._queue[0]
+        if not cfg.dynamic or cfg.max_batch_size == 0:
+            return [self._queue.popleft()], None
+        chosen, total = [], 0
+        for it in self._queue:
+            if it.signature != head.signature:
+                continue
+            if total + it.batch > cfg.max_batch_size:
+                break
+            chosen.append(it)
+            total += it.batch
+        full = total == cfg.max_batch_size
+        pref = 0
+        if cfg.preferred_batch_sizes:
+            running = 0
+            for i, it in enumerate(chosen):  # the longest prefix whose size is a preferred one
+                running += it.batch
+                if running in cfg.preferred_batch_sizes:
+                    pref = i + 1
+        waited = now - head.enqueued_ns >= cfg.max_queue_delay_us * 1000
+        if not (full or pref or self._executing == 0 or waited):
+            return None, head.enqueued_ns + cfg.max_queue_delay_us * 1000
+        if pref and not full and not waited:
+            chosen = chosen[:pref]
+        ids = {id(it) for it in chosen}
+        self._queue = collections.deque(it for it in self._queue if id(it) not in ids)
+        return chosen, None
+
+    def _dispatch(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        now = time.perf_counter_ns()
+        self._expire(now)
+        while self._free and self._queue:
+            items, wake_at = self._take(now)
+            if items is None:
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(max(0.0, (wake_at - now) / 1e9), self._dispatch)
+                return
+            runner = self._free.pop()
+            self._executing += 1
+            start = time.perf_counter_ns()
+            fut = asyncio.get_running_loop().run_in_executor(self._pool, self._execute, runner, items)
+            fut.add_done_callback(lambda f, r=runner, its=items, t=start: self._finished(f, r, its, t))
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if not self._queue and self._executing == 0:
+            self._idle.set()
+
+    # -- execution (worker thread) ---------------------------------------------------------------------
+    @staticmethod
+    def _execute(runner: Any, items: list[_Item]) -> tuple[list[dict[str, np.ndarray]], int, int, int]:
+        t0 = time.perf_counter_ns()
+        if len(items) == 1:
+            feed = items[0].feed
+        else:
+            feed = {k: np.concatenate([it.feed[k] for it in items]) for k in items[0].feed}
+        t1 = time.perf_counter_ns()
+        out = runner.infer(feed)
+        t2 = time.perf_counter_ns()
+        if len(items) == 1:
+            results = [out]
+        else:
+            results, pos = [], 0
+            for it in items:
+                results.append({k: v[pos:pos + it.batch] for k, v in out.items()})
+                pos += it.batch
+        t3 = time.perf_counter_ns()
+        return results, t1 - t0, t2 - t1, t3 - t2
+
+    # -- completion (event loop) -----------------------------------------------------------------------
+    def _finished(self, fut: asyncio.Future, runner: Any, items: list[_Item], start_ns: int) -> None:
+        self._free.append(runner)
+        self._executing -= 1
+        self.stats.pending -= len(items)
+        exc = fut.exception()
+        if exc is None:
+            results, in_ns, infer_ns, out_ns = fut.result()
+            size = sum(it.batch for it in items)
+            self.stats.record_execution(size, in_ns, infer_ns, out_ns)
+            rec = ExecutionRecord(len(items), size, in_ns, infer_ns, out_ns)
+            self.executions.append(rec)
+            if self.on_execution:
+                self.on_execution(rec)
+            for it, res in zip(items, results):
+                self.stats.record_request_compute(start_ns - it.enqueued_ns, in_ns, infer_ns, out_ns)
+                if not it.future.done():
+                    it.future.set_result(res)
+        else:
+            if isinstance(exc, ServeError):
+                err: Exception = exc
+            elif isinstance(exc, RunnerError):
+                err = BadRequest(f"model '{self.name}': {exc}")
+            else:
+                err = ServeError(f"model '{self.name}' failed to execute a batch of {len(items)} requests: "
+                                 f"{type(exc).__name__}: {exc}")
+            for it in items:
+                if not it.future.done():
+                    it.future.set_exception(err)
+        if not self._closed:
+            self._dispatch()
+        self._check_idle()
+
+
+__all__ = ["BatcherConfig", "DynamicBatcher", "ExecutionRecord"]

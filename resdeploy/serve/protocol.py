@@ -1,0 +1,394 @@
+"""Open Inference Protocol v2 (KServe) REST messages, with Triton's binary-tensor and classification extensions.
+
+Parsing and encoding only; no I/O. A request body is either all JSON, or (binary tensor extension) a JSON
+header of ``Inference-Header-Content-Length`` bytes followed by the raw tensors in input order, each input
+saying its size in ``parameters.binary_data_size``. Responses mirror that: outputs asked for with
+``parameters.binary_data: true`` (or every output when the request sets ``binary_data_output: true``, as
+tritonclient does when it names no outputs) are appended raw after the JSON header.
+
+Every error is a :class:`ServeError` whose ``status`` is the HTTP status and whose message names the tensor,
+what came and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from resdeploy.errors import InputError, ResdeployError
+
+
+# -- errors -----------------------------------------------------------------------------------------------
+class ServeError(ResdeployError):
+    """A request the server answers with an error; ``status`` is the HTTP status, the body ``{"error": msg}``."""
+
+    status: int = 500
+
+
+class BadRequest(ServeError, InputError):
+    status = 400
+
+
+class NotFound(ServeError, InputError):
+    status = 404
+
+
+class PayloadTooLarge(ServeError, InputError):
+    status = 413
+
+
+class Unavailable(ServeError):
+    """Not ready, shutting down, queue full or timed out: the client may retry later."""
+
+    status = 503
+
+
+# -- datatypes --------------------------------------------------------------------------------------------
+# Triton wire datatype -> numpy dtype. BYTES travels as 4-byte little-endian length + bytes per element.
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(np.object_),
+}
+_NP_TO_TRITON = {v.name: k for k, v in DATATYPES.items() if k != "BYTES"}
+
+
+def triton_dtype(numpy_dtype: str | np.dtype) -> str:
+    """'float32' -> 'FP32'. Object/bytes/str arrays are BYTES."""
+    dt = np.dtype(numpy_dtype)
+    if dt.kind in "OSU":
+        return "BYTES"
+    try:
+        return _NP_TO_TRITON[dt.name]
+    except KeyError:
+        raise BadRequest(f"numpy dtype {dt.name} has no KServe v2 datatype; supported: {', '.join(_NP_TO_TRITON)}") from None
+
+
+def config_dtype_to_triton(name: str) -> str:
+    """Model config enum name -> wire datatype: 'TYPE_FP32' -> 'FP32', 'TYPE_STRING' -> 'BYTES'."""
+    short = name.removeprefix("TYPE_")
+    return "BYTES" if short == "STRING" else short
+
+
+def triton_to_config_dtype(datatype: str) -> str:
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
+# -- tensor specs the server validates against ----------------------------------------------------------
+@dataclass(frozen=True)
+class IOSpec:
+    """An input or output as the server publishes it: wire datatype and full shape (-1 = any, batch included)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.datatype}[{','.join('?' if d < 0 else str(d) for d in self.shape)}]"
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    binary: bool
+    class_count: int = 0  # >0: return the top-k classes as BYTES "value:index[:label]" instead of the tensor
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    outputs: list[RequestedOutput] | None  # None: every output, binary per ``binary_data_output``
+    binary_data_output: bool = False
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def timeout_us(self) -> int | None:
+        t = self.parameters.get("timeout")
+        return int(t) if isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 else None
+
+
+# -- request parsing --------------------------------------------------------------------------------------
+def parse_header_length(value: str | None, body_size: int) -> int | None:
+    """The ``Inference-Header-Content-Length`` header as an int within the body, or None when absent."""
+    if value is None:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise BadRequest(f"Inference-Header-Content-Length is {value!r}; expected the byte length of the JSON header") from None
+    if n < 0 or n > body_size:
+        raise BadRequest(f"Inference-Header-Content-Length is {n} but the body has {body_size} bytes; "
+                         "expected the JSON header's length, at most the body size")
+    return n
+
+
+def _loads(data: bytes | memoryview) -> Any:
+    try:
+        return json.loads(bytes(data))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"malformed JSON in the request: {exc}; expected a KServe v2 inference request object") from None
+
+
+def _shape(tensor: dict[str, Any], name: str) -> tuple[int, ...]:
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise BadRequest(f"input '{name}': shape {shape!r} is not a list of non-negative integers")
+    return tuple(shape)
+
+
+def _decode_bytes_tensor(raw: memoryview, count: int, name: str) -> np.ndarray:
+    out = np.empty(count, dtype=np.object_)
+    pos = 0
+    for i in range(count):
+        if pos + 4 > len(raw):
+            raise BadRequest(f"input '{name}': BYTES data ends after {i} of {count} elements; "
+                             "each element is a 4-byte little-endian length followed by the bytes")
+        (n,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if pos + n > len(raw):
+            raise BadRequest(f"input '{name}': BYTES element {i} says {n} bytes but only {len(raw) - pos} remain")
+        out[i] = bytes(raw[pos:pos + n])
+        pos += n
+    if pos != len(raw):
+        raise BadRequest(f"input '{name}': BYTES data has {len(raw) - pos} bytes after the last of {count} elements")
+    return out
+
+
+def encode_bytes_tensor(arr: np.ndarray) -> bytes:
+    parts = []
+    for x in arr.ravel():
+        b = x if isinstance(x, bytes) else str(x).encode("utf-8")
+        parts.append(struct.pack("<I", len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def _json_data(data: Any, dtype: np.dtype, datatype: str, count: int, name: str) -> np.ndarray:
+    if not isinstance(data, list):
+        raise BadRequest(f"input '{name}': 'data' is a {type(data).__name__}; expected a list (flat or nested) of {count} values")
+    if datatype == "BYTES":
+        flat = _flatten(data)
+        arr = np.empty(len(flat), dtype=np.object_)
+        for i, s in enumerate(flat):
+            if not isinstance(s, str):
+                raise BadRequest(f"input '{name}': BYTES element {i} is {s!r}; expected a string")
+            arr[i] = s.encode("utf-8")
+    else:
+        try:
+            arr = np.asarray(data)
+        except ValueError:  # ragged nesting
+            raise BadRequest(f"input '{name}': 'data' is a ragged nested list; expected {count} values, flat or nested by the shape") from None
+        if arr.dtype.kind == "O" or arr.dtype.kind in "SU":
+            raise BadRequest(f"input '{name}': 'data' holds non-numeric values; expected {count} {datatype} numbers")
+        if dtype.kind in "iu" and arr.size and arr.dtype.kind not in "iub":
+            raise BadRequest(f"input '{name}': 'data' holds non-integer values for datatype {datatype}; expected integers")
+        if dtype.kind == "b" and arr.size and arr.dtype.kind != "b":
+            raise BadRequest(f"input '{name}': 'data' must hold true/false for datatype BOOL")
+        if dtype.kind in "iu" and arr.size:
+            info = np.iinfo(dtype)
+            lo, hi = arr.min(), arr.max()
+            if lo < info.min or hi > info.max:
+                raise BadRequest(f"input '{name}': values {lo}..{hi} do not fit {datatype} ({info.min}..{info.max})")
+        arr = arr.astype(dtype, copy=False).ravel()
+    if arr.size != count:
+        raise BadRequest(f"input '{name}': 'data' has {arr.size} values but shape needs {count}")
+    return arr
+
+
+def _flatten(data: list) -> list:
+    out: list = []
+    stack = [iter(data)]
+    while stack:
+        for x in stack[-1]:
+            if isinstance(x, list):
+                stack.append(iter(x))
+                break
+            out.append(x)
+        else:
+            stack.pop()
+    return out
+
+
+def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
+    """Parse a v2 infer request (all-JSON when ``header_length`` is None) into numpy inputs. Not yet model-checked."""
+    view = memoryview(body)
+    header = _loads(view if header_length is None else view[:header_length])
+    if not isinstance(header, dict):
+        raise BadRequest(f"request JSON is a {type(header).__name__}; expected an object with an 'inputs' list")
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise BadRequest("request has no 'inputs' list; expected [{\"name\", \"datatype\", \"shape\", \"data\"}, ...]")
+    offset = header_length or 0
+    binary_total = len(body) - offset
+    feeds: dict[str, np.ndarray] = {}
+    for i, t in enumerate(inputs):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+            raise BadRequest(f"inputs[{i}] has no 'name'; each input needs name, datatype, shape and data")
+        name = t["name"]
+        if name in feeds:
+            raise BadRequest(f"input '{name}' appears twice in the request")
+        datatype = t.get("datatype")
+        if datatype not in DATATYPES:
+            raise BadRequest(f"input '{name}': datatype {datatype!r} unknown; expected one of {', '.join(DATATYPES)}")
+        dtype = DATATYPES[datatype]
+        shape = _shape(t, name)
+        count = math.prod(shape)
+        params = t.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise BadRequest(f"input '{name}': 'parameters' must be an object")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if "data" in t:
+                raise BadRequest(f"input '{name}' has both 'data' and binary_data_size; send one")
+            if header_length is None:
+                raise BadRequest(f"input '{name}' has binary_data_size but the request has no Inference-Header-Content-Length header")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise BadRequest(f"input '{name}': binary_data_size {size!r} is not a non-negative integer")
+            if offset + size > len(body):
+                raise BadRequest(f"input '{name}': binary_data_size {size} runs past the end of the body "
+                                 f"({len(body) - offset} bytes left after the earlier tensors)")
+            raw = view[offset:offset + size]
+            offset += size
+            if datatype == "BYTES":
+                arr = _decode_bytes_tensor(raw, count, name)
+            else:
+                if size != count * dtype.itemsize:
+                    raise BadRequest(f"input '{name}': binary_data_size is {size} bytes; shape {list(shape)} of {datatype} "
+                                     f"needs {count * dtype.itemsize}")
+                if (offset - size) % dtype.itemsize:  # unaligned in the body: copy rather than hand a backend an odd pointer
+                    arr = np.frombuffer(bytes(raw), dtype=dtype)
+                else:
+                    arr = np.frombuffer(body, dtype=dtype, count=count, offset=offset - size)
+        elif "data" in t:
+            arr = _json_data(t["data"], dtype, datatype, count, name)
+        else:
+            raise BadRequest(f"input '{name}' has neither 'data' nor parameters.binary_data_size")
+        feeds[name] = arr.reshape(shape)
+    if header_length is not None and offset != len(body):
+        raise BadRequest(f"request body has {len(body) - offset} bytes after the binary tensors "
+                         f"(header {header_length} + declared binary_data_size {offset - header_length} of {binary_total}); "
+                         "binary_data_size values must add up to the bytes after the JSON header")
+    outputs = None
+    if "outputs" in header:
+        raw_outputs = header["outputs"]
+        if not isinstance(raw_outputs, list):
+            raise BadRequest("'outputs' must be a list of {\"name\", \"parameters\"} objects")
+        outputs = []
+        for o in raw_outputs:
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                raise BadRequest(f"requested output {o!r} has no 'name'")
+            p = o.get("parameters") or {}
+            k = p.get("classification", 0)
+            if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+                raise BadRequest(f"output '{o['name']}': classification {k!r} must be a non-negative integer")
+            outputs.append(RequestedOutput(o["name"], bool(p.get("binary_data", False)), k))
+    params = header.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadRequest("request 'parameters' must be an object")
+    rid = header.get("id")
+    return InferRequest(id=None if rid is None else str(rid), inputs=feeds, outputs=outputs,
+                        binary_data_output=bool(params.get("binary_data_output", False)), parameters=params)
+
+
+def check_inputs(request: InferRequest, specs: list[IOSpec], model: str, max_batch_size: int) -> int:
+    """Check the request's inputs against the model's; returns the request's batch size (1 for non-batching models)."""
+    expected = {s.name: s for s in specs}
+    unknown = sorted(set(request.inputs) - set(expected))
+    missing = sorted(set(expected) - set(request.inputs))
+    if unknown or missing:
+        what = "; ".join(x for x in (f"unknown inputs {unknown}" if unknown else "", f"missing inputs {missing}" if missing else "") if x)
+        raise BadRequest(f"model '{model}': {what}; expected {', '.join(str(s) for s in specs)}")
+    batch = None
+    for name, arr in request.inputs.items():
+        spec = expected[name]
+        got = triton_dtype(arr.dtype)
+        if got != spec.datatype:
+            raise BadRequest(f"model '{model}': input '{name}' has datatype {got}; expected {spec.datatype} ({spec})")
+        if arr.ndim != len(spec.shape) or any(d >= 0 and d != n for d, n in zip(spec.shape, arr.shape)):
+            raise BadRequest(f"model '{model}': input '{name}' has shape {list(arr.shape)}; expected {spec}")
+        if max_batch_size > 0:
+            b = arr.shape[0]
+            if b < 1 or b > max_batch_size:
+                raise BadRequest(f"model '{model}': input '{name}' has batch {b}; expected 1..{max_batch_size} (max_batch_size)")
+            if batch is not None and b != batch:
+                raise BadRequest(f"model '{model}': input '{name}' has batch {b} but another input has {batch}; all must agree")
+            batch = b
+    return batch or 1
+
+
+# -- response encoding ------------------------------------------------------------------------------------
+def classify(arr: np.ndarray, k: int, labels: list[str] | None, batched: bool) -> np.ndarray:
+    """Triton's classification extension: top-k per batch item as b'value:index[:label]', best first."""
+    rows = arr.reshape(arr.shape[0], -1) if batched else arr.reshape(1, -1)
+    k = min(k, rows.shape[1])
+    idx = np.argsort(-rows.astype(np.float64), axis=1, kind="stable")[:, :k]
+    out = np.empty((rows.shape[0], k), dtype=np.object_)
+    for r in range(rows.shape[0]):
+        for j, c in enumerate(idx[r]):
+            label = labels[c] if labels and c < len(labels) else ""
+            out[r, j] = f"{float(rows[r, c]):f}:{int(c)}{':' + label if label else ''}".encode("utf-8")
+    return out if batched else out.reshape(k)
+
+
+@dataclass(frozen=True)
+class EncodedResponse:
+    body: bytes
+    header_length: int | None  # set when binary tensors follow the JSON header
+
+
+def encode_infer_response(model: str, version: str, request: InferRequest, outputs: dict[str, np.ndarray],
+                          labels: dict[str, list[str]] | None = None, batched: bool = True) -> EncodedResponse:
+    """Encode the model's outputs as the request asked: which outputs, JSON or binary, classification."""
+    if request.outputs is None:
+        wanted = [RequestedOutput(n, request.binary_data_output) for n in outputs]
+    else:
+        wanted = request.outputs
+    entries, blobs = [], []
+    for w in wanted:
+        arr = outputs[w.name]
+        if w.class_count:
+            arr = classify(arr, w.class_count, (labels or {}).get(w.name), batched)
+        datatype = triton_dtype(arr.dtype)
+        entry: dict[str, Any] = {"name": w.name, "datatype": datatype, "shape": list(arr.shape)}
+        if w.binary:
+            raw = encode_bytes_tensor(arr) if datatype == "BYTES" else np.ascontiguousarray(arr).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        elif datatype == "BYTES":
+            entry["data"] = [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in arr.ravel()]
+        else:
+            entry["data"] = arr.ravel().tolist()
+        entries.append(entry)
+    resp: dict[str, Any] = {"model_name": model, "model_version": version}
+    if request.id is not None:
+        resp["id"] = request.id
+    resp["outputs"] = entries
+    header = json.dumps(resp, separators=(",", ":")).encode("utf-8")
+    if not blobs:
+        return EncodedResponse(header, None)
+    return EncodedResponse(b"".join([header, *blobs]), len(header))
+
+
+def check_outputs(request: InferRequest, names: list[str], model: str) -> None:
+    if request.outputs is None:
+        return
+    for o in request.outputs:
+        if o.name not in names:
+            raise BadRequest(f"model '{model}': requested output '{o.name}' unknown; expected one of {names}")
+
+
+__all__ = ["BadRequest", "DATATYPES", "EncodedResponse", "IOSpec", "InferRequest", "NotFound", "PayloadTooLarge",
+           "RequestedOutput", "ServeError", "Unavailable", "check_inputs", "check_outputs", "classify",
+           "config_dtype_to_triton", "encode_bytes_tensor", "encode_infer_response", "parse_header_length",
+           "parse_infer_request", "triton_dtype", "triton_to_config_dtype"]

@@ -1,0 +1,91 @@
+"""Runners: one contract (``with open_runner(...) as r: r.infer({...})``) for every backend.
+
+Backends: ``torch`` (the reference, an nn.Module), ``onnxruntime`` (CPU / CUDA / TensorRT providers),
+``tensorrt`` (a serialized plan), ``openvino`` (optional extra). Optional backends are imported only
+when asked for, so this package imports without onnxruntime, TensorRT, CUDA or OpenVINO.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+from resdeploy.errors import InputError
+from resdeploy.serve.runners.base import Runner, RunnerError, TensorSpec
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino")
+
+
+def _cuda_device_present() -> bool:
+    """True when a CUDA device answers; asks the driver, never TensorRT (which must not start without one)."""
+    try:
+        import ctypes
+
+        lib = ctypes.CDLL("libcuda.so.1")
+        count = ctypes.c_int(0)
+        return lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    except OSError:
+        return False
+
+
+def resolve_auto(artifact: Any) -> tuple[str, dict[str, Any], str]:
+    """Pick a backend for ``artifact``: TensorRT when usable, else ONNX Runtime CUDA, else ONNX Runtime CPU.
+
+    Returns (backend, options, reason); the reason is what `auto` tells the user.
+    """
+    if not isinstance(artifact, (str, os.PathLike)):
+        return "torch", {}, "a PyTorch module runs on the torch backend"
+    path = Path(artifact)
+    if path.suffix in (".plan", ".engine"):
+        return "tensorrt", {}, "a TensorRT plan runs on TensorRT"
+    gpu = _cuda_device_present()
+    try:
+        from resdeploy.serve.runners.onnxruntime_runner import available_providers
+
+        providers = available_providers()
+    except ImportError:
+        raise InputError("no backend for an ONNX model: onnxruntime is not installed (`pip install onnxruntime`)") from None
+    if gpu and "TensorrtExecutionProvider" in providers and importlib.util.find_spec("tensorrt"):
+        return "onnxruntime", {"provider": "tensorrt"}, "TensorRT is usable: ONNX Runtime TensorRT provider"
+    if gpu and "CUDAExecutionProvider" in providers:
+        return "onnxruntime", {"provider": "cuda"}, "no TensorRT; CUDA is usable: ONNX Runtime CUDA provider"
+    why = "no CUDA device" if not gpu else "onnxruntime has no GPU provider (install onnxruntime-gpu)"
+    return "onnxruntime", {"provider": "cpu"}, f"{why}: ONNX Runtime CPU"
+
+
+def open_runner(artifact: Any, backend: str = "auto", **options: Any) -> Runner:
+    """A runner for ``artifact`` (an nn.Module, an .onnx path or bytes, a TensorRT .plan). Not yet active.
+
+    ``options`` go to the backend: onnxruntime takes OrtOptions fields (provider, threads, optimization, ...),
+    torch takes input_shape/device, tensorrt and openvino their own.
+    """
+    reason = ""
+    if backend == "auto":
+        backend, auto_opts, reason = resolve_auto(artifact)
+        options = {**auto_opts, **options}
+    if backend == "torch":
+        from resdeploy.serve.runners.torch_runner import TorchRunner
+
+        runner: Runner = TorchRunner(artifact, **options)
+    elif backend == "onnxruntime":
+        from resdeploy.serve.runners.onnxruntime_runner import OnnxRuntimeRunner, OrtOptions
+
+        name = options.pop("name", "")
+        runner = OnnxRuntimeRunner(artifact, OrtOptions(**options), name=name)
+    elif backend == "tensorrt":
+        from resdeploy.serve.runners.tensorrt_runner import TensorRTRunner
+
+        runner = TensorRTRunner(artifact, **options)
+    elif backend == "openvino":
+        from resdeploy.serve.runners.openvino_runner import OpenVinoRunner
+
+        runner = OpenVinoRunner(artifact, **options)
+    else:
+        raise InputError(f"unknown backend {backend!r}; use one of auto, {', '.join(BACKENDS)}")
+    runner.auto_reason = reason
+    return runner
+
+
+__all__ = ["BACKENDS", "Runner", "RunnerError", "TensorSpec", "open_runner", "resolve_auto"]
