@@ -56,6 +56,16 @@ class DataGraph:
     nodes: list[DNode]
     inputs: list[str]
     shapes: dict[str, tuple[object, ...] | None] = field(default_factory=dict)  # tensor -> shape (dims may be str)
+    # tensors seen through -> (the data tensor they stand for, the op that made them), in topological order
+    aliases: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def relu_fed(self) -> set[str]:
+        """Tensors whose every consumer is a ReLU (so a fused kernel may write the ReLU'd value instead)."""
+        consumers: dict[str, list[str]] = {}
+        for n in self.nodes:
+            for t in n.inputs:
+                consumers.setdefault(t, []).append(n.op)
+        return {t for t, ops in consumers.items() if ops and all(op == "relu" for op in ops)}
 
     def producer_index(self) -> dict[str, int]:
         idx = {t: -1 - i for i, t in enumerate(self.inputs)}
@@ -118,7 +128,6 @@ def analyse(graph: DataGraph) -> list[Merge]:
             conv_mask |= 1 << (n_in + i)
             if not n.selection:
                 learned_conv_mask |= 1 << (n_in + i)
-    pad_ops = {"slice", "pad", "concat", "subsample", "other_const"}
 
     candidates: list[tuple[int, DNode]] = []
     for i, n in enumerate(nodes):
@@ -154,7 +163,8 @@ def analyse(graph: DataGraph) -> list[Merge]:
         fork = tensor_of(top, a, b)
         fork_anc = anc.get(fork, 0)
         path = {t: anc[t] & ~fork_anc for t in (a, b)}
-        convs = {t: bin(path[t] & conv_mask).count("1") for t in (a, b)}
+        # Selection convs (option A rewritten as a 0/1 conv) are exact data movement, not learned convs.
+        convs = {t: bin(path[t] & learned_conv_mask).count("1") for t in (a, b)}
         size = {t: bin(path[t]).count("1") for t in (a, b)}
         shortcut = a if (convs[a], size[a]) < (convs[b], size[b]) else b
         branch = b if shortcut == a else a
@@ -172,7 +182,7 @@ def analyse(graph: DataGraph) -> list[Merge]:
                             f"{bin(sp).count('1')} ops; a shortcut is the fork itself, a parameter-free subsample/pad, "
                             "or one conv (+BN)")
         if n.op != "add":
-            problems.append(f"the merge is a {n.raw_op or n.op}, expected an Add")
+            problems.append(f"the residual merge is a {n.raw_op or n.op}; expected an Add")
         bpath = path[branch]
         inner = tuple(sorted(merge_bit[j] for j in _bits(bpath & merge_mask)))
         if convs[branch] < 1:
@@ -186,9 +196,9 @@ def analyse(graph: DataGraph) -> list[Merge]:
         if prior:
             top_merge = prior.bit_length() - 1
             since = fork_anc & ~anc[nodes[top_merge - n_in].outputs[0]]
-            position = (merge_bit[top_merge], bin(since & conv_mask).count("1"))
+            position = (merge_bit[top_merge], bin(since & learned_conv_mask).count("1"))
         else:
-            position = (-1, bin(fork_anc & conv_mask).count("1"))
+            position = (-1, bin(fork_anc & learned_conv_mask).count("1"))
         sa, sb = graph.shapes.get(a), graph.shapes.get(b)
         shape = sa if sa is not None else sb
         merges.append(Merge(i, n.op, (a, b), n.outputs[0], fork, shortcut, branch, kind,

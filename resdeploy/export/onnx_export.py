@@ -95,10 +95,22 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def _torch_export(model: Any, example: Any, config: ExportConfig) -> onnx.ModelProto:
-    import torch
+    import logging
 
     kwargs: dict[str, Any] = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=config.opset)
     # The exporters log progress and deprecation notes at WARNING; they are not actionable for the user.
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)
+    try:
+        return _run_exporter(model, example, config, kwargs)
+    finally:
+        onnx_log.setLevel(level)
+
+
+def _run_exporter(model: Any, example: Any, config: ExportConfig, kwargs: dict[str, Any]) -> onnx.ModelProto:
+    import torch
+
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         if config.exporter == "dynamo":

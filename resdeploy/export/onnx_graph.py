@@ -14,11 +14,16 @@ from onnx import numpy_helper
 
 from resdeploy.export.graph import DataGraph, DNode
 
-SEE_THROUGH = {"Identity", "Cast", "CastLike", "Dropout", "QuantizeLinear", "DequantizeLinear"}
+SEE_THROUGH = {"Identity", "Cast", "CastLike", "Dropout", "QuantizeLinear", "DequantizeLinear",
+               "ReorderInput", "ReorderOutput"}  # the last two: ORT's NCHWc layout changes (ORT_ENABLE_ALL)
+# Synthetic tensors for an Add fused into a conv (ORT FusedConv "Z" / NCHWc Conv "Sum" input) carry this mark;
+# they do not exist in the file, so they are never exposed as outputs.
+FUSED_MARK = "#fused"
 CONV_OPS = {"Conv", "ConvInteger", "QLinearConv", "FusedConv", "NhwcConv", "NhwcFusedConv"}
 OP_CLASS = {
     "Add": "add", "Sum": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Max": "max", "Min": "min",
     "Slice": "slice", "Pad": "pad", "Concat": "concat", "Relu": "relu", "BatchNormalization": "bn",
+    "QLinearAdd": "add", "QLinearMul": "mul",  # QOperator-format quantized graphs (com.microsoft)
     "Gemm": "linear", "MatMul": "linear", "MatMulInteger": "linear", "QLinearMatMul": "linear",
 }
 METADATA_OPS = {"Shape", "Size", "Constant", "ConstantOfShape", "Range", "EyeLike"}
@@ -183,8 +188,23 @@ def to_datagraph(model: onnx.ModelProto) -> tuple[DataGraph, dict[str, onnx.Node
                 alias[n.output[0]] = resolve(before.input[0])
                 continue
         name = n.name or f"{n.op_type}_{i}"
-        op = "conv" if n.op_type in CONV_OPS or (n.domain == "com.microsoft.nchwc" and n.op_type == "Conv") \
-            else OP_CLASS.get(n.op_type, "other")
+        is_conv = n.op_type in CONV_OPS or (n.domain == "com.microsoft.nchwc" and n.op_type == "Conv")
+        if is_conv and n.op_type in ("Conv", "FusedConv") and len(n.input) > 3 and n.input[3] \
+                and n.input[3] not in const_like:
+            # ORT fused the residual Add (and maybe the activation) into the conv: activation(conv(x) + sum).
+            # Split it back so the residual rule sees conv -> Add(conv, skip) -> activation.
+            conv_out, sum_out = f"{n.output[0]}{FUSED_MARK}conv", f"{n.output[0]}{FUSED_MARK}sum"
+            act = next((a.s.decode() for a in n.attribute if a.name == "activation"), "")
+            dnodes.append(DNode(f"{name}{FUSED_MARK}conv", "conv", [resolve(n.input[0])], [conv_out],
+                                is_selection_conv(n, consts, producers), _namespace(n), n.op_type))
+            dnodes.append(DNode(name, "add", [conv_out, resolve(n.input[3])], [sum_out if act else n.output[0]],
+                                False, _namespace(n), "Add"))
+            if act:
+                dnodes.append(DNode(f"{name}{FUSED_MARK}act", act.lower(), [sum_out], [n.output[0]], False,
+                                    _namespace(n), act))
+            by_name[name] = n
+            continue
+        op = "conv" if is_conv else OP_CLASS.get(n.op_type, "other")
         ins = [resolve(x) for x in data_in]
         if n.op_type in ("QLinearConv", "QLinearMatMul"):
             ins = [resolve(n.input[0])]
@@ -194,7 +214,9 @@ def to_datagraph(model: onnx.ModelProto) -> tuple[DataGraph, dict[str, onnx.Node
                             _namespace(n), n.op_type))
         by_name[name] = n
     inputs = [i.name for i in g.input if i.name not in consts]
-    return DataGraph(dnodes, inputs, shapes), by_name
+    kinds = {n.output[0]: n.op_type for n in nodes if n.output}
+    aliases = {t: (resolve(t), kinds.get(t, "")) for t in alias}
+    return DataGraph(dnodes, inputs, shapes, aliases), by_name
 
 
 def _keeps_order(n: onnx.NodeProto) -> bool:

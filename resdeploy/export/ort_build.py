@@ -190,18 +190,18 @@ def fusion_report(source: onnx.ModelProto, optimized: onnx.ModelProto, *, adds: 
             if len(hits) == 1:
                 node, form = hits[0], "conv_sum"
             elif len(hits) > 1:
-                notes.append(f"{a.node}: {len(hits)} convs with a sum input match its inputs ({', '.join(h.name for h in hits)}); "
+                notes.append(f"{a.name}: {len(hits)} convs with a sum input match its inputs ({', '.join(h.name for h in hits)}); "
                              "reported as unknown")
         if node is not None and form != "unknown":
             into, op = node.name or node.output[0], _op_key(node)
             act = str(_attr(node, "activation") or "")
             if form == "conv_sum":
                 if id(node) in claimed:
-                    notes.append(f"{a.node} and {claimed[id(node)]} both map to {into}; reported as unknown")
+                    notes.append(f"{a.name} and {claimed[id(node)]} both map to {into}; reported as unknown")
                     form, into, op, act = "unknown", "", "", ""
                 else:
-                    claimed[id(node)] = a.node
-        rows.append(AddFusion(a.node, a.output, a.kind, a.block, form, into, op, act))
+                    claimed[id(node)] = a.name
+        rows.append(AddFusion(a.name, a.output, a.kind, a.block, form, into, op, act))
     unclaimed = [n.name for n in sum_convs if id(n) not in claimed]
     if unclaimed:
         notes.append(f"{len(unclaimed)} convs with a sum input matched no residual Add of the source "
@@ -214,6 +214,13 @@ def fusion_report(source: onnx.ModelProto, optimized: onnx.ModelProto, *, adds: 
     if nchwc:
         notes.append("the optimised graph holds NCHWc nodes (com.microsoft.nchwc): it loads only on this CPU type; "
                      "other machines rebuild from model.onnx")
+    forms = Counter(r.form for r in rows)
+    if forms.get("qlinear_add"):
+        notes.append("qlinear_add: the Add runs as ORT's integer QLinearAdd kernel with its Q/DQ absorbed (ORT's CPU "
+                     "QLinearConv has no sum input, so this is the INT8 form of a fused residual Add)")
+    if metadata_of(source).get("int8_flavour") == "s8s8" and forms.get("standalone"):
+        notes.append("s8s8 is the TensorRT flavour: ONNX Runtime's CPU QDQ fusions keep its Relu-followed convs and "
+                     "Adds in float; build the u8s8 variant (`resdeploy quantize --backend onnxruntime`) for this engine")
     if any(n.name.startswith(NAME_PREFIXES) for n in optimized.graph.node) and precision_of(source) == "fp16":
         notes.append("float16 model: this CPU provider has no float16 conv kernels here, so ONNX Runtime wrapped the "
                      "graph in casts and computes in float32 (no speed-up on CPU; FP16 is for GPU engines)")
@@ -297,13 +304,13 @@ def sample_input(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict[
 
 def build_onnxruntime(model_path: str | Path, out_dir: str | Path, *, threads: int | None = None,
                       optimization: str = "all", provider: str = "cpu", sample: dict[str, np.ndarray] | None = None,
-                      adds: Sequence[AddRef] | None = None) -> OrtBuildReport:
+                      adds: Sequence[AddRef] | None = None, build_info: dict[str, Any] | None = None) -> OrtBuildReport:
     """Copy the model into ``out_dir``, save ONNX Runtime's optimised graph beside it, write the fusion report.
 
     Checks before anything lands in ``out_dir``: the optimised session matches an un-optimised one on ``sample``
     (a seeded random batch if None) within the precision's tolerance, and the saved optimised graph loads and
     gives the optimised session's outputs. Writes model.onnx, model.optimized.onnx, fusion_report.json/.txt and
-    build.json.
+    build.json (``build_info`` entries are added to build.json: what the caller did to the model before).
     """
     import onnxruntime as ort
 
@@ -357,6 +364,7 @@ def build_onnxruntime(model_path: str | Path, out_dir: str | Path, *, threads: i
             "residual_adds": {"total": len(fusion.adds), "fused": fusion.fused, "standalone": fusion.standalone,
                               "unknown": fusion.unknown},
             "metadata": meta,
+            **(build_info or {}),
         }
         shutil.copyfile(src_path, Path(tmp) / MODEL_NAME)
         atomic.write_json(Path(tmp) / REPORT_JSON, fusion.to_dict())

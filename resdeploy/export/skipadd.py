@@ -31,8 +31,9 @@ from resdeploy.export.graph import Merge, analyse
 from resdeploy.export.torch_structure import TorchResidualAdd, TorchTrace, _trace, record_outputs, trace_residual_adds
 
 __all__ = ["Defect", "ResidualAdd", "SkipAddReport", "SkipAddRow", "check_skip_adds", "find_residual_adds",
-           "load_onnx", "trace_residual_adds"]
+           "check_external_data", "load_onnx", "trace_residual_adds"]
 
+ADD_OPS = ("Add", "Sum", "QLinearAdd")
 FLOAT_RTOL = 1e-3  # max |onnx - torch| / max |torch| per add; FP32 kernels differ by ~1e-6
 QUANT_MIN_COSINE = 0.9  # Q/DQ graphs round every tensor; a real defect drops far below this
 
@@ -105,7 +106,7 @@ class SkipAddReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model, "passed": bool(self), "reference": self.reference, "numeric": self.numeric,
-            "quantized": self.quantized, "residual_adds": sum(1 for a in self.adds if a.op in ("Add", "Sum")),
+            "quantized": self.quantized, "residual_adds": sum(1 for a in self.adds if a.op in ADD_OPS),
             "first_divergent": self.first_divergent,
             "rows": [dict(r.__dict__) for r in self.rows],
             "defects": [{"block": d.block, "node": d.node, "message": d.message} for d in self.defects],
@@ -118,7 +119,7 @@ class SkipAddReport:
     def __str__(self) -> str:
         head = (f"{'#':>3}  {'block':<14} {'ONNX node':<22} {'shortcut':<10} {'shape':<13} {'fork':<18} "
                 f"{'status':<9} {'max abs':>9} {'rel':>9}")
-        lines = [f"skip-add check of {self.model}: {sum(1 for a in self.adds if a.op in ('Add', 'Sum'))} residual adds"
+        lines = [f"skip-add check of {self.model}: {sum(1 for a in self.adds if a.op in ADD_OPS)} residual adds"
                  + (" vs PyTorch reference" if self.reference else " (no reference: well-formedness only)")
                  + (" + numeric localisation" if self.numeric else ""), head]
         for i, r in enumerate(self.rows):
@@ -143,12 +144,38 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     if not p.is_file():
         raise InputError(f"ONNX model {p} does not exist; export one with `resdeploy export`")
     try:
-        return onnx.load(str(p), load_external_data=False)
+        proto = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf raises several types for a corrupt file
         raise InputError(f"{p} is not a readable ONNX model ({type(exc).__name__}: {exc}); re-export it") from None
+    check_external_data(proto, p.parent)
+    return proto
+
+
+def check_external_data(model: onnx.ModelProto, folder: Path) -> None:
+    """External weights are untrusted input: every location must be a plain relative path inside the model's
+    folder (ONNX Runtime would otherwise read whatever file the model names)."""
+    root = folder.resolve()
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        loc = next((e.value for e in t.external_data if e.key == "location"), "")
+        target = (root / loc).resolve()
+        if not loc or Path(loc).is_absolute() or ".." in Path(loc).parts or root not in target.parents:
+            raise InputError(f"initializer {t.name!r} points at external data {loc!r} outside the model's folder "
+                             f"{root}; refusing to read it. Re-export the model with its .data file beside it")
+        if not target.is_file():
+            raise InputError(f"initializer {t.name!r} needs external data file {target}, which does not exist; "
+                             "copy the .data file beside the model")
 
 
 def _analyse_onnx(model: onnx.ModelProto) -> tuple[list[Merge], list[ResidualAdd]]:
+    merges, adds, _, _ = _analyse_onnx_graph(model)
+    return merges, adds
+
+
+def _analyse_onnx_graph(model: onnx.ModelProto) -> tuple[list[Merge], list[ResidualAdd], set[str], dict[str, str]]:
+    """Also returns the tensors fed only to ReLUs, and per merge output the tensor its consumers read (the
+    DequantizeLinear after it in a Q/DQ graph, where the quantizer may have folded the ReLU into the Q)."""
     dg, _ = onnx_graph.to_datagraph(model)
     merges = analyse(dg)
     names = {n.outputs[0]: n for n in dg.nodes}
@@ -158,26 +185,36 @@ def _analyse_onnx(model: onnx.ModelProto) -> tuple[list[Merge], list[ResidualAdd
         anchor = names[merges[m.position[0]].output].name if m.position[0] >= 0 else "input"
         adds.append(ResidualAdd(dn.name, m.output, m.branch, m.shortcut, m.fork, m.kind, m.shape, dn.scope,
                                 dn.raw_op, m.branch_convs, m.shortcut_convs, anchor, m.position[1], m.problems))
-    return merges, adds
+    seen_as: dict[str, str] = {}
+    for t, (canonical, op) in dg.aliases.items():
+        if op == "DequantizeLinear":
+            seen_as[canonical] = t
+    return merges, adds, dg.relu_fed(), seen_as
 
 
 def find_residual_adds(model: onnx.ModelProto, *, include_other_merges: bool = False) -> list[ResidualAdd]:
     """The residual Adds of ``model`` in topological order. ``include_other_merges`` also returns Sub/Mul/...
     nodes that merge a branch with its skip (defects, never valid residuals)."""
     _, adds = _analyse_onnx(model)
-    return [a for a in adds if include_other_merges or a.op in ("Add", "Sum")]
+    return [a for a in adds if include_other_merges or a.op in ADD_OPS]
 
 
-def _key(op: str, kind: str, shape: tuple[object, ...] | None, bc: int, sc: int, conv_pos: int, ok: bool) -> tuple:
+def _key(op: str, kind: str, bc: int, sc: int, conv_pos: int, ok: bool) -> tuple:
     return (op, kind, bc, sc, conv_pos, ok)
+
+
+def _shape_matches(onnx_shape: tuple[object, ...] | None, torch_shape: tuple[int, ...]) -> bool:
+    """ONNX dims the file leaves unknown (None) match anything; named dims cannot occur past the batch axis."""
+    if onnx_shape is None:
+        return True
+    return len(onnx_shape) == len(torch_shape) and all(d is None or d == t for d, t in zip(onnx_shape, torch_shape))
 
 
 def _align(o_keys: list[tuple], t_keys: list[tuple], o_shapes: list, t_shapes: list) -> list[tuple[int | None, int | None]]:
     n, m = len(o_keys), len(t_keys)
 
     def cost(i: int, j: int) -> int:
-        same_shape = o_shapes[i] is None or tuple(o_shapes[i]) == tuple(t_shapes[j])
-        return 0 if o_keys[i] == t_keys[j] and same_shape else 1
+        return 0 if o_keys[i] == t_keys[j] and _shape_matches(o_shapes[i], t_shapes[j]) else 1
 
     d = [[0] * (m + 1) for _ in range(n + 1)]
     for i in range(1, n + 1):
@@ -203,7 +240,8 @@ def _align(o_keys: list[tuple], t_keys: list[tuple], o_shapes: list, t_shapes: l
 
 
 def _is_quantized(model: onnx.ModelProto) -> bool:
-    return any(n.op_type in ("QuantizeLinear", "QLinearConv", "ConvInteger", "DynamicQuantizeLinear") for n in model.graph.node)
+    return any(n.op_type in ("QuantizeLinear", "QLinearConv", "QLinearAdd", "ConvInteger", "DynamicQuantizeLinear")
+               for n in model.graph.node)
 
 
 def _onnx_values(model: onnx.ModelProto, path: Path | None, outputs: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
@@ -240,10 +278,25 @@ def _onnx_values(model: onnx.ModelProto, path: Path | None, outputs: list[str], 
     static_batch = isinstance(sess.get_inputs()[0].shape[0], int)
     batches = [x[i:i + 1] for i in range(len(x))] if static_batch else [x]
     for xb in batches:
-        res = sess.run(want, {feed_name: xb.astype(np.float32)})
+        try:
+            res = sess.run(want, {feed_name: xb.astype(np.float32)})
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"ONNX Runtime cannot run the model on the sample images of shape {xb.shape} ({exc}); "
+                             "give images shaped and normalised as the model's input") from None
         for n, v in zip(want, res):
             vals[n].append(v)
     return {n: np.concatenate(v) for n, v in vals.items()}
+
+
+def _dequantize_qlinear_output(model: onnx.ModelProto, output: str, q: np.ndarray) -> np.ndarray:
+    """A QLinearAdd writes integers; its C_scale/C_zero_point (inputs 6, 7) give them back as floats."""
+    from onnx import numpy_helper
+
+    node = next(n for n in model.graph.node if output in n.output)
+    inits = {t.name: t for t in model.graph.initializer}
+    scale = numpy_helper.to_array(inits[node.input[6]]).astype(np.float32) if node.input[6] in inits else np.float32(1)
+    zp = numpy_helper.to_array(inits[node.input[7]]).astype(np.float32) if len(node.input) > 7 and node.input[7] in inits else 0
+    return (q.astype(np.float32) - zp) * scale
 
 
 def _errors(o: np.ndarray, t: np.ndarray) -> tuple[float, float, float]:
@@ -267,7 +320,7 @@ def check_skip_adds(
     path = Path(model) if isinstance(model, (str, Path)) else None
     proto = load_onnx(path) if path is not None else model
     label = str(path) if path is not None else (proto.graph.name or "<ModelProto>")
-    merges, adds = _analyse_onnx(proto)
+    merges, adds, onnx_relu_fed, seen_as = _analyse_onnx_graph(proto)
     quantized = _is_quantized(proto)
     defects: list[Defect] = []
     rows: list[SkipAddRow] = []
@@ -299,8 +352,8 @@ def check_skip_adds(
         block = p.split()[1] if p.startswith("block ") else ""
         defects.append(Defect(block, "", f"reference model: {p}"))
 
-    o_keys = [_key(a.op if a.op != "Sum" else "Add", a.kind, a.shape, a.branch_convs, a.shortcut_convs, a.convs_before_fork, a.well_formed) for a in adds]
-    t_keys = [_key("Add" if t.op == "add" else t.op.capitalize(), t.kind, t.shape, t.branch_convs, t.shortcut_convs, t.position[1], not t.problems) for t in tadds]
+    o_keys = [_key("Add" if a.op in ("Sum", "QLinearAdd") else a.op, a.kind, a.branch_convs, a.shortcut_convs, a.convs_before_fork, a.well_formed) for a in adds]
+    t_keys = [_key("Add" if t.op == "add" else t.op.capitalize(), t.kind, t.branch_convs, t.shortcut_convs, t.position[1], not t.problems) for t in tadds]
     pairs = _align(o_keys, t_keys, [a.shape for a in adds], [t.shape for t in tadds])
     o2t = {i: j for i, j in pairs if i is not None and j is not None}
 
@@ -334,11 +387,11 @@ def check_skip_adds(
             continue
         t = tadds[j]
         found: list[str] = []
-        if a.op not in ("Add", "Sum"):
+        if a.op not in ADD_OPS:
             found.append(f"the residual merge is a {a.op}; expected an Add")
         if a.kind != t.kind:
             found.append(f"shortcut kind is {a.kind}; expected {t.kind}")
-        if a.shape is not None and tuple(a.shape) != tuple(t.shape):
+        if not _shape_matches(a.shape, t.shape):
             found.append(f"output shape is {_shape(a.shape)}; expected {_shape(t.shape)}")
         if a.branch_convs != t.branch_convs:
             found.append(f"branch holds {a.branch_convs} convs; expected {t.branch_convs}")
@@ -360,15 +413,25 @@ def check_skip_adds(
     errs: dict[int, tuple[float, float, float]] = {}
     if sample is not None:
         matched = [(k, i, j) for k, (i, j) in enumerate(pairs) if i is not None and j is not None]
-        ovals = _onnx_values(proto, path, [adds[i].output for _, i, _ in matched], sample)
+        exposed = {adds[i].output: seen_as.get(adds[i].output, adds[i].output) for _, i, _ in matched}
+        ovals = _onnx_values(proto, path, [v for v in exposed.values() if onnx_graph.FUSED_MARK not in v], sample)
+        ovals = {k: ovals[v] for k, v in exposed.items() if v in ovals}
         tvals = record_outputs(trace.program, torch.from_numpy(sample.copy()), {tadds[j].node for _, _, j in matched})
         for k, i, j in matched:
             o, t = ovals.get(adds[i].output), tvals.get(tadds[j].node)
+            if o is not None and adds[i].op == "QLinearAdd":
+                o = _dequantize_qlinear_output(proto, adds[i].output, o)
+            if t is not None and tadds[j].node in trace.relu_fed and adds[i].output not in onnx_relu_fed:
+                # The ReLU after the add was fused into it (e.g. a quantizer's QLinearAdd clamps at its zero
+                # point): compare with the ReLU'd reference.
+                t = np.maximum(t, 0)
             if o is None or t is None or o.shape != t.shape:
                 continue
             errs[k] = _errors(o, t)
             diff, rel, cos = errs[k]
             bad = cos < QUANT_MIN_COSINE if quantized else rel > FLOAT_RTOL
+            if bad and status[k] == "ok" and first_div is not None:
+                status[k] = "diverged"  # downstream of the first divergence: a consequence, not a new defect
             if bad and first_div is None:
                 first_div = tadds[j].block
                 if status[k] == "ok":

@@ -54,6 +54,7 @@ class TorchTrace:
     adds: list[TorchResidualAdd]
     declared_problems: tuple[str, ...]  # disagreements between the trace and module.residual_blocks()
     program: Any  # torch.export.ExportedProgram
+    relu_fed: frozenset[str] = frozenset()  # add nodes whose output only feeds a ReLU
 
 
 def _aten_name(target: Any) -> str:
@@ -146,7 +147,7 @@ def _trace(module: nn.Module, example: torch.Tensor) -> TorchTrace:
             if a.block not in names:
                 problems.append(f"module {a.block or '<root>'} performs a residual {a.op} (node {a.node}) that "
                                 "residual_blocks() does not declare")
-    return TorchTrace(adds, tuple(problems), program)
+    return TorchTrace(adds, tuple(problems), program, frozenset(graph.relu_fed()))
 
 
 def trace_residual_adds(module: nn.Module, example: torch.Tensor) -> list[TorchResidualAdd]:

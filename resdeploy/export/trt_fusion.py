@@ -35,7 +35,6 @@ from resdeploy.errors import InputError
 
 _PROFILE_RE = re.compile(r"\[profile +\d+\]")
 _ADD_RE = re.compile(r"^(?:node_)?add(?:[_.]?\d+)?$", re.IGNORECASE)
-_CONV_RE = re.compile(r"^(?:node_)?(?:conv|convolution|gemm|matmul)(?:[_.]?\d+)?$", re.IGNORECASE)
 _DTYPE_RE = re.compile(r"\b(FP4|FP8|FP16|FP32|BFloat16|BF16|Half|Float|Double|Int4|INT4|Int8|INT8|Int32|INT32|"
                        r"Int64|INT64|UInt8|UINT8|BOOL|Bool)\b")
 _DTYPE_NORMAL = {"half": "FP16", "float": "FP32", "double": "FP64", "bfloat16": "BF16", "bool": "BOOL"}
@@ -55,8 +54,9 @@ def is_add_name(name: str) -> bool:
 
 
 def is_conv_name(name: str) -> bool:
-    seg = _last_segment(name)
-    return bool(_CONV_RE.match(seg)) or seg.lower().startswith("conv")
+    """True for a Conv/Gemm/MatMul node name (``Conv_5``, ``/layer1/layer1.0/conv1/Conv``, ``node_conv2d_1``)."""
+    seg = re.sub(r"^node_", "", _last_segment(name), flags=re.IGNORECASE).lower()
+    return seg.startswith(("conv", "gemm", "matmul"))
 
 
 def normalize_dtype(text: str | None) -> str:

@@ -131,7 +131,8 @@ def _split_indices(labels: np.ndarray, seed: int, val_fraction: float, test_frac
         test.append(idx[:n_test])
         val.append(idx[n_test:n_test + n_val])
         train.append(idx[n_test + n_val:])
-    return tuple(np.sort(np.concatenate(s)) for s in (train, val, test))  # type: ignore[return-value]
+    # Shuffled, not sorted: a consumer that takes the first n test or val images must get every class.
+    return tuple(rng.permutation(np.concatenate(s)) for s in (train, val, test))  # type: ignore[return-value]
 
 
 def load_data(source: str = "mnist", seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2) -> DataBundle:

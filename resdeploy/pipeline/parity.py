@@ -29,12 +29,13 @@ import numpy as np
 from resdeploy.errors import BackendUnavailable, CheckFailed, InputError
 
 PRECISIONS = ("fp32", "fp16", "int8")
-# Backends parity (and bench) knows: name -> (open_runner backend, options). GPU ones need CUDA.
+# Backends parity (and bench) knows: name -> (open_runner backend, options). GPU ones need CUDA; tensorrt runs
+# a plan built from the ONNX variant (INT8: from an s8s8 variant, the flavour TensorRT needs).
 BACKENDS: dict[str, tuple[str, dict[str, Any]]] = {
     "onnxruntime": ("onnxruntime", {"provider": "cpu"}),
     "openvino": ("openvino", {"precision_hint": "f32"}),
     "onnxruntime-cuda": ("onnxruntime", {"provider": "cuda"}),
-    "tensorrt": ("onnxruntime", {"provider": "tensorrt"}),
+    "tensorrt": ("tensorrt", {}),
 }
 GPU_BACKENDS = ("onnxruntime-cuda", "tensorrt")
 
@@ -53,9 +54,16 @@ class ParityMetrics:
     cosine_mean: float  # mean per-image cosine similarity of the logit vectors
     cosine_min: float  # worst image's cosine similarity
     top1_agreement: float  # fraction of images where argmax agrees with the reference
+    centered_top1_agreement: float = 1.0  # the same after subtracting the reference's mean logits over the sample
     accuracy: float | None = None  # engine accuracy on the labels (None without labels)
     reference_accuracy: float | None = None  # reference accuracy on the same labels
     reference_classes: int = 0  # distinct classes the reference predicts (1 = degenerate sample)
+    num_classes: int = 0  # logits per image
+
+    @property
+    def degenerate(self) -> bool:
+        """True when the reference predicts so few classes that top-1 agreement says little (random weights)."""
+        return self.n >= 10 and self.reference_classes < min(10, self.num_classes)
 
     @property
     def accuracy_delta(self) -> float | None:
@@ -65,7 +73,7 @@ class ParityMetrics:
         return 100.0 * (self.accuracy - self.reference_accuracy)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "accuracy_delta_points": self.accuracy_delta}
+        return {**asdict(self), "accuracy_delta_points": self.accuracy_delta, "degenerate": self.degenerate}
 
     def __str__(self) -> str:
         acc = "" if self.accuracy is None else f"  acc {100 * self.accuracy:.2f}% ({self.accuracy_delta:+.2f} pt)"
@@ -87,6 +95,11 @@ def compare(reference_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray
     norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
     cos = np.where(norms > 0, (ref * out).sum(axis=1) / np.where(norms > 0, norms, 1.0), 1.0)
     ref_top, top = ref.argmax(axis=1), out.argmax(axis=1)
+    # A random-weight net's logits are dominated by a per-class offset shared by every image, so every image gets
+    # the same top-1 and agreement is trivially 100%. Removing the reference's mean logits leaves the
+    # image-dependent part; its top-1 agreement shows whether an engine keeps that part.
+    mu = ref.mean(axis=0, keepdims=True)
+    centered = float(((out - mu).argmax(axis=1) == (ref - mu).argmax(axis=1)).mean())
     acc = ref_acc = None
     if labels is not None:
         labels = np.asarray(labels)
@@ -95,8 +108,9 @@ def compare(reference_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray
         acc, ref_acc = float((top == labels).mean()), float((ref_top == labels).mean())
     return ParityMetrics(n=len(ref), max_abs=float(diff.max()), max_rel=float((diff.max(axis=1) / scale).max()),
                          mean_abs=float(diff.mean()), cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
-                         top1_agreement=float((top == ref_top).mean()), accuracy=acc, reference_accuracy=ref_acc,
-                         reference_classes=int(len(np.unique(ref_top))))
+                         top1_agreement=float((top == ref_top).mean()), centered_top1_agreement=centered,
+                         accuracy=acc, reference_accuracy=ref_acc, reference_classes=int(len(np.unique(ref_top))),
+                         num_classes=int(ref.shape[1]))
 
 
 @dataclass(frozen=True)
@@ -104,10 +118,12 @@ class ParityGates:
     """Release gates by precision. Agreements are fractions; accuracy drops are percentage points."""
 
     fp32_max_abs: float = 1e-4  # FP32 engine vs PyTorch FP32: max abs logit error
+    fp32_max_rel: float | None = None  # set: gate FP32 on max rel error instead (scale-free: random nets' big logits)
     fp32_min_agreement: float = 1.0  # FP32: every image's top-1 must agree
     fp16_min_agreement: float = 0.995  # FP16 and BF16: top-1 agreement with PyTorch FP32
     int8_max_accuracy_drop: float = 1.0  # INT8 on a trained model: accuracy may drop at most this many points
     int8_min_agreement: float = 0.95  # INT8 on a random-weight model (accuracy meaningless): top-1 agreement
+    random_weights_metric: str = "top1_agreement"  # or "centered_top1_agreement" (stricter: see ParityMetrics)
 
     def check(self, backend: str, precision: str, m: ParityMetrics, labels_meaningful: bool) -> tuple["GateResult", ...]:
         """The gates that apply to ``precision``, evaluated on ``m``."""
@@ -116,6 +132,9 @@ class ParityGates:
             return GateResult(backend, precision, metric, value, limit, op, bool(ok))
 
         if precision == "fp32":
+            if self.fp32_max_rel is not None:
+                return (gate("max_rel_error", m.max_rel, self.fp32_max_rel, "<="),
+                        gate("top1_agreement", m.top1_agreement, self.fp32_min_agreement, ">="))
             return (gate("max_abs_error", m.max_abs, self.fp32_max_abs, "<="),
                     gate("top1_agreement", m.top1_agreement, self.fp32_min_agreement, ">="))
         if precision in ("fp16", "bf16"):
@@ -123,7 +142,10 @@ class ParityGates:
         if precision == "int8":
             if labels_meaningful and m.accuracy_delta is not None:
                 return (gate("accuracy_drop_points", -m.accuracy_delta, self.int8_max_accuracy_drop, "<="),)
-            return (gate("top1_agreement", m.top1_agreement, self.int8_min_agreement, ">="),)
+            if self.random_weights_metric not in ("top1_agreement", "centered_top1_agreement"):
+                raise InputError(f"random_weights_metric {self.random_weights_metric!r}: use top1_agreement or centered_top1_agreement")
+            metric = self.random_weights_metric
+            return (gate(metric, getattr(m, metric), self.int8_min_agreement, ">="),)
         raise InputError(f"parity: no gate for precision {precision!r}; use one of fp32, fp16, bf16, int8")
 
 
@@ -206,6 +228,13 @@ def _fit_images(x: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray,
     return np.ascontiguousarray(x, dtype=np.float32), note
 
 
+def _spread(total: int, n: int) -> np.ndarray:
+    """``n`` evenly spaced indices of ``range(total)`` (all of them when n >= total)."""
+    if n >= total:
+        return np.arange(total)
+    return np.linspace(0, total - 1, max(1, n)).round().astype(np.int64)
+
+
 def load_parity_data(ref: Reference, limit: int | None = None, calibration_size: int = 128) -> ParityData:
     """The test split of the model's data (all of it unless ``limit``), normalised as the model expects."""
     from resdeploy.models import load_data, normalize
@@ -214,77 +243,52 @@ def load_parity_data(ref: Reference, limit: int | None = None, calibration_size:
     bundle = load_data(ref.data)
     test, val = bundle.test, bundle.val
     n = len(test) if limit is None else max(1, min(int(limit), len(test)))
-    images, note = _fit_images(test.images[:n], spec.shape)
-    calib, _ = _fit_images(val.images[:calibration_size], spec.shape)
+    # Splits are ordered by class: take evenly spaced images so a subset still covers every class.
+    pick, cpick = _spread(len(test), n), _spread(len(val), calibration_size)
+    images, note = _fit_images(test.images[pick], spec.shape)
+    calib, _ = _fit_images(val.images[cpick], spec.shape)
     num_classes = len(getattr(ref.model, "labels", ()) or ()) or None
     meaningful = ref.trained and (num_classes is None or num_classes == len(bundle.classes)) and not note
-    desc = f"{bundle.name} test split, {n} real images" + (f" ({note})" if note else "")
+    desc = (f"{bundle.name} test split, {n} real images" + (", evenly spaced over the split" if n < len(test) else "")
+            + (f", {note}" if note else ""))
     if not ref.trained:
         desc += "; random weights: accuracy is meaningless, INT8 is gated on top-1 agreement with FP32"
     elif not meaningful:
         desc += "; the labels do not match the model's classes: accuracy is not gated"
-    return ParityData(normalize(images, spec.mean, spec.std), test.labels[:n].copy(),
+    return ParityData(normalize(images, spec.mean, spec.std), test.labels[pick].copy(),
                       normalize(calib, spec.mean, spec.std), desc, meaningful)
 
 
-def export_fp32(model: Any, path: Path) -> Path:
-    """FP32 ONNX with a dynamic batch: the export slice's ``export_onnx`` when it is there, else torch.onnx."""
-    import torch
+def export_fp32(model: Any, path: Path, sample: np.ndarray | None = None) -> Path:
+    """FP32 ONNX with a dynamic batch, through the export stage (which checks its own FP32 parity)."""
+    from resdeploy.export.onnx_export import export_onnx
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if importlib.util.find_spec("resdeploy.export.onnx_export") is not None:
-        from resdeploy.export import onnx_export
-
-        try:
-            result = onnx_export.export_onnx(model, path)
-            return Path(getattr(result, "path", path))
-        except TypeError:  # a signature this adapter does not know yet: fall back below
-            pass
-    import warnings
-
-    x = torch.zeros(1, *model.input_spec.shape)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, x, str(path), input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
-    return path
+    report = export_onnx(model, path, input_shape=tuple(model.input_spec.shape), sample=sample)
+    return Path(report.path)
 
 
 def convert_fp16(fp32_path: Path, path: Path) -> Path:
     """FP16 weights and compute, FP32 inputs/outputs (the user-facing contract stays float32)."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from resdeploy.export.precision import fp16_variant
 
-    model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
-    onnx.save(model, str(path))
+    fp16_variant(fp32_path, path)
     return Path(path)
 
 
 def quantize_int8(fp32_path: Path, path: Path, calibration: np.ndarray, flavour: str = "u8s8") -> Path:
-    """Static INT8 Q/DQ, per-channel weights. ``u8s8`` (uint8 activations) for ORT CPU / OpenVINO, ``s8s8`` for TensorRT."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    """Static INT8 Q/DQ, per-channel weights: ``u8s8`` for ORT CPU / OpenVINO, ``s8s8`` for TensorRT."""
+    from resdeploy.export.precision import quantize_int8 as _quantize
 
-    from resdeploy.export.calibration import make_reader
-
-    if flavour not in ("u8s8", "s8s8"):
-        raise InputError(f"int8 flavour {flavour!r} unknown; use u8s8 (CPU) or s8s8 (TensorRT)")
-    pre = Path(path).with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-    act = QuantType.QUInt8 if flavour == "u8s8" else QuantType.QInt8
-    quantize_static(str(pre), str(path), make_reader(calibration, "input", 16), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=act, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax,
-                    extra_options={"ActivationSymmetric": flavour == "s8s8"})
-    pre.unlink(missing_ok=True)
+    _quantize(fp32_path, path, calibration, flavour=flavour)
     return Path(path)
 
 
 def prepare_variants(ref: Reference, workdir: Path, precisions: Sequence[str], calibration: np.ndarray,
                      given: Mapping[str, str | Path] | None = None,
-                     progress: Callable[[str], None] | None = None) -> dict[str, Path]:
-    """ONNX files per precision: the ``given`` ones as they are, the others made in ``workdir``."""
+                     progress: Callable[[str], None] | None = None, sample: np.ndarray | None = None) -> dict[str, Path]:
+    """ONNX files per precision: the ``given`` ones as they are, the others made in ``workdir``.
+
+    ``calibration``: normalised val-split images for INT8; ``sample``: held-out images for the export's own check."""
     say = progress or (lambda _msg: None)
     given = {k: Path(v) for k, v in (given or {}).items() if v}
     for k, p in given.items():
@@ -297,7 +301,7 @@ def prepare_variants(ref: Reference, workdir: Path, precisions: Sequence[str], c
     fp32 = given.get("fp32")
     if fp32 is None and any(p not in given for p in precisions):
         say(f"exporting FP32 ONNX to {workdir / 'fp32.onnx'}")
-        fp32 = export_fp32(ref.model, workdir / "fp32.onnx")
+        fp32 = export_fp32(ref.model, workdir / "fp32.onnx", sample)
     for prec in precisions:
         if prec in given:
             out[prec] = given[prec]
@@ -326,10 +330,32 @@ def backend_available(backend: str) -> str | None:
 
         if not _cuda_device_present():
             return "no CUDA device"
+        if backend == "tensorrt":
+            return None if importlib.util.find_spec("tensorrt") else "TensorRT is not installed (the gpu extra)"
         provider = PROVIDERS[BACKENDS[backend][1]["provider"]]
         if provider not in available_providers():
             return f"onnxruntime has no {provider} (install the gpu extra)"
     return None
+
+
+def engine_for(backend: str, precision: str, paths: Mapping[str, Path], workdir: Path,
+               calibration: np.ndarray | None = None, max_batch: int = 32) -> Path:
+    """What ``backend`` runs for ``precision``: the ONNX variant, or for tensorrt a plan built from it (once)."""
+    src = Path(paths[precision])
+    if backend != "tensorrt":
+        return src
+    if precision == "int8":  # TensorRT needs symmetric int8 activations: an s8s8 variant of the FP32 model
+        if "fp32" not in paths or calibration is None:
+            raise InputError("TensorRT INT8 needs an s8s8 model: give the FP32 model (--fp32) so resdeploy can quantize it")
+        src = Path(workdir) / "int8-s8s8.onnx"
+        if not src.is_file():
+            quantize_int8(Path(paths["fp32"]), src, calibration, flavour="s8s8")
+    plan = Path(workdir) / f"{src.stem}.b{max_batch}.plan"
+    if not plan.is_file():
+        from resdeploy.export.tensorrt_build import TrtBuildConfig, build_engine
+
+        build_engine(src, plan, TrtBuildConfig(min_batch=1, opt_batch=min(8, max_batch), max_batch=max_batch))
+    return plan
 
 
 def open_backend(backend: str, onnx_path: Path, threads: int | None = None, **extra: Any) -> Any:
@@ -338,7 +364,7 @@ def open_backend(backend: str, onnx_path: Path, threads: int | None = None, **ex
 
     kind, opts = BACKENDS[backend]
     opts = {**opts, **extra}
-    if threads:
+    if threads and kind != "tensorrt":
         opts["threads"] = threads
     return open_runner(str(onnx_path), backend=kind, name=backend, **opts)
 
@@ -363,7 +389,7 @@ def reference_logits(model: Any, images: np.ndarray, batch_size: int = 64) -> np
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
 class ParityConfig:
-    backends: tuple[str, ...] = ("onnxruntime", "openvino")  # unavailable ones are reported as skipped
+    backends: tuple[str, ...] = tuple(BACKENDS)  # every backend; unavailable ones are reported as skipped
     precisions: tuple[str, ...] = PRECISIONS  # variants to compare
     limit: int | None = None  # test images to use; None = the whole test split
     batch_size: int = 32  # images per engine call
@@ -418,7 +444,7 @@ class ParityReport:
         acc = "" if self.reference_accuracy is None else f"; reference accuracy {100 * self.reference_accuracy:.2f}%"
         lines = [f"parity of {self.model} vs PyTorch FP32 on {self.data}{acc}",
                  f"{'backend':<17} {'prec':<5} {'max abs':>9} {'max rel':>9} {'mean abs':>9} {'cos min':>9} "
-                 f"{'top-1':>8} {'accuracy':>9} {'delta':>8}  gate"]
+                 f"{'top-1':>8} {'c-top-1':>8} {'accuracy':>9} {'delta':>8}  gate"]
         for r in self.rows:
             if r.metrics is None:
                 lines.append(f"{r.backend:<17} {r.precision:<5} skipped: {r.skipped}")
@@ -427,7 +453,13 @@ class ParityReport:
             acc_s = f"{100 * m.accuracy:8.2f}%" if m.accuracy is not None else f"{'-':>9}"
             delta = f"{m.accuracy_delta:+7.2f}pt" if m.accuracy_delta is not None else f"{'-':>9}"
             lines.append(f"{r.backend:<17} {r.precision:<5} {m.max_abs:9.2e} {m.max_rel:9.2e} {m.mean_abs:9.2e} "
-                         f"{m.cosine_min:9.6f} {100 * m.top1_agreement:7.2f}% {acc_s} {delta}  {'pass' if r.passed else 'FAIL'}")
+                         f"{m.cosine_min:9.6f} {100 * m.top1_agreement:7.2f}% {100 * m.centered_top1_agreement:7.2f}% "
+                         f"{acc_s} {delta}  {'pass' if r.passed else 'FAIL'}")
+        ran = [r.metrics for r in self.rows if r.metrics is not None]
+        if ran and ran[0].degenerate:
+            lines.append(f"note: the reference predicts only {ran[0].reference_classes} of {ran[0].num_classes} classes on "
+                         "these images, so top-1 agreement is trivially high; c-top-1 (agreement after removing the "
+                         "reference's mean logits) shows whether the image-dependent part survives")
         for r in self.rows:
             if r.divergence:
                 d = r.divergence
@@ -491,7 +523,7 @@ def run_parity(checkpoint: str | Path | Reference | None = None,
     ref_acc = float((ref_logits.argmax(1) == labels).mean()) if data.labels_meaningful else None
     with tempfile.TemporaryDirectory(prefix="resdeploy-parity-") as tmp:
         work = Path(workdir) if workdir else Path(tmp)
-        paths = prepare_variants(ref, work, config.precisions, data.calibration, variants, say)
+        paths = prepare_variants(ref, work, config.precisions, data.calibration, variants, say, data.images[:16])
         rows: list[VariantParity] = []
         localized: dict[Path, dict[str, Any]] = {}
         for backend in config.backends:
@@ -502,6 +534,7 @@ def run_parity(checkpoint: str | Path | Reference | None = None,
                     rows.append(VariantParity(backend, prec, str(path), "", None, skipped=why))
                     continue
                 try:
+                    path = engine_for(backend, prec, paths, work, data.calibration, config.batch_size)
                     with open_backend(backend, path, config.threads) as runner:
                         say(f"{backend} {prec}: {runner.description}")
                         logits = run_batches(runner, data.images, config.batch_size)
@@ -513,10 +546,11 @@ def run_parity(checkpoint: str | Path | Reference | None = None,
                 gates = config.gates.check(backend, prec, m, data.labels_meaningful)
                 div = None
                 if config.localize and not all(gates):
-                    if path not in localized:
+                    onnx_path = paths[prec]  # the skip-add check reads the ONNX variant the engine was made from
+                    if onnx_path not in localized:
                         say(f"{backend} {prec} failed a gate: localising with the skip-add check")
-                        localized[path] = _localize(path, ref.model, data.images[:4])
-                    div = localized[path]
+                        localized[onnx_path] = _localize(onnx_path, ref.model, data.images[:4])
+                    div = localized[onnx_path]
                 rows.append(VariantParity(backend, prec, str(path), desc, m, gates, divergence=div))
     return ParityReport(ref.name, data.description, ref_acc, tuple(rows), config.gates)
 

@@ -4,13 +4,17 @@ The policy (Triton's dynamic batcher, plus one rule for latency):
 
 * A batch is formed when a runner instance is free. It takes queued requests in arrival order whose
   per-sample shapes match the oldest one, up to ``max_batch_size`` samples.
-* It is dispatched at once when it is full, when it reaches a preferred size, when nothing is executing
+* It is dispatched at once when it is full, when it reaches a preferred size (then it is cut to the largest
+  preferred size it can make), when nothing is executing
   (an idle server never makes a lone request wait: batch-1 latency does not pay ``max_queue_delay``), or
   when the oldest request has waited ``max_queue_delay``. Otherwise it waits for more requests until then.
 * While every instance is busy, requests pile up and the next free instance takes them all: under load
   batches grow by themselves even with a zero delay.
 * The queue is bounded (``max_queue_size``): one more request is rejected at once (503), never queued.
 * Requests carry a deadline; one that expires or is cancelled before it runs is dropped from the queue.
+
+The batcher records executions and per-request queue/compute times in ``stats``; whoever awaits the
+request (the server) records its success or failure, so nothing is counted twice.
 
 Everything here runs on the event loop except ``Runner.infer`` (and the concatenation/split around it),
 which runs in a thread pool with one thread per instance; each instance owns its runner.
@@ -113,7 +117,6 @@ class DynamicBatcher:
         if self.config.max_queue_size and len(self._queue) >= self.config.max_queue_size:
             self._prune()
             if len(self._queue) >= self.config.max_queue_size:
-                self.stats.record_failure(0, "REJECTED")
                 raise Unavailable(f"model '{self.name}' is overloaded: {len(self._queue)} requests queued "
                                   f"(max_queue_size {self.config.max_queue_size}); retry later or add instances")
         now = time.perf_counter_ns()
@@ -170,7 +173,6 @@ class DynamicBatcher:
                 it.future.set_exception(Unavailable(
                     f"model '{self.name}': request timed out after {(now - it.enqueued_ns) / 1e6:.1f} ms in the queue; "
                     "raise the timeout or reduce the load"))
-                self.stats.record_failure(now - it.enqueued_ns, "REJECTED")
         self._prune()
 
     def _take(self, now: int) -> tuple[list[_Item] | None, int | None]:
@@ -198,7 +200,7 @@ class DynamicBatcher:
         waited = now - head.enqueued_ns >= cfg.max_queue_delay_us * 1000
         if not (full or pref or self._executing == 0 or waited):
             return None, head.enqueued_ns + cfg.max_queue_delay_us * 1000
-        if pref and not full and not waited:
+        if pref and not full:  # Triton forms the largest preferred batch it can rather than an odd size
             chosen = chosen[:pref]
         ids = {id(it) for it in chosen}
         self._queue = collections.deque(it for it in self._queue if id(it) not in ids)
@@ -218,9 +220,7 @@ class DynamicBatcher:
                 return
             runner = self._free.pop()
             self._executing += 1
-            start = time.perf_counter_ns()
-            fut = asyncio.get_running_loop().run_in_executor(self._pool, self._execute, runner, items)
-            fut.add_done_callback(lambda f, r=runner, its=items, t=start: self._finished(f, r, its, t))
+            self._pool.submit(self._run, asyncio.get_running_loop(), runner, items, time.perf_counter_ns())
         self._check_idle()
 
     def _check_idle(self) -> None:
@@ -228,6 +228,17 @@ class DynamicBatcher:
             self._idle.set()
 
     # -- execution (worker thread) ---------------------------------------------------------------------
+    def _run(self, loop: asyncio.AbstractEventLoop, runner: Any, items: list[_Item], start_ns: int) -> None:
+        # One hop back to the loop per batch (run_in_executor would chain two futures and more loop turns).
+        try:
+            result, exc = self._execute(runner, items), None
+        except BaseException as e:  # delivered to every request of the batch
+            result, exc = None, e
+        try:
+            loop.call_soon_threadsafe(self._finished, result, exc, runner, items, start_ns)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
     @staticmethod
     def _execute(runner: Any, items: list[_Item]) -> tuple[list[dict[str, np.ndarray]], int, int, int]:
         t0 = time.perf_counter_ns()
@@ -249,13 +260,12 @@ class DynamicBatcher:
         return results, t1 - t0, t2 - t1, t3 - t2
 
     # -- completion (event loop) -----------------------------------------------------------------------
-    def _finished(self, fut: asyncio.Future, runner: Any, items: list[_Item], start_ns: int) -> None:
+    def _finished(self, result: Any, exc: BaseException | None, runner: Any, items: list[_Item], start_ns: int) -> None:
         self._free.append(runner)
         self._executing -= 1
         self.stats.pending -= len(items)
-        exc = fut.exception()
         if exc is None:
-            results, in_ns, infer_ns, out_ns = fut.result()
+            results, in_ns, infer_ns, out_ns = result
             size = sum(it.batch for it in items)
             self.stats.record_execution(size, in_ns, infer_ns, out_ns)
             rec = ExecutionRecord(len(items), size, in_ns, infer_ns, out_ns)

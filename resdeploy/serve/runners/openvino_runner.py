@@ -91,9 +91,10 @@ class OpenVinoRunner(Runner):
         self._outputs = [self._spec(p) for p in model.outputs]
         self.inference_precision = _type_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
         threads = self.compiled.get_property("INFERENCE_NUM_THREADS")
+        kernels = " ".join(f"{k}:{v}" for k, v in sorted(self.kernel_precisions().items(), key=lambda kv: -kv[1]))
         self.description = (f"openvino {ov.__version__.split('-')[0]} {self.device} inference precision "
                             f"{self.inference_precision}{' (OpenVINO default)' if self.precision_hint == 'default' else ''}, "
-                            f"{threads} threads, {self.performance_hint}")
+                            f"{threads} threads, {self.performance_hint}, nodes by precision {kernels}")
 
     @staticmethod
     def _spec(port: Any) -> TensorSpec:
@@ -107,7 +108,8 @@ class OpenVinoRunner(Runner):
 
     def kernel_precisions(self) -> dict[str, int]:
         """How many executed nodes run in each precision (from the runtime graph): shows whether int8 kernels run."""
-        self._require_active()
+        if self.compiled is None:
+            raise InputError(f"{self.name}: runner is not active; use `with open_runner(...) as r:` first")
         counts: collections.Counter[str] = collections.Counter()
         for op in self.compiled.get_runtime_model().get_ordered_ops():
             info = op.get_rt_info()

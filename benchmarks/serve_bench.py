@@ -1,0 +1,234 @@
+"""Benchmark of `resdeploy serve` against the issue's two targets, on loopback:
+
+1. Protocol overhead at batch 1 with binary tensors: server round-trip p50 minus the runner's own p50 (<= 1 ms).
+   Runner and round-trip samples are taken in alternating blocks so machine noise hits both alike.
+2. Throughput at 16 concurrent clients with dynamic batching vs the same server with batching off (>= 2x).
+   Interleaved rounds (unbatched, batched, unbatched, ...) with identical load; executed batch sizes from /stats.
+
+    .venv/bin/python benchmarks/serve_bench.py --out runs/serve-bench [--onnx model.onnx] [--seconds 5 --rounds 3]
+
+Writes OUT/serve_bench.json and OUT/serve_bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from resdeploy import atomic  # noqa: E402
+from resdeploy.pipeline.repository import make_model_repository  # noqa: E402
+from resdeploy.serve.loadgen import LoadConfig, encode_request, run_load  # noqa: E402
+from resdeploy.serve.runners import open_runner  # noqa: E402
+
+
+def export_checkpoint(checkpoint: Path, out: Path) -> Path:
+    """The trained checkpoint as ONNX with a dynamic batch axis (kept independent of resdeploy.export)."""
+    import torch
+
+    from resdeploy.models.checkpoint import load_checkpoint
+
+    model, info = load_checkpoint(checkpoint)
+    torch.onnx.export(model, torch.zeros(1, *info.input_spec.shape), str(out), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(repo: Path, threads: int, log_path: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "resdeploy", "serve", str(repo), "--port", str(port), "--threads", str(threads)],
+                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited early:\n{log_path.read_text()}")
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status == 200:
+                return proc, port
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server not ready in 120 s")
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs) * 1e3, q))
+
+
+def overhead(onnx_path: Path, port: int, x: np.ndarray, threads: int, blocks: int, per_block: int) -> dict:
+    body, headers = encode_request({"input": x}, binary=True)
+    runner_t, http_t, tc_t = [], [], []
+    import tritonclient.http as th
+
+    tc = th.InferenceServerClient(f"127.0.0.1:{port}")
+    tin = th.InferInput("input", list(x.shape), "FP32")
+    tin.set_data_from_numpy(x, binary_data=True)
+    tout = [th.InferRequestedOutput("logits", binary_data=True)]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    with open_runner(str(onnx_path), backend="onnxruntime", provider="cpu", threads=threads) as r:
+        for _ in range(20):  # warm every path
+            r.infer({"input": x})
+            conn.request("POST", "/v2/models/resnet20/infer", body=body, headers=headers)
+            conn.getresponse().read()
+            tc.infer("resnet20", [tin], outputs=tout)
+        for _ in range(blocks):
+            for _ in range(per_block):
+                t = time.perf_counter()
+                r.infer({"input": x})
+                runner_t.append(time.perf_counter() - t)
+            for _ in range(per_block):
+                t = time.perf_counter()
+                conn.request("POST", "/v2/models/resnet20/infer", body=body, headers=headers)
+                resp = conn.getresponse()
+                resp.read()
+                http_t.append(time.perf_counter() - t)
+                assert resp.status == 200
+            for _ in range(per_block):
+                t = time.perf_counter()
+                tc.infer("resnet20", [tin], outputs=tout)
+                tc_t.append(time.perf_counter() - t)
+    conn.close()
+    tc.close()
+    out = {"runner_p50_ms": pct(runner_t, 50), "runner_p90_ms": pct(runner_t, 90),
+           "roundtrip_p50_ms": pct(http_t, 50), "roundtrip_p90_ms": pct(http_t, 90), "roundtrip_p99_ms": pct(http_t, 99),
+           "tritonclient_p50_ms": pct(tc_t, 50), "tritonclient_p99_ms": pct(tc_t, 99), "samples_each": len(runner_t)}
+    out["overhead_p50_ms"] = out["roundtrip_p50_ms"] - out["runner_p50_ms"]
+    out["overhead_tritonclient_p50_ms"] = out["tritonclient_p50_ms"] - out["runner_p50_ms"]
+    return out
+
+
+def stats_batches(port: int, model: str) -> dict[int, int]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{model}/stats", timeout=10) as r:
+        st = json.load(r)["model_stats"][0]
+    return {b["batch_size"]: b["compute_infer"]["count"] for b in st["batch_stats"]}
+
+
+def throughput(port: int, x: np.ndarray, clients: int, seconds: float, rounds: int) -> dict:
+    runs = {"resnet20_nobatch": [], "resnet20": []}
+    before = stats_batches(port, "resnet20")
+    for _ in range(rounds):
+        for model in runs:
+            r = run_load(LoadConfig(f"http://127.0.0.1:{port}", model, concurrency=clients, duration_s=seconds, warmup_requests=1),
+                         {"input": x})
+            print(f"  {model:>17}: {r}", flush=True)
+            runs[model].append(r.to_json())
+    after = stats_batches(port, "resnet20")
+    batches = {b: after[b] - before.get(b, 0) for b in sorted(after) if after[b] > before.get(b, 0)}
+    unb = float(np.mean([r["throughput_rps"] for r in runs["resnet20_nobatch"]]))
+    bat = float(np.mean([r["throughput_rps"] for r in runs["resnet20"]]))
+    n = sum(batches.values())
+    return {"clients": clients, "seconds": seconds, "rounds": rounds, "unbatched_rps": unb, "batched_rps": bat,
+            "ratio": bat / unb if unb else float("nan"), "executed_batch_sizes": batches,
+            "mean_batch": sum(b * c for b, c in batches.items()) / n if n else 0.0,
+            "errors": sum(r["errors"] for rs in runs.values() for r in rs),
+            "batched_p99_ms": max(r["p99_ms"] for r in runs["resnet20"]),
+            "unbatched_p99_ms": max(r["p99_ms"] for r in runs["resnet20_nobatch"]), "runs": runs}
+
+
+def runner_batch_curve(onnx_path: Path, threads: int) -> dict[int, float]:
+    """ms per sample at each batch size: whether batching can pay on this device at all."""
+    out = {}
+    with open_runner(str(onnx_path), backend="onnxruntime", provider="cpu", threads=threads) as r:
+        for b in (1, 2, 4, 8, 16, 32):
+            x = np.random.default_rng(0).standard_normal((b, 1, 28, 28)).astype(np.float32)
+            for _ in range(3):
+                r.infer({"input": x})
+            ts = []
+            for _ in range(max(5, 160 // b)):
+                t = time.perf_counter()
+                r.infer({"input": x})
+                ts.append(time.perf_counter() - t)
+            out[b] = float(np.median(ts) * 1e3 / b)
+    return out
+
+
+def markdown(res: dict) -> str:
+    o, t = res["overhead"], res["throughput"]
+    curve = " | ".join(f"b{b}: {v:.3f}" for b, v in res["runner_ms_per_sample"].items())
+    return "\n".join([
+        f"# resdeploy serve benchmark ({res['machine']})", "",
+        "| metric | value | target |", "| --- | --- | --- |",
+        f"| runner p50, batch 1 (ORT CPU, {res['threads']} thread) | {o['runner_p50_ms']:.3f} ms | |",
+        f"| server round trip p50, batch 1, binary tensors (http.client keep-alive) | {o['roundtrip_p50_ms']:.3f} ms | |",
+        f"| **protocol overhead p50** (round trip - runner) | **{o['overhead_p50_ms']:.3f} ms** | <= 1 ms |",
+        f"| tritonclient.http round trip p50 (overhead) | {o['tritonclient_p50_ms']:.3f} ms ({o['overhead_tritonclient_p50_ms']:.3f} ms) | |",
+        f"| round trip p90 / p99 | {o['roundtrip_p90_ms']:.3f} / {o['roundtrip_p99_ms']:.3f} ms | |",
+        f"| throughput, {t['clients']} clients, batching off | {t['unbatched_rps']:.0f} req/s (p99 {t['unbatched_p99_ms']:.1f} ms) | |",
+        f"| throughput, {t['clients']} clients, dynamic batching (max 32, preferred {res['preferred'] or '-'}, "
+        f"delay {res['max_queue_delay_us']} us) | {t['batched_rps']:.0f} req/s (p99 {t['batched_p99_ms']:.1f} ms) | |",
+        f"| **batched / unbatched** | **{t['ratio']:.2f}x** | >= 2x |",
+        f"| mean executed batch (batched) | {t['mean_batch']:.1f} | |",
+        f"| errors | {t['errors']} | 0 |", "",
+        f"Runner ms per sample by batch size: {curve}", "",
+        f"Executed batch sizes (batched runs): {t['executed_batch_sizes']}", ""])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder for serve_bench.json and serve_bench.md")
+    ap.add_argument("--onnx", help="ONNX model (default: export tests/data/resnet20-mnist)")
+    ap.add_argument("--checkpoint", default=str(ROOT / "tests" / "data" / "resnet20-mnist"))
+    ap.add_argument("--threads", type=int, default=1, help="ORT intra-op threads per instance (server and runner)")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=5.0, help="per throughput run")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved unbatched/batched rounds")
+    ap.add_argument("--preferred", type=int, nargs="*", default=[], help="preferred batch sizes of the batched model")
+    ap.add_argument("--max-queue-delay-us", type=int, default=0, help="dynamic batcher delay of the batched model")
+    ap.add_argument("--blocks", type=int, default=10, help="alternating latency blocks")
+    ap.add_argument("--per-block", type=int, default=50, help="requests per latency block")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        onnx_path = Path(args.onnx) if args.onnx else export_checkpoint(Path(args.checkpoint), tmp / "resnet20.onnx")
+        repo = tmp / "repo"
+        make_model_repository(onnx_path, repo, "resnet20", max_batch_size=32, preferred_batch_sizes=tuple(args.preferred),
+                              max_queue_delay_us=args.max_queue_delay_us)
+        make_model_repository(onnx_path, repo, "resnet20_nobatch", max_batch_size=32, dynamic_batching=False)
+        x = np.random.default_rng(0).standard_normal((1, 1, 28, 28)).astype(np.float32)
+        print("runner ms/sample by batch size ...", flush=True)
+        curve = runner_batch_curve(onnx_path, args.threads)
+        proc, port = start_server(repo, args.threads, out / "server.log")
+        try:
+            print("batch-1 latency: runner vs round trip ...", flush=True)
+            ov = overhead(onnx_path, port, x, args.threads, args.blocks, args.per_block)
+            print(f"  {ov}", flush=True)
+            print(f"throughput at {args.clients} clients ...", flush=True)
+            tp = throughput(port, x, args.clients, args.seconds, args.rounds)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(60)
+    res = {"machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
+           "threads": args.threads, "preferred": args.preferred, "max_queue_delay_us": args.max_queue_delay_us,
+           "runner_ms_per_sample": curve, "overhead": ov, "throughput": tp, "server_exit": rc}
+    atomic.write_json(out / "serve_bench.json", res)
+    md = markdown(res)
+    atomic.write_text(out / "serve_bench.md", md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,663 @@
+"""Latency harness: every backend x precision x batch size, interleaved round by round, within a time budget.
+
+    result = run_bench(BenchConfig(arch="resnet18", batches=(1,), max_seconds=60), out_dir="runs/bench")
+    print(result)                  # the table: p50/p90/p99/mean/min, img/s, speedup over PyTorch eager, parity
+
+How it measures:
+
+* Cases: resdeploy engines (ONNX Runtime, OpenVINO x FP32/FP16/INT8) and anchors measured in the same run as
+  users would compare them: PyTorch eager (the reference), ``torch.compile``, OpenVINO FP32 (f32 hint) and
+  OpenVINO's own default (bf16 on CPUs with avx512_bf16/AMX). ``gpu=True`` adds, where CUDA is present, PyTorch
+  eager FP16 with CUDA graphs (the GPU baseline) and the ONNX Runtime CUDA / TensorRT engines.
+* Every case runs on the same real images (the model's test split, resized/replicated for ImageNet nets), and
+  its parity with PyTorch FP32 on that sample is shown next to its speed.
+* Per batch size: warm-up runs (whose median estimates each case's cost), then timed rounds; in each round every
+  case runs a short block of consecutive calls (~``block_seconds``, after one untimed settle call for fast cases),
+  in a fresh random order, so machine noise hits all of them alike. Blocks, not single calls: switching models
+  on every call evicts each one's weights from the caches, which doubled resnet20's ONNX Runtime latency
+  (0.22 -> 0.45 ms) in a measurement here, and a server runs one model back to back. Threads: torch, ORT
+  intra-op and OpenVINO INFERENCE_NUM_THREADS are all set to ``threads``.
+* Budget: ``max_seconds`` covers everything (export, quantization, compilation, warm-up, timing). Each setup step
+  is skipped when its estimate does not fit; timed rounds are planned from the warm-up estimates and stopped at
+  the deadline; cases that cannot get ``min_runs`` runs are dropped (slowest first) and reported as skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from resdeploy import atomic
+from resdeploy.errors import BackendUnavailable, InputError
+from resdeploy.pipeline import parity as par
+from resdeploy.pipeline.stats import Budget, LatencyStats, speedup
+
+ANCHORS = ("eager", "compile", "openvino")
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "neon", "asimd", "sve")
+REFERENCE = "torch eager fp32"
+GPU_REFERENCE = "torch eager fp16 cuda-graphs"  # the GPU section's baseline
+TRT_BUILD_SECONDS = 60.0  # a TensorRT plan build (tactic timing) for a ResNet, order of magnitude
+COMPILE_SECONDS = 25.0  # torch.compile's fixed cost per new shape on a 2-core CPU (measured: ~24 s for resnet20)
+
+
+@dataclass
+class BenchConfig:
+    checkpoint: str | None = None  # a trained checkpoint folder; or
+    arch: str | None = None  # an architecture with random weights (seed 0)
+    batches: tuple[int, ...] = (1, 8, 32)  # batch sizes
+    warmup: int = 5  # untimed runs per case and batch size (the first also compiles/allocates)
+    runs: int | None = 100  # timed runs per case and batch size; None: use ``duration``
+    duration: float | None = None  # seconds of timed rounds per batch size (all cases together), instead of runs
+    max_seconds: float = 300.0  # the whole bench, setup included, never runs longer than this
+    threads: int = 2  # torch, ONNX Runtime intra-op and OpenVINO threads
+    backends: tuple[str, ...] = ("onnxruntime", "openvino")  # resdeploy engines (unavailable ones are skipped)
+    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
+    anchors: tuple[str, ...] = ANCHORS  # eager (always, it is the reference), compile, openvino (f32 + its default)
+    gpu: bool = False  # add the GPU section where CUDA is present
+    parity_samples: int = 64  # real images each case is checked on (``resdeploy parity`` runs the full split)
+    calibration_size: int = 64  # val-split images for INT8 calibration
+    min_runs: int = 10  # a case that cannot get this many timed runs within the budget is dropped
+    block_seconds: float = 0.02  # per round, each case runs ~this long back to back (0: one call per case and round)
+    settle_below_seconds: float = 0.005  # cases faster than this get one untimed call before each block
+    reserve_seconds: float = 4.0  # kept free for writing the JSON, markdown and plot
+    gates: par.ParityGates = field(default_factory=par.ParityGates)
+    ort_session_config: dict[str, str] = field(default_factory=dict)  # extra ORT session entries (all ORT cases)
+    variants: dict[str, str] = field(default_factory=dict)  # precision -> ONNX path already built
+    seed: int = 0  # round order shuffles and random weights
+
+    def validate(self) -> None:
+        if bool(self.checkpoint) == bool(self.arch):
+            raise InputError("bench: give a CHECKPOINT or --arch NAME (random weights), not both and not neither")
+        if not self.batches or any(int(b) < 1 for b in self.batches):
+            raise InputError(f"bench: batch sizes must be >= 1, got {self.batches}")
+        if self.runs is None and self.duration is None:
+            raise InputError("bench: give --runs N or --duration SECONDS")
+        if self.runs is not None and self.runs < 1 or self.duration is not None and self.duration <= 0:
+            raise InputError(f"bench: runs must be >= 1 and duration > 0 (got runs={self.runs}, duration={self.duration})")
+        if self.threads < 1:
+            raise InputError(f"bench: threads must be >= 1, got {self.threads}")
+        if self.max_seconds <= self.reserve_seconds:
+            raise InputError(f"bench: --max-seconds {self.max_seconds} leaves no time to measure (keep > {self.reserve_seconds})")
+        unknown = [a for a in self.anchors if a not in ANCHORS]
+        if unknown:
+            raise InputError(f"bench: unknown anchors {unknown}; use some of {', '.join(ANCHORS)}")
+        for b in self.backends:
+            if b not in par.BACKENDS:
+                raise InputError(f"bench: unknown backend {b!r}; use some of {', '.join(par.BACKENDS)}")
+        for p in self.precisions:
+            if p not in par.PRECISIONS:
+                raise InputError(f"bench: unknown precision {p!r}; use some of {', '.join(par.PRECISIONS)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cases
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    """One thing to time: a runner factory plus what it is."""
+
+    name: str  # e.g. "onnxruntime int8"
+    kind: str  # engine (resdeploy's own) | anchor (comparison point) | gpu
+    backend: str
+    precision: str  # fp32 | fp16 | bf16 | int8
+    factory: Callable[[], Any]  # -> an inactive runner
+    runner: Any = None
+    description: str = ""
+    parity: dict[str, Any] | None = None
+    samples: dict[int, list[float]] = field(default_factory=dict)  # batch -> seconds per timed run
+    estimate: dict[int, float] = field(default_factory=dict)  # batch -> seconds per run from the warm-up
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    name: str
+    kind: str
+    backend: str
+    precision: str
+    description: str
+    parity: dict[str, Any] | None  # top1_agreement, max_abs, gate, passed (vs torch FP32 on the sample)
+    stats: dict[int, LatencyStats]  # batch -> stats
+    skipped: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "backend": self.backend, "precision": self.precision,
+                "description": self.description, "parity": self.parity,
+                "stats": {str(b): s.to_dict() for b, s in sorted(self.stats.items())}, "skipped": list(self.skipped)}
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    model: str
+    data: str
+    config: dict[str, Any]
+    machine: dict[str, Any]
+    cases: tuple[CaseResult, ...]
+    skipped: tuple[str, ...]  # what the budget or the machine left out, with why
+    elapsed_s: float
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def case(self, name: str) -> CaseResult:
+        for c in self.cases:
+            if c.name == name:
+                return c
+        raise KeyError(f"no case {name!r}; cases: {', '.join(c.name for c in self.cases)}")
+
+    def speedups(self, batch: int) -> dict[str, float]:
+        """Case -> p50 speedup at ``batch`` over PyTorch eager (CPU cases) or over PyTorch eager FP16 with CUDA
+        graphs (the GPU section); only cases measured at that batch, and only where the baseline was too."""
+        out: dict[str, float] = {}
+        for name, kinds in ((REFERENCE, ("engine", "anchor")), (GPU_REFERENCE, ("gpu",))):
+            ref = next((c.stats.get(batch) for c in self.cases if c.name == name), None)
+            if ref is not None:
+                out.update({c.name: speedup(ref.p50_ms, c.stats[batch].p50_ms) for c in self.cases
+                            if batch in c.stats and c.kind in kinds})
+        return out
+
+    def best(self, batch: int, kind: str = "engine", passed_only: bool = True) -> CaseResult | None:
+        """The fastest (p50) case of ``kind`` at ``batch``, among those that passed parity when ``passed_only``."""
+        pool = [c for c in self.cases if c.kind == kind and batch in c.stats
+                and (not passed_only or (c.parity or {}).get("passed"))]
+        return min(pool, key=lambda c: c.stats[batch].p50_ms, default=None)
+
+    def summary(self) -> list[str]:
+        lines = []
+        for b in self.config["batches"]:
+            eng = self.best(b)
+            anchor_any = self.best(b, "anchor", passed_only=False)
+            anchor_ok = self.best(b, "anchor")
+            sp = self.speedups(b)
+            if not sp:
+                lines.append(f"batch {b}: nothing measured against PyTorch eager (see skipped)")
+                continue
+            if eng is None:
+                lines.append(f"batch {b}: no resdeploy engine that passed its parity gate was measured")
+                continue
+            s = eng.stats[b]
+            line = (f"batch {b}: fastest resdeploy CPU engine passing parity: {eng.name} p50 {s.p50_ms:.3f} ms, "
+                    f"{sp.get(eng.name, float('nan')):.2f}x PyTorch eager")
+            for label, a in (("fastest anchor", anchor_any), ("fastest anchor passing parity", anchor_ok)):
+                if a is not None:
+                    ratio = a.stats[b].p50_ms / s.p50_ms
+                    line += f"; {label}: {a.name} {a.stats[b].p50_ms:.3f} ms (engine is {ratio:.2f}x its speed)"
+            lines.append(line)
+        for b in self.config["batches"]:
+            gpu = [c for c in self.cases if c.kind == "gpu" and c.name != GPU_REFERENCE and b in c.stats
+                   and (c.parity or {}).get("passed")]
+            if gpu:
+                best, sp = min(gpu, key=lambda c: c.stats[b].p50_ms), self.speedups(b)
+                lines.append(f"GPU batch {b}: fastest engine passing parity: {best.name} p50 {best.stats[b].p50_ms:.3f} ms, "
+                             f"{sp.get(best.name, float('nan')):.2f}x PyTorch eager FP16 with CUDA graphs")
+        return lines
+
+    def notes(self) -> list[str]:
+        """Caveats a reader must see next to the figures."""
+        notes = ["speedups compare p50 latencies measured in this run, interleaved round by round; img/s is batch / mean latency"]
+        m = self.machine
+        load, cpus = (m.get("load_average_start") or [0])[0], m.get("usable_cpus") or 1
+        if load >= 0.5 * cpus:
+            notes.append(f"the machine was busy (load average {load} on {cpus} CPUs): every figure is noisy, and PyTorch "
+                         "eager suffers most (its OpenMP threads spin-wait at every layer; OMP_WAIT_POLICY=PASSIVE or a "
+                         "quiet machine gives its real speed)")
+        if any((c.parity or {}).get("degenerate") for c in self.cases):
+            notes.append("the reference predicts very few classes on these images (random weights), so top-1 agreement is "
+                         "trivially high; 'centered top-1' (agreement after removing the reference's mean logits) shows "
+                         "whether an engine keeps the image-dependent part of the logits")
+        return notes
+
+    def __bool__(self) -> bool:
+        """True when at least one resdeploy engine was measured and passed its parity gate."""
+        return any(c.kind == "engine" and c.stats and (c.parity or {}).get("passed") for c in self.cases)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": "resdeploy-bench/1", "model": self.model, "data": self.data, "config": self.config,
+                "machine": self.machine, "elapsed_s": round(self.elapsed_s, 3), "reference": REFERENCE,
+                "cases": [c.to_dict() for c in self.cases],
+                "speedup_vs_eager_p50": {str(b): self.speedups(b) for b in self.config["batches"]},
+                "summary": self.summary(), "notes": self.notes(), "skipped": list(self.skipped), "passed": bool(self)}
+
+    def markdown(self) -> str:
+        m = self.machine
+        out = [f"# Latency: {self.model}", "",
+               f"- machine: {m.get('cpu_model')} ({m.get('logical_cpus')} logical CPUs), SIMD: {' '.join(m.get('simd', []))}",
+               f"- load average at start/end: {m.get('load_average_start')} / {m.get('load_average_end')} "
+               "(a busy machine makes every figure noisy; ratios within the run stay comparable)",
+               f"- threads: {self.config['threads']}; versions: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()),
+               f"- parity sample: {self.data}", f"- elapsed {self.elapsed_s:.1f} s of a {self.config['max_seconds']:g} s budget", "",
+               "| case | kind | precision | batch | p50 ms | p90 ms | p99 ms | mean ms | min ms | img/s | speedup vs eager (p50; GPU: vs its baseline) "
+               "| top-1 vs torch | centered top-1 | max abs | parity |",
+               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for b in self.config["batches"]:
+            sp = self.speedups(b)
+            for c in sorted((c for c in self.cases if b in c.stats), key=lambda c: c.stats[b].p50_ms):
+                s, p = c.stats[b], c.parity or {}
+                agree = f"{100 * p['top1_agreement']:.1f}%" if p.get("top1_agreement") is not None else "-"
+                mabs = f"{p['max_abs']:.1e}" if p.get("max_abs") is not None else "-"
+                cent = f"{100 * p['centered_top1_agreement']:.1f}%" if p.get("centered_top1_agreement") is not None else "-"
+                verdict = "-" if not p else ("pass" if p.get("passed") else f"**FAIL** ({p.get('failed', '')})")
+                ratio = f"{sp[c.name]:.2f}x" if c.name in sp else "-"
+                out.append(f"| {c.name} | {c.kind} | {c.precision} | {b} | {s.p50_ms:.3f} | {s.p90_ms:.3f} | {s.p99_ms:.3f} | "
+                           f"{s.mean_ms:.3f} | {s.min_ms:.3f} | {s.throughput:,.1f} | {ratio} | {agree} | {cent} | {mabs} | {verdict} |")
+        out += [""] + [f"> {n}" for n in self.notes()]
+        out += ["", "## Summary", ""] + [f"- {line}" for line in self.summary()]
+        out += ["", "## What ran", ""] + [f"- **{c.name}**: {c.description or '-'}" for c in self.cases]
+        if self.skipped:
+            out += ["", "## Skipped", ""] + [f"- {s}" for s in self.skipped]
+        return "\n".join(out) + "\n"
+
+    def __str__(self) -> str:
+        lines = [f"bench of {self.model} ({self.elapsed_s:.1f} s; {self.config['threads']} threads; "
+                 f"load avg {self.machine.get('load_average_start')})",
+                 f"{'case':<30} {'batch':>5} {'p50 ms':>9} {'p90':>9} {'p99':>9} {'mean':>9} {'min':>9} {'img/s':>10} "
+                 f"{'vs eager':>8} {'top-1':>7} parity"]
+        for b in self.config["batches"]:
+            sp = self.speedups(b)
+            for c in sorted((c for c in self.cases if b in c.stats), key=lambda c: c.stats[b].p50_ms):
+                s, p = c.stats[b], c.parity or {}
+                agree = f"{100 * p['top1_agreement']:6.1f}%" if p.get("top1_agreement") is not None else f"{'-':>7}"
+                verdict = "-" if not p else ("pass" if p.get("passed") else "FAIL")
+                ratio = f"{sp[c.name]:7.2f}x" if c.name in sp else f"{'-':>8}"
+                lines.append(f"{c.name:<30} {b:>5} {s.p50_ms:9.3f} {s.p90_ms:9.3f} {s.p99_ms:9.3f} {s.mean_ms:9.3f} "
+                             f"{s.min_ms:9.3f} {s.throughput:10.1f} {ratio} {agree} {verdict}")
+        lines += self.summary()
+        lines += [f"note: {n}" for n in self.notes()[1:]]
+        lines += [f"skipped: {s}" for s in self.skipped]
+        lines += [f"wrote {k}: {v}" for k, v in self.outputs.items()]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# machine info
+# ---------------------------------------------------------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    """CPU model, core counts, SIMD flags, load and library versions: enough to tell two runs' machines apart."""
+    cpu_model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and cpu_model in ("", platform.machine(), platform.processor()):
+                    cpu_model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    versions: dict[str, str] = {"python": platform.python_version()}
+    for mod in ("numpy", "torch", "onnx", "onnxruntime", "openvino", "tensorrt"):
+        try:
+            versions[mod] = str(importlib.import_module(mod).__version__).split("-")[0]
+        except Exception:  # not installed (or broken): leave it out
+            continue
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    env = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "KMP_", "MKL_", "ORT_", "OV_")) or k == "GOMP_SPINCOUNT"}
+    info = {"cpu_model": cpu_model, "logical_cpus": os.cpu_count(), "usable_cpus": affinity, "threading_env": env,
+            "simd": [f for f in SIMD_FLAGS if f in flags], "platform": platform.platform(),
+            "load_average_start": _loadavg(), "versions": versions,
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        import onnxruntime as ort
+
+        info["onnxruntime_providers"] = list(ort.get_available_providers())
+    except ImportError:
+        pass
+    return info
+
+
+def _loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the harness
+# ---------------------------------------------------------------------------------------------------------
+class Progress:
+    """Progress lines on stderr, with elapsed / budget, at most one 'still running' line per ``every`` seconds."""
+
+    def __init__(self, budget: Budget, stream: Any = None, every: float = 2.0) -> None:
+        self.budget, self.stream, self.every, self._last = budget, stream, every, -math.inf
+
+    def __call__(self, msg: str, throttle: bool = False) -> None:
+        now = self.budget.elapsed
+        if throttle and now - self._last < self.every:
+            return
+        self._last = now
+        total = f"/{self.budget.seconds:g}" if self.budget.seconds is not None else ""
+        print(f"[bench {now:6.1f}{total} s] {msg}", file=self.stream or sys.stderr, flush=True)
+
+
+def plan_rounds(estimates: dict[str, float], wanted: int | None, seconds: float, min_runs: int,
+                protect: tuple[str, ...] = (REFERENCE, GPU_REFERENCE)) -> tuple[int, list[str]]:
+    """How many interleaved rounds fit in ``seconds``, and which cases to drop (slowest first) to get ``min_runs``.
+
+    ``estimates``: case -> seconds per run. ``wanted``: rounds asked for (None: as many as fit). Cases in
+    ``protect`` are dropped last. Returns (rounds, dropped); rounds is 0 when nothing fits.
+    """
+    keep = dict(estimates)
+    dropped: list[str] = []
+    while keep:
+        cost = sum(keep.values())
+        fit = int(seconds / cost * (1 + 1e-9)) if cost > 0 else (wanted or min_runs)  # 1e-9: 1.0/0.02 is 50
+        rounds = fit if wanted is None else min(wanted, fit)
+        if rounds >= min(min_runs, wanted or min_runs):
+            return rounds, dropped
+        victim = max(keep, key=lambda k: (k not in protect, keep[k]))
+        dropped.append(victim)
+        del keep[victim]
+    return 0, dropped
+
+
+def _sample(images: np.ndarray, batch: int) -> np.ndarray:
+    reps = math.ceil(batch / len(images))
+    return np.ascontiguousarray(np.concatenate([images] * reps)[:batch])
+
+
+def _time_call(runner: Any, feed: dict[str, np.ndarray], clock: Callable[[], float] = time.perf_counter) -> float:
+    t0 = clock()
+    runner.infer(feed)
+    return clock() - t0
+
+
+def build_cases(cfg: BenchConfig, ref: par.Reference, paths: dict[str, Path], skipped: list[str],
+                workdir: Path | None = None, calibration: np.ndarray | None = None) -> list[Case]:
+    """The cases this config asks for that can run here; the others go to ``skipped`` with the reason."""
+    from resdeploy.serve.runners import open_runner
+
+    cases = [Case(REFERENCE, "anchor", "torch", "fp32", lambda: open_runner(ref.model, backend="torch"))]
+    if "compile" in cfg.anchors:
+        cases.append(Case("torch.compile fp32", "anchor", "torch", "fp32",
+                          lambda: open_runner(ref.model, backend="torch", compile=True)))
+    ort_cfg = dict(cfg.ort_session_config)
+    backends = tuple(cfg.backends)
+    if cfg.gpu and not set(backends) & set(par.GPU_BACKENDS):
+        backends += par.GPU_BACKENDS  # --gpu alone: the GPU engines next to the GPU baseline
+    for backend in backends:
+        why = par.backend_available(backend)
+        if backend in par.GPU_BACKENDS and not cfg.gpu:
+            why = why or "GPU engines run in the --gpu section only"
+        for prec in cfg.precisions:
+            name = f"{backend} {prec}"
+            if why:
+                skipped.append(f"{name}: {why}")
+                continue
+            if prec not in paths:
+                skipped.append(f"{name}: no {prec} model (its preparation was skipped or failed)")
+                continue
+            extra = {"session_config": ort_cfg} if backend.startswith("onnxruntime") and ort_cfg else {}
+
+            def factory(b: str = backend, p: str = prec, e: dict[str, Any] = extra) -> Any:
+                artifact = par.engine_for(b, p, paths, Path(workdir or "."), calibration, max(int(x) for x in cfg.batches))
+                return par.open_backend(b, artifact, cfg.threads, **e)
+
+            cases.append(Case(name, "gpu" if backend in par.GPU_BACKENDS else "engine", backend, prec, factory))
+    if "openvino" in cfg.anchors and "fp32" in paths:
+        why = par.backend_available("openvino")
+        if why:
+            skipped.append(f"openvino anchors: {why}")
+        else:
+            if "openvino" not in cfg.backends:
+                cases.append(Case("openvino fp32", "anchor", "openvino", "fp32",
+                                  lambda: par.open_backend("openvino", paths["fp32"], cfg.threads)))
+            cases.append(Case("openvino default", "anchor", "openvino", "bf16",
+                              lambda: par.open_backend("openvino", paths["fp32"], cfg.threads, precision_hint="default")))
+    if cfg.gpu:
+        from resdeploy.serve.runners import _cuda_device_present
+
+        if not _cuda_device_present():
+            skipped.append("--gpu: no CUDA device here; the GPU section is empty")
+        else:
+            cases.insert(0, Case(GPU_REFERENCE, "gpu", "torch", "fp16",
+                              lambda: open_runner(ref.model, backend="torch", device="cuda", half=True, cuda_graphs=True)))
+    return cases
+
+
+def _activate(case: Case, say: Progress, skipped: list[str]) -> bool:
+    try:
+        case.runner = case.factory()
+        case.runner.activate()
+        case.description = case.runner.description
+        if case.name == "openvino default" and getattr(case.runner, "inference_precision", ""):
+            # OpenVINO's own choice: bf16 on CPUs with avx512_bf16/AMX, f32 elsewhere; gate it as what it runs
+            p = case.runner.inference_precision
+            case.precision = {"f32": "fp32", "f16": "fp16"}.get(p, p)
+        say(f"{case.name}: {case.description}")
+        return True
+    except (BackendUnavailable, InputError, RuntimeError) as exc:  # one broken backend must not sink the bench
+        skipped.append(f"{case.name}: could not start: {exc}")
+        say(f"{case.name}: could not start: {exc}")
+        case.runner = None
+        return False
+
+
+def _parity(case: Case, images: np.ndarray, ref_logits: np.ndarray, labels: np.ndarray | None,
+            gates: par.ParityGates, meaningful: bool) -> dict[str, Any]:
+    logits = par.run_batches(case.runner, images, 16)
+    m = par.compare(ref_logits, logits, labels if meaningful else None)
+    checks = gates.check(case.backend, case.precision, m, meaningful)
+    failed = [g for g in checks if not g]
+    return {"n": m.n, "top1_agreement": m.top1_agreement, "centered_top1_agreement": m.centered_top1_agreement,
+            "reference_classes": m.reference_classes, "degenerate": m.degenerate, "max_abs": m.max_abs, "max_rel": m.max_rel,
+            "cosine_min": m.cosine_min, "accuracy_delta_points": m.accuracy_delta, "passed": not failed,
+            "gates": [str(g) for g in checks], "failed": "; ".join(f"{g.metric} {g.value:.4g} vs {g.op} {g.limit:g}" for g in failed)}
+
+
+def run_bench(config: BenchConfig, out_dir: str | Path | None = None, *, stream: Any = None,
+              clock: Callable[[], float] = time.perf_counter) -> BenchResult:
+    """Run the bench; write ``bench.json``, ``bench.md`` and ``bench.png`` to ``out_dir`` when given."""
+    budget = Budget(config.max_seconds, clock)  # first: importing torch and the engines counts too
+    config.validate()
+    cfg = config
+
+    import torch
+
+    say = Progress(budget, stream)
+    skipped: list[str] = []
+    machine = machine_info()
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    tmp = tempfile.TemporaryDirectory(prefix="resdeploy-bench-")
+    try:
+        ref = par.load_reference(cfg.checkpoint, cfg.arch, cfg.seed)
+        data = par.load_parity_data(ref, cfg.parity_samples, cfg.calibration_size)
+        say(f"{ref.name}; parity sample: {data.description}")
+        ref_logits = par.reference_logits(ref.model, data.images)
+        # One eager batch-1 call sizes the setup estimates (export ~ tens of forwards, calibration ~ a few per image).
+        x1 = data.images[:1]
+        with torch.inference_mode():
+            ref.model(torch.from_numpy(x1))
+            t0 = time.perf_counter()
+            ref.model(torch.from_numpy(x1))
+            fwd = time.perf_counter() - t0
+        paths = _prepare(cfg, ref, data, Path(tmp.name), budget, fwd, say, skipped)
+        cases = build_cases(cfg, ref, paths, skipped, Path(tmp.name), data.calibration)
+        live: list[Case] = []
+        for case in cases:
+            est = 2.0 + (COMPILE_SECONDS + 100 * fwd if case.name.startswith("torch.compile") else 5 * fwd)
+            est += TRT_BUILD_SECONDS if case.backend == "tensorrt" else 0.0
+            if not budget.allows(est, cfg.reserve_seconds):
+                skipped.append(f"{case.name}: not started, its set-up (~{est:.0f} s) does not fit the budget")
+                continue
+            if _activate(case, say, skipped):
+                if budget.allows(len(data.images) * fwd, cfg.reserve_seconds):
+                    case.parity = _parity(case, data.images, ref_logits, data.labels, cfg.gates, data.labels_meaningful)
+                    say(f"{case.name}: parity {'pass' if case.parity['passed'] else 'FAIL ' + case.parity['failed']}")
+                else:
+                    skipped.append(f"{case.name}: parity not checked, the budget ran out")
+                live.append(case)
+        measure(cfg, live, data.images, budget, fwd, say, skipped)
+    finally:
+        torch.set_num_threads(old_threads)
+        for case in locals().get("cases", []):
+            if case.runner is not None:
+                case.runner.deactivate()
+        tmp.cleanup()
+    machine["load_average_end"] = _loadavg()
+    results = tuple(CaseResult(c.name, c.kind, c.backend, c.precision, c.description, c.parity,
+                               {b: LatencyStats.from_seconds(s, b) for b, s in c.samples.items() if s},
+                               tuple(c.skipped)) for c in cases)
+    cfg_dict = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("gates",)}
+    cfg_dict["gates"] = dataclasses.asdict(cfg.gates)
+    cfg_dict["batches"] = [int(b) for b in cfg.batches]
+    result = BenchResult(ref.name, data.description, cfg_dict, machine, results, tuple(skipped), budget.elapsed)
+    if out_dir is not None:
+        result = write_outputs(result, out_dir)
+    return result
+
+
+def _prepare(cfg: BenchConfig, ref: par.Reference, data: par.ParityData, work: Path, budget: Budget, fwd: float,
+             say: Progress, skipped: list[str]) -> dict[str, Path]:
+    """Build (or take) the ONNX variants the engines need, each step only when its estimate fits the budget."""
+    need = set(cfg.precisions) if cfg.backends else set()
+    if "openvino" in cfg.anchors:
+        need.add("fp32")
+    paths = {k: Path(v) for k, v in cfg.variants.items() if k in need}
+    for k, p in paths.items():
+        if not p.is_file():
+            raise InputError(f"bench: {k} model {p} does not exist; drop it to build it from the model")
+    estimates = {"fp32": 3.0 + 30 * fwd, "fp16": 3.0 + 10 * fwd, "int8": 5.0 + 4 * cfg.calibration_size * fwd}
+    if "fp32" not in paths and need - set(paths):
+        if budget.allows(estimates["fp32"], cfg.reserve_seconds + 10):
+            say("exporting FP32 ONNX")
+            paths["fp32"] = par.export_fp32(ref.model, work / "fp32.onnx", data.images[:16])
+        else:
+            skipped.append(f"ONNX export: ~{estimates['fp32']:.0f} s does not fit the budget; only PyTorch cases run")
+            return {}
+    if "int8" in need and "int8" not in paths and "fp32" in paths:
+        # calibration runs ONNX Runtime: size it by one ORT forward (PyTorch eager suffers far more on a busy machine)
+        try:
+            with par.open_backend("onnxruntime", paths["fp32"], cfg.threads) as r:
+                r.infer({"input": data.images[:1]})
+                t0 = time.perf_counter()
+                r.infer({"input": data.images[:1]})
+                estimates["int8"] = 5.0 + 3 * cfg.calibration_size * (time.perf_counter() - t0)
+        except InputError:
+            pass
+    for prec in ("fp16", "int8"):
+        if prec not in need or prec in paths:
+            continue
+        if not budget.allows(estimates[prec], cfg.reserve_seconds + 10):
+            skipped.append(f"{prec} model: preparing it (~{estimates[prec]:.0f} s) does not fit the budget")
+            continue
+        say(f"building the {prec} model" + (f" ({len(data.calibration)} calibration images, val split)" if prec == "int8" else ""))
+        if prec == "fp16":
+            paths[prec] = par.convert_fp16(paths["fp32"], work / "fp16.onnx")
+        else:
+            paths[prec] = par.quantize_int8(paths["fp32"], work / "int8.onnx", data.calibration)
+    return paths
+
+
+def measure(cfg: BenchConfig, cases: list[Case], images: np.ndarray, budget: Budget, fwd: float,
+            say: Progress, skipped: list[str]) -> None:
+    """Warm up and time ``cases`` (active runners) batch size by batch size, interleaved, within the budget.
+
+    Timing uses ``budget.clock`` (``time.perf_counter`` unless a test injects one). ``fwd``: seconds of one
+    batch-1 forward, the first guess of each case's cost before its warm-up measures it."""
+    rng = random.Random(cfg.seed)
+    batches = [int(b) for b in cfg.batches]
+    for bi, batch in enumerate(batches):
+        feed = {"input": _sample(images, batch)}
+        active = [c for c in cases if c.runner is not None]
+        if not active:
+            return
+        # warm-up: untimed, its median (after the first call) estimates each case's cost
+        warm: list[Case] = []
+        for case in active:
+            per_run = case.estimate.get(batches[bi - 1], fwd) * batch / (batches[bi - 1] if bi else 1)
+            once = COMPILE_SECONDS + 100 * fwd if case.name.startswith("torch.compile") else 0.0  # a new shape recompiles
+            guess = once + per_run * (max(1, cfg.warmup) + cfg.min_runs)
+            if not budget.allows(guess, cfg.reserve_seconds):
+                msg = f"batch {batch}: warm-up and {cfg.min_runs} runs (~{guess:.1f} s) do not fit the budget"
+                case.skipped.append(msg)
+                skipped.append(f"{case.name} {msg}")
+                continue
+            times = [_time_call(case.runner, feed, budget.clock) for _ in range(max(1, cfg.warmup))]
+            case.estimate[batch] = float(np.median(times[1:] if len(times) > 1 else times))
+            warm.append(case)
+        say(f"batch {batch}: warmed up " + ", ".join(f"{c.name} ~{1e3 * c.estimate[batch]:.2f} ms" for c in warm))
+        if not warm:
+            continue
+        # plan: an equal share of what is left for each remaining batch size. Each round runs every case as a
+        # block of consecutive calls (~block_seconds; one untimed settle call first for fast cases), so a case is
+        # timed with its own weights in cache, as a server runs it, while rounds still share the machine's noise.
+        share = max(0.0, budget.remaining - cfg.reserve_seconds) / (len(batches) - bi)
+        seconds = share if cfg.duration is None else min(share, cfg.duration)
+        want = cfg.runs if cfg.duration is None else None
+        block = {c.name: block_size(c.estimate[batch], cfg.block_seconds, want) for c in warm}
+        settle = {c.name: int(c.estimate[batch] < cfg.settle_below_seconds) for c in warm}
+        cost = {c.name: (block[c.name] + settle[c.name]) * c.estimate[batch] for c in warm}
+        wanted_rounds = None if want is None else max(math.ceil(want / block[n]) for n in block)
+        min_rounds = max(math.ceil(cfg.min_runs / block[n]) for n in block)
+        rounds, dropped = plan_rounds(cost, wanted_rounds, seconds, min_rounds)
+        for name in dropped:
+            msg = f"batch {batch}: dropped, {cfg.min_runs} timed runs do not fit the {seconds:.1f} s left for this batch size"
+            next(c for c in warm if c.name == name).skipped.append(msg)
+            skipped.append(f"{name} {msg}")
+        timed = [c for c in warm if c.name not in dropped]
+        if rounds == 0 or not timed:
+            continue
+        say(f"batch {batch}: {rounds} interleaved rounds of {len(timed)} cases, blocks of "
+            + ", ".join(f"{block[c.name]}" for c in timed) + f" runs (~{rounds * sum(cost[c.name] for c in timed):.1f} s)")
+        for c in timed:
+            c.samples[batch] = []
+        # stop at this batch size's share even when the machine slows down after the warm-up, so that later
+        # batch sizes keep theirs (and never past the deadline)
+        deadline = budget.start + (budget.seconds - cfg.reserve_seconds if budget.seconds else math.inf)
+        stop_at = min(deadline, budget.clock() + seconds)
+        for r in range(rounds):
+            order = timed[:]
+            rng.shuffle(order)
+            for c in order:
+                todo = block[c.name] if want is None else min(block[c.name], want - len(c.samples[batch]))
+                if todo <= 0:
+                    continue
+                for _ in range(settle[c.name]):
+                    c.runner.infer(feed)
+                c.samples[batch].extend(_time_call(c.runner, feed, budget.clock) for _ in range(todo))
+            say(f"batch {batch}: round {r + 1}/{rounds}", throttle=True)
+            if budget.clock() >= stop_at:
+                if cfg.duration is None and r + 1 < rounds:
+                    skipped.append(f"batch {batch}: stopped after {r + 1} of {rounds} planned rounds: the runs took longer "
+                                   f"than the warm-up predicted (a busy machine?) and this batch size's {seconds:.1f} s were up")
+                break
+        say(f"batch {batch}: done, " + ", ".join(f"{c.name} p50 {1e3 * float(np.median(c.samples[batch])):.3f} ms" for c in timed))
+
+
+def block_size(estimate: float, block_seconds: float, runs: int | None) -> int:
+    """Consecutive calls per case and round: about ``block_seconds`` of work, at least 1, at most ``runs``."""
+    k = max(1, int(block_seconds / estimate + 1e-6)) if estimate > 0 else 1  # 1e-6: 0.02 / 0.001 is 20
+    return min(k, runs) if runs else k
+
+
+def write_outputs(result: BenchResult, out_dir: str | Path) -> BenchResult:
+    """bench.json (every figure + machine info), bench.md (the table) and bench.png (the plot), atomically."""
+    from resdeploy.pipeline.plots import plot_bench
+
+    out = Path(out_dir)
+    files = {"json": out / "bench.json", "markdown": out / "bench.md", "plot": out / "bench.png"}
+    result = dataclasses.replace(result, outputs={k: str(v) for k, v in files.items()})
+    data = result.to_dict()
+    data["outputs"] = result.outputs
+    atomic.write_json(files["json"], data)
+    atomic.write_text(files["markdown"], result.markdown())
+    plot_bench(data, files["plot"])
+    return result

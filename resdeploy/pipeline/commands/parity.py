@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import argparse
+
+from resdeploy.pipeline.commands.bench import csv_list
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("parity", help="compare every backend x precision with PyTorch FP32 on real held-out images; exit 1 on a failed gate")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint folder (model.json + model.safetensors)")
+    p.add_argument("--arch", help="instead of a checkpoint: an architecture with random weights (seed 0); "
+                                  "data = MNIST digits resized and replicated to its input")
+    p.add_argument("--onnx", "--fp32", dest="fp32", help="FP32 ONNX model (default: exported from the checkpoint)")
+    p.add_argument("--fp16", help="FP16 ONNX model (default: converted from the FP32 model)")
+    p.add_argument("--int8", help="INT8 Q/DQ ONNX model (default: quantized u8s8 with val-split calibration)")
+    p.add_argument("--backends", type=csv_list, default=("onnxruntime", "openvino", "onnxruntime-cuda", "tensorrt"),
+                   help="comma list of onnxruntime, openvino, onnxruntime-cuda, tensorrt (default: all; unavailable ones "
+                        "are reported as skipped)")
+    p.add_argument("--precisions", type=csv_list, default=("fp32", "fp16", "int8"), help="comma list of fp32, fp16, int8")
+    p.add_argument("--limit", type=int, default=None, help="use the first N test images (default: the whole test split)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads per engine")
+    p.add_argument("--fp32-max-abs", type=float, default=None, help="gate: FP32 max abs logit error (default 1e-4)")
+    p.add_argument("--fp32-max-rel", type=float, default=None,
+                   help="gate FP32 on max relative error (max |diff| / max |logit| per image) instead of max abs")
+    p.add_argument("--fp16-min-agreement", type=float, default=None, help="gate: FP16 top-1 agreement (default 0.995)")
+    p.add_argument("--int8-max-drop", type=float, default=None, help="gate: INT8 accuracy drop in points (default 1.0)")
+    p.add_argument("--int8-min-agreement", type=float, default=None, help="gate: INT8 top-1 agreement on random-weight models (default 0.95)")
+    p.add_argument("--random-weights-gate", choices=("top1", "centered"), default=None,
+                   help="INT8 gate metric on random-weight models: top1 agreement (default) or centered top-1 (stricter)")
+    p.add_argument("--workdir", help="keep the ONNX variants built here (default: a temporary folder)")
+    p.add_argument("--json", help="write the report as JSON to this file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+    import sys
+
+    from resdeploy import atomic
+    from resdeploy.errors import InputError
+    from resdeploy.pipeline.parity import ParityConfig, ParityGates, run_parity
+
+    if bool(args.checkpoint) == bool(args.arch):
+        raise InputError("parity: give a CHECKPOINT folder or --arch NAME (random weights), not both and not neither")
+    overrides = {k: v for k, v in {"fp32_max_abs": args.fp32_max_abs, "fp32_max_rel": args.fp32_max_rel, "fp16_min_agreement": args.fp16_min_agreement,
+                                   "int8_max_accuracy_drop": args.int8_max_drop,
+                                   "int8_min_agreement": args.int8_min_agreement,
+                                   "random_weights_metric": {"top1": "top1_agreement", "centered": "centered_top1_agreement"}.get(
+                                       args.random_weights_gate)}.items() if v is not None}
+    config = ParityConfig(backends=tuple(args.backends), precisions=tuple(args.precisions), limit=args.limit,
+                          threads=args.threads, gates=dataclasses.replace(ParityGates(), **overrides))
+    variants = {k: v for k, v in {"fp32": args.fp32, "fp16": args.fp16, "int8": args.int8}.items() if v}
+    report = run_parity(args.checkpoint, variants, config=config, arch=args.arch, workdir=args.workdir)
+    print(report)
+    if args.json:
+        atomic.write_json(args.json, report.to_dict())
+        print(f"wrote {args.json}", file=sys.stderr)
+    if not report:
+        fails = report.failures()
+        first = str(fails[0]) if fails else "no backend ran"
+        print(f"resdeploy parity: gate failed: {first}" + (f" (+{len(fails) - 1} more)" if len(fails) > 1 else ""), file=sys.stderr)
+        return 1
+    return 0

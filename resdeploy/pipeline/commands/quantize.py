@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="write the FP16 or INT8 (Q/DQ) variant of an exported FP32 ONNX model, checked")
+    p.add_argument("model", help="the exported FP32 ONNX model")
+    p.add_argument("--precision", choices=("fp16", "int8"), required=True)
+    p.add_argument("--out", required=True, help="ONNX file to write (atomically, only when every check passes)")
+    p.add_argument("--data", default="mnist", help="data for calibration (val split) and the accuracy gate (test split)")
+    p.add_argument("--reference", default=None, help="checkpoint the skip-add check compares the variant with")
+    p.add_argument("--backend", choices=("onnxruntime", "openvino", "tensorrt"), default="onnxruntime",
+                   help="engine the INT8 variant is for; picks the flavour (onnxruntime/openvino u8s8, tensorrt s8s8)")
+    p.add_argument("--flavour", choices=("u8s8", "s8s8"), default=None, help="force the INT8 flavour")
+    p.add_argument("--calibration-images", type=int, default=None, help="val images to calibrate on (default 500)")
+    p.add_argument("--method", choices=("minmax", "entropy", "percentile"), default=None, help="calibration method (default minmax)")
+    p.add_argument("--eval-images", type=int, default=None, help="test images for the accuracy gate (default all)")
+    p.add_argument("--max-drop", type=float, default=None, help="INT8 accuracy-drop gate in points (default 1.0)")
+    p.add_argument("--min-agreement", type=float, default=None, help="FP16 top-1 agreement gate (default 0.995)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
+    p.add_argument("--rewrite-option-a", action="store_true",
+                   help="rewrite option-A shortcuts as exact strided 1x1 convs before quantizing (ONNX Runtime then fuses their Adds)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from resdeploy.pipeline.quantizing import QuantizeConfig, quantize_model
+
+    config = QuantizeConfig(precision=args.precision, backend=args.backend, flavour=args.flavour, data=args.data,
+                            eval_images=args.eval_images, threads=args.threads,
+                            rewrite_option_a=args.rewrite_option_a)
+    if args.calibration_images is not None:
+        config.calibration_images = args.calibration_images
+    if args.method is not None:
+        config.int8.method = args.method
+    if args.max_drop is not None:
+        config.max_int8_drop = args.max_drop
+    if args.min_agreement is not None:
+        config.min_fp16_agreement = args.min_agreement
+    result = quantize_model(args.model, args.out, config=config, reference=args.reference)
+    if args.json:
+        r = result.report
+        print(json.dumps({"path": str(result.path), "precision": result.precision, "flavour": result.flavour,
+                          "flavour_reason": result.flavour_reason, "calibration": r.calibration,
+                          "graph": dataclasses.asdict(r.graph) if r.graph else None,
+                          "fp16": dataclasses.asdict(r.fp16) if r.fp16 else None,
+                          "accuracy": dataclasses.asdict(result.accuracy) if result.accuracy else None,
+                          "gate": result.gate, "skipadd": result.skipadd.to_dict()}, indent=2))
+    else:
+        print(result)
+    return 0 if result else 1

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a Triton model repository over the KServe v2 / Triton HTTP protocol")
+    p.add_argument("repo", help="model repository: REPO/<model>/config.pbtxt + REPO/<model>/<version>/model.onnx|model.plan")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (0 = any free port, printed in the log)")
+    p.add_argument("--max-body-mb", type=float, default=64, help="request bodies above this get 413")
+    p.add_argument("--request-timeout", type=float, default=30.0, help="seconds a request may take when it sets no timeout")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds SIGTERM waits for accepted requests")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per instance (default: cores / instances)")
+    p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto", help="what runs the models")
+    p.add_argument("--no-strict-readiness", action="store_true", help="ready once loading ends even if a model failed")
+    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up inferences before ready")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from resdeploy.serve.server import ServerConfig, serve
+
+    config = ServerConfig(host=args.host, port=args.port, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                          request_timeout_s=args.request_timeout, shutdown_timeout_s=args.shutdown_timeout,
+                          threads=args.threads, backend=args.backend, strict_readiness=not args.no_strict_readiness,
+                          warmup=not args.no_warmup)
+    return serve(args.repo, config)
