@@ -233,3 +233,15 @@ def _undoes(first: onnx.NodeProto, second: onnx.NodeProto, first_in: tuple[objec
         p2 = next((list(a.ints) for a in second.attribute if a.name == "perm"), None)
         return p1 is not None and p2 is not None and [p1[k] for k in p2] == list(range(len(p1)))
     return first_in is not None and first_in == second_out
+
+
+def replace_repeated(field, items: list) -> None:  # noqa: ANN001 - a protobuf repeated message field
+    """Make a repeated protobuf field (``graph.node``, ``graph.initializer``) hold exactly ``items``.
+
+    The items are copied first: they may be elements of ``field`` itself, which ``del field[:]`` invalidates.
+    """
+    copies = [type(item)() for item in items]
+    for copy, item in zip(copies, items):
+        copy.CopyFrom(item)
+    del field[:]
+    field.extend(copies)

@@ -31,6 +31,7 @@ from onnx import numpy_helper
 from resdeploy import atomic
 from resdeploy.errors import CheckFailed, InputError
 from resdeploy.export.calibration import CalibrationSet, make_reader
+from resdeploy.export.onnx_graph import replace_repeated
 
 Precision = Literal["fp32", "fp16", "int8"]
 Flavour = Literal["u8s8", "s8s8"]
@@ -448,13 +449,7 @@ def _inline_constant_identities(model: onnx.ModelProto) -> int:
         else:
             keep.append(n)
     if added:
-        copies = []
-        for n in keep:
-            c = onnx.NodeProto()
-            c.CopyFrom(n)
-            copies.append(c)
-        del g.node[:]
-        g.node.extend(copies)
+        replace_repeated(g.node, keep)
         used = {i for n in g.node for i in n.input}
         # Drop graph inputs that duplicated an initializer name we just created (old IR models list them).
         dup_inputs = [i for i in g.input if i.name in {t.name for t in g.initializer} and i.name not in used]

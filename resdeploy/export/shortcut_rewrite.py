@@ -21,6 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from resdeploy.errors import CheckFailed
+from resdeploy.export.onnx_graph import replace_repeated
 
 _BIG = 2**31 - 1  # Slice ends at or beyond this (INT64_MAX in exports) mean "to the end"
 
@@ -218,20 +219,10 @@ def _drop_dead(model: onnx.ModelProto) -> None:
             needed.update(i for i in n.input if i)
     keep.reverse()
     if len(keep) != len(g.node):
-        copies = []
-        for n in keep:
-            c = onnx.NodeProto()
-            c.CopyFrom(n)
-            copies.append(c)
-        del g.node[:]
-        g.node.extend(copies)
+        replace_repeated(g.node, keep)
     inits = [t for t in g.initializer if t.name in needed]
     if len(inits) != len(g.initializer):
-        kept = [onnx.TensorProto() for _ in inits]
-        for k, t in zip(kept, inits):
-            k.CopyFrom(t)
-        del g.initializer[:]
-        g.initializer.extend(kept)
+        replace_repeated(g.initializer, inits)
 
 
 def _verify(a: onnx.ModelProto, b: onnx.ModelProto) -> float:

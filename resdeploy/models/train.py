@@ -98,7 +98,11 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, data: DataBund
     if config.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=config.epochs * steps_per_epoch, unit="batch", desc=f"train {config.arch}")
+        import sys
+
+        # Piped to a log (CI), a redraw every few seconds is plenty.
+        bar = tqdm(total=config.epochs * steps_per_epoch, unit="batch", desc=f"train {config.arch}",
+                   mininterval=0.1 if sys.stderr.isatty() else 5.0)
     for epoch in range(config.epochs):
         model.train()
         order = torch.randperm(len(y_train), generator=gen)

@@ -208,9 +208,11 @@ class BenchResult:
         """Caveats a reader must see next to the figures."""
         notes = ["speedups compare p50 latencies measured in this run, interleaved round by round; img/s is batch / mean latency"]
         m = self.machine
-        load, cpus = (m.get("load_average_start") or [0])[0], m.get("usable_cpus") or 1
-        if load >= 0.5 * cpus:
-            notes.append(f"the machine was busy (load average {load} on {cpus} CPUs): every figure is noisy, and PyTorch "
+        busy = m.get("cpu_busy_start")
+        if busy is None:  # no /proc/stat: fall back to the 1-minute load average
+            busy = (m.get("load_average_start") or [0])[0] / (m.get("usable_cpus") or 1)
+        if busy >= 0.25:
+            notes.append(f"the machine was busy ({busy:.0%} of its CPUs in use by others at the start): every figure is noisy, and PyTorch "
                          "eager suffers most (its OpenMP threads spin-wait at every layer; OMP_WAIT_POLICY=PASSIVE or a "
                          "quiet machine gives its real speed)")
         if any((c.parity or {}).get("degenerate") for c in self.cases):
@@ -310,7 +312,7 @@ def machine_info() -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "KMP_", "MKL_", "ORT_", "OV_")) or k == "GOMP_SPINCOUNT"}
     info = {"cpu_model": cpu_model, "logical_cpus": os.cpu_count(), "usable_cpus": affinity, "threading_env": env,
             "simd": [f for f in SIMD_FLAGS if f in flags], "platform": platform.platform(),
-            "load_average_start": _loadavg(), "versions": versions,
+            "load_average_start": _loadavg(), "cpu_busy_start": _cpu_busy(), "versions": versions,
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
         import onnxruntime as ort
@@ -319,6 +321,25 @@ def machine_info() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+def _cpu_busy(seconds: float = 0.5) -> float | None:
+    """Fraction of all CPUs busy right now, from /proc/stat over ``seconds`` while this process sleeps.
+
+    The load average would also count the previous minute (a bench run just before this one, say).
+    """
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + (v[4] if len(v) > 4 else 0)  # total, idle + iowait
+
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(1.0 - (i1 - i0) / max(t1 - t0, 1), 3)
 
 
 def _loadavg() -> list[float]:

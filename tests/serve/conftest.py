@@ -1,7 +1,7 @@
 """Serving fixtures: the trained resnet20 as ONNX, a Triton model repository, and real server subprocesses.
 
-The ONNX file is made here with torch.onnx.export (not resdeploy.export) so the server's tests do not depend
-on the exporter; it carries the `labels` metadata_prop the exporter writes.
+The served resnet20 is what users serve: the output of `resdeploy export` (dynamo, opset 18, labels in its
+metadata_props). The UINT8 variant wraps the same network in a cast-and-normalise prologue.
 """
 
 from __future__ import annotations
@@ -32,18 +32,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def resnet20_onnx(tmp_path_factory, trained_resnet20) -> Path:
-    import onnx
-    import torch
+def resnet20_onnx(tmp_path_factory, trained_resnet20_dir) -> Path:
+    from resdeploy.pipeline.exporting import export_checkpoint
 
-    model, info = trained_resnet20
     path = tmp_path_factory.mktemp("onnx") / "resnet20.onnx"
-    x = torch.zeros(1, *info.input_spec.shape)
-    torch.onnx.export(model, x, str(path), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
-    m = onnx.load(str(path))
-    onnx.helper.set_model_props(m, {"labels": json.dumps(list(info.labels))})
-    onnx.save(m, str(path))
+    export_checkpoint(trained_resnet20_dir, path, check=False)
     return path
 
 
