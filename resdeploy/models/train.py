@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from resdeploy.models.base import ResidualNet
 from resdeploy.models.checkpoint import save_checkpoint
-from resdeploy.models.data import DataBundle, load_data, normalize
+from resdeploy.models.data import DataBundle, Split, fit_images, load_data, normalize
 from resdeploy.models.registry import create_model
 
 
@@ -28,6 +28,8 @@ class TrainConfig:
     augment: bool = True  # random shifts of up to 2 px: cheap and enough for digits
     seed: int = 0  # seeds torch, numpy and the split
     threads: int | None = None  # torch intra-op threads; None keeps torch's default (all cores)
+    image_size: int | None = None  # train at this size (bilinear resize of the data); None = the data's own size
+    channels: int | None = None  # grey images repeated to this many channels (e.g. 3 for ImageNet ResNets)
     max_batches: int | None = None  # cap batches per epoch (smoke tests)
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
@@ -74,12 +76,26 @@ def build_for_data(arch: str, data: DataBundle, **kwargs: Any) -> ResidualNet:
     return create_model(arch, **{**defaults, **kwargs})
 
 
+def resize_data(data: DataBundle, channels: int, size: int) -> DataBundle:
+    """The same split at another size/channel count (the fingerprint is kept: same images, same split)."""
+    import dataclasses
+
+    shape = (channels, size, size)
+
+    def fit(split: Split) -> Split:
+        return Split(fit_images(split.images, shape), split.labels)
+
+    return dataclasses.replace(data, train=fit(data.train), val=fit(data.val), test=fit(data.test))
+
+
 def train(config: TrainConfig, out_dir: str | Path | None = None, data: DataBundle | None = None) -> TrainResult:
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
     data = data or load_data(config.data, seed=config.seed)
+    if config.image_size or config.channels:
+        data = resize_data(data, config.channels or data.shape[0], config.image_size or data.shape[1])
     model = build_for_data(config.arch, data, **config.arch_kwargs)
     spec = model.input_spec
     x_train = torch.from_numpy(normalize(data.train.images, spec.mean, spec.std))

@@ -46,9 +46,8 @@ def load_reference(checkpoint: str | Path, arch: str | None = None) -> tuple[Any
 
 def held_out_images(spec: Any, n: int, data: str | None = "mnist") -> tuple[np.ndarray, str]:
     """``n`` normalised test-split images shaped for ``spec`` (an InputSpec) and a description of them."""
-    import torch
-
     from resdeploy.models import load_data, normalize
+    from resdeploy.models.data import fit_images
 
     source = data or "mnist"
     try:
@@ -58,11 +57,7 @@ def held_out_images(spec: Any, n: int, data: str | None = "mnist") -> tuple[np.n
     x = bundle.test.images[:n]
     described = f"{source} test split"
     if tuple(x.shape[1:]) != tuple(spec.shape):
-        t = torch.from_numpy(x)
-        if t.shape[1] != 1:
-            t = t.mean(dim=1, keepdim=True)
-        t = torch.nn.functional.interpolate(t, size=(spec.height, spec.width), mode="bilinear", align_corners=False)
-        x = t.repeat(1, spec.channels, 1, 1).numpy()
+        x = fit_images(x, spec.shape)
         described = f"{source} test digits resized to {spec.channels}x{spec.height}x{spec.width}"
     return normalize(np.ascontiguousarray(x, np.float32), spec.mean, spec.std), described
 

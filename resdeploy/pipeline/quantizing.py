@@ -104,23 +104,6 @@ def input_spec_of(onnx_path: str | Path, reference_info: Any = None) -> Any:
         raise InputError(f"{onnx_path}: unreadable 'input_spec' metadata ({exc}); re-export the model") from None
 
 
-def fit_images(images: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """``images`` (N,C,H,W in [0, 1]) as they are when they fit ``shape``, else resized (bilinear) and grey-repeated.
-
-    Real digits at another size keep real image statistics for calibrating a random-weight ImageNet model,
-    which noise would not; the calibration metadata names the resize.
-    """
-    if tuple(images.shape[1:]) == tuple(shape):
-        return images
-    import torch
-
-    t = torch.from_numpy(np.ascontiguousarray(images))
-    if t.shape[1] != 1:
-        t = t.mean(dim=1, keepdim=True)
-    t = torch.nn.functional.interpolate(t, size=tuple(shape[1:]), mode="bilinear", align_corners=False)
-    return np.ascontiguousarray(t.repeat(1, shape[0], 1, 1).numpy(), dtype=np.float32)
-
-
 def _predict(path: str | Path, images: np.ndarray, threads: int | None, batch: int = 256) -> np.ndarray:
     from resdeploy.serve.runners import open_runner
 
@@ -204,6 +187,7 @@ def _write_variant(src: Path, variant_src: Path, out: Path, config: QuantizeConf
                    extra_meta: dict[str, str]) -> QuantizeResult:
     from resdeploy.export.skipadd import check_skip_adds
     from resdeploy.models import normalize
+    from resdeploy.models.data import fit_images
 
     test_x = normalize(fit_images(data.test.images[: config.eval_images], spec.shape), spec.mean, spec.std)
     test_y = data.test.labels[: config.eval_images]

@@ -51,3 +51,26 @@ def test_committed_demo_checkpoint_is_what_it_claims(trained_resnet20, mnist):
     acc = evaluate(model, normalize(mnist.test.images, info.input_spec.mean, info.input_spec.std), mnist.test.labels)
     assert acc == pytest.approx(info.metrics["test_accuracy"], abs=1e-9)
     assert acc >= 0.97
+
+
+def test_fit_images_resizes_and_replicates_grey_digits(mnist):
+    from resdeploy.models.data import describe_fit, fit_images
+
+    x = mnist.test.images[:4]
+    y = fit_images(x, (3, 56, 56))
+    assert y.shape == (4, 3, 56, 56) and y.dtype == np.float32
+    assert np.array_equal(y[:, 0], y[:, 2])
+    # Bilinear 2x upsampling keeps the mean brightness of each digit.
+    assert np.allclose(y.mean(axis=(1, 2, 3)), x.mean(axis=(1, 2, 3)), atol=0.01)
+    assert fit_images(x, (1, 28, 28)) is x
+    assert describe_fit((1, 28, 28), (3, 56, 56)) == "resized to 56x56, replicated to 3 channels"
+    assert describe_fit((1, 28, 28), (1, 28, 28)) == ""
+
+
+def test_training_at_another_size_builds_the_model_for_it(tmp_path, mnist):
+    config = TrainConfig(arch="seednet", epochs=1, max_batches=3, progress=False, threads=2, image_size=32, channels=3)
+    result = train(config, out_dir=tmp_path / "ck", data=mnist)
+    from resdeploy.models import load_checkpoint
+
+    model, info = load_checkpoint(result.checkpoint)
+    assert info.input_spec.shape == (3, 32, 32) and info.data_fingerprint == mnist.fingerprint

@@ -170,3 +170,22 @@ def test_parity_cli_passes_and_needs_a_model(trained_resnet20_dir, variants, cap
                  "--backends", "onnxruntime", "--limit", "100"]) == 0
     assert "PASSED" in capsys.readouterr().out
     assert main(["parity"]) == 2
+
+
+def test_random_weight_reference_gets_batchnorm_statistics_from_real_images():
+    """Default BN statistics let a deep random net's logits explode; measured ones keep them at a sane scale."""
+    import torch
+
+    from resdeploy.models import create_model
+    from resdeploy.pipeline.parity import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    raw = create_model("resnet56").eval()
+    torch.manual_seed(0)
+    fixed = create_model("resnet56")
+    assert recalibrate_batchnorm(fixed, images=32) == 32
+    assert not fixed.training and fixed.bn1.momentum == 0.1
+    assert not torch.equal(fixed.bn1.running_var, torch.ones_like(fixed.bn1.running_var))
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert fixed(x).abs().max() < 0.01 * raw(x).abs().max()
