@@ -41,7 +41,17 @@ class CalibrationSet:
         return {"data": self.source, "split": self.split, "count": len(self), "fingerprint": self.fingerprint}
 
 
+def even_batch_size(n: int, batch_size: int) -> int:
+    """The largest batch size <= ``batch_size`` that divides ``n``.
+
+    ORT's histogram calibrators (percentile, entropy) stack per-batch outputs into one array, which fails on a
+    ragged last batch ("inhomogeneous shape"); equal batches keep every calibration image.
+    """
+    return next(b for b in range(max(1, min(batch_size, n)), 0, -1) if n % b == 0)
+
+
 def batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    batch_size = even_batch_size(len(images), batch_size)
     for i in range(0, len(images), batch_size):
         yield np.ascontiguousarray(images[i:i + batch_size])
 

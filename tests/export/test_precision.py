@@ -216,3 +216,15 @@ def test_check_finds_a_float_bias(int8_models):
     conv.input[2] = "float_bias"
     check = check_int8_graph(m, "u8s8")
     assert "float_bias" not in inits and not check and check.convs_float_bias == 1 and "float bias" in str(check)
+
+
+def test_calibration_batches_are_equal_so_histogram_calibrators_work():
+    """ORT's percentile/entropy calibrators stack per-batch outputs: a ragged last batch made them fail."""
+    import numpy as np
+
+    from resdeploy.export.calibration import batches, even_batch_size
+
+    assert even_batch_size(200, 32) == 25 and even_batch_size(128, 32) == 32 and even_batch_size(7, 32) == 7
+    x = np.zeros((200, 1, 2, 2), np.float32)
+    sizes = [len(b) for b in batches(x, 32)]
+    assert set(sizes) == {25} and sum(sizes) == 200
