@@ -81,14 +81,12 @@ def _check_choice(value: str, allowed: Sequence[str], what: str) -> None:
 # -- loading and metadata --------------------------------------------------------------------------------------
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:
-    """Load an ONNX file without following external-data references (untrusted paths are never opened)."""
+    """Load an ONNX file (see :func:`resdeploy.export.skipadd.load_onnx`) and refuse external data altogether:
+    the quantizers rewrite every weight, and a variant must be one self-contained file."""
+    from resdeploy.export.skipadd import load_onnx as load_graph
+
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"ONNX model {p} does not exist; export one with `resdeploy export`")
-    try:
-        model = onnx.load(str(p), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and friends
-        raise InputError(f"{p} is not a readable ONNX model ({exc}); re-export it") from None
+    model = load_graph(p)
     external = [t.name for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
     if external:
         raise InputError(f"{p} keeps {len(external)} tensors in external data files (e.g. {external[0]!r}); resdeploy "

@@ -20,14 +20,9 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino")
 
 def _cuda_device_present() -> bool:
     """True when a CUDA device answers; asks the driver, never TensorRT (which must not start without one)."""
-    try:
-        import ctypes
+    from resdeploy.serve.runners.cuda_util import cuda_device_status
 
-        lib = ctypes.CDLL("libcuda.so.1")
-        count = ctypes.c_int(0)
-        return lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
-    except OSError:
-        return False
+    return cuda_device_status()[0]
 
 
 def resolve_auto(artifact: Any) -> tuple[str, dict[str, Any], str]:
