@@ -20,8 +20,8 @@ from onnx import TensorProto, helper
 
 from resdeploy.errors import BackendUnavailable, InputError
 from resdeploy.export import tensorrt_build as tb
-from resdeploy.serve.runners import cuda_util
-from resdeploy.serve.runners.cuda_util import GpuInfo, Sidecar, sidecar_path, verify_plan
+from resdeploy import device as cuda_util
+from resdeploy.device import GpuInfo, Sidecar, sidecar_path, verify_plan
 
 DUMP = Path(__file__).resolve().parent.parent / "data" / "tensorrt-engine-layers" / "resnet18-a100-fp16.graph.json"
 

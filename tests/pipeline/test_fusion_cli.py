@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from resdeploy.pipeline.cli import main
-from resdeploy.serve.runners import cuda_util
+from resdeploy import device as cuda_util
 
 DUMPS = Path(__file__).resolve().parent.parent / "data" / "tensorrt-engine-layers"
 

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from resdeploy.errors import BackendUnavailable, InputError
-from resdeploy.serve.runners import cuda_util, open_runner
+from resdeploy import device as cuda_util
+from resdeploy.serve.runners import open_runner
 from resdeploy.serve.runners import tensorrt_runner as tr
-from resdeploy.serve.runners.cuda_util import TRT_DTYPE_TO_NUMPY, GpuInfo, Sidecar, sidecar_path, trt_dtype_to_numpy
+from resdeploy.device import TRT_DTYPE_TO_NUMPY, GpuInfo, Sidecar, sidecar_path, trt_dtype_to_numpy
 
 
 def test_dtype_mapping():

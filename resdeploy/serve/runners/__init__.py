@@ -20,7 +20,7 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino")
 
 def _cuda_device_present() -> bool:
     """True when a CUDA device answers; asks the driver, never TensorRT (which must not start without one)."""
-    from resdeploy.serve.runners.cuda_util import cuda_device_status
+    from resdeploy.device import cuda_device_status
 
     return cuda_device_status()[0]
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from resdeploy.errors import InputError, ResdeployError
 from resdeploy.serve.runners.base import Runner, RunnerError, TensorSpec
-from resdeploy.serve.runners.cuda_util import (Sidecar, gpu_info, import_cudart, require_tensorrt, trt_dtype_to_numpy,
+from resdeploy.device import (Sidecar, gpu_info, import_cudart, require_tensorrt, trt_dtype_to_numpy,
                                                verify_plan)
 
 

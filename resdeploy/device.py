@@ -1,11 +1,11 @@
-"""TensorRT / CUDA plumbing shared by the TensorRT runner and the TensorRT build step.
+"""The CUDA device probe, TensorRT import and plan sidecar: ground floor, shared by export (build) and serve (runner).
 
 Everything here imports without TensorRT, CUDA or cuda-python: the probes ask the NVIDIA driver through
 ctypes (``libcuda.so.1``), never TensorRT, because TensorRT's (lean) runtime must not be started on a
 machine without a CUDA device (it crashes instead of raising). ``tensorrt`` and ``cuda-python`` are
 imported lazily, and only after a device answered.
 
-Also here (not in ``resdeploy.export``, which serve must not import): the plan **sidecar** and its checks.
+Also here (on the ground floor, so export and serve stay siblings): the plan **sidecar** and its checks.
 A TensorRT plan is an executable artifact and is not portable: it is loaded only when its sha256 matches
 the sidecar written beside it at build time, and only by the TensorRT version and on the compute
 capability it was built for.
