@@ -9,12 +9,11 @@ convention for the classification extension).
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from resdeploy import atomic
+from resdeploy.artifact import copy_onnx, open_artifact
 from resdeploy.errors import InputError
 
 _ONNX_TO_CONFIG = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 4: "TYPE_UINT16", 5: "TYPE_INT16", 6: "TYPE_INT32",
@@ -44,7 +43,6 @@ def make_model_repository(onnx_path: str | Path, repo_dir: str | Path, model_nam
                           dynamic_batching: bool = True, kind: str = "KIND_AUTO", version: int = 1,
                           labels: list[str] | None = None, overwrite: bool = False) -> RepositoryResult:
     """Write ``repo_dir/model_name/{config.pbtxt, labels.txt, <version>/model.onnx}`` from ``onnx_path``."""
-    import onnx
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as pb
 
@@ -58,31 +56,20 @@ def make_model_repository(onnx_path: str | Path, repo_dir: str | Path, model_nam
         raise InputError(f"preferred batch sizes {bad} are outside 1..{max_batch_size} (max_batch_size)")
     if not model_name or "/" in model_name or model_name.startswith("."):
         raise InputError(f"model name {model_name!r} is not a folder name; use letters, digits, - and _")
-    try:
-        model = onnx.load(str(src), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError / ValidationError
-        raise InputError(f"cannot read ONNX model {src}: {exc}") from None
-    inits = {i.name for i in model.graph.initializer}
+    artifact = open_artifact(src)
     config = pb.ModelConfig(name=model_name, platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=max_batch_size)
-    for kind_name, values, target in (("input", [v for v in model.graph.input if v.name not in inits], config.input),
-                                      ("output", list(model.graph.output), config.output)):
+    for kind_name, values, target in (("input", artifact.inputs, config.input), ("output", artifact.outputs, config.output)):
         for v in values:
-            tt = v.type.tensor_type
-            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+            dims = [-1 if d is None else d for d in v.shape]
             if max_batch_size > 0:
                 if not dims or dims[0] != -1:
                     raise InputError(f"{src}: {kind_name} '{v.name}' has shape {dims} without a dynamic batch axis; "
                                      "re-export with a dynamic batch axis or pass --max-batch-size 0")
                 dims = dims[1:]
-            io = target.add(name=v.name, data_type=pb.DataType.Value(_ONNX_TO_CONFIG.get(tt.elem_type, "TYPE_INVALID")))
+            io = target.add(name=v.name, data_type=pb.DataType.Value(_ONNX_TO_CONFIG.get(v.elem_type, "TYPE_INVALID")))
             io.dims.extend(dims)
     if labels is None:
-        meta = {p.key: p.value for p in model.metadata_props}
-        try:
-            parsed = json.loads(meta["labels"]) if "labels" in meta else None
-        except json.JSONDecodeError:
-            parsed = None
-        labels = parsed if isinstance(parsed, list) else None
+        labels = list(artifact.metadata.labels) or None
     if labels:
         config.output[0].label_filename = "labels.txt"
     if dynamic_batching and max_batch_size > 0:
@@ -99,8 +86,7 @@ def make_model_repository(onnx_path: str | Path, repo_dir: str | Path, model_nam
         raise InputError(f"{version_dir / 'model.onnx'} already exists; pass --overwrite or another --version")
     version_dir.mkdir(parents=True, exist_ok=True)
     target = version_dir / "model.onnx"
-    with atomic.atomic_path(target) as tmp:
-        shutil.copyfile(src, tmp)
+    copy_onnx(src, target)  # with its external data, if any (checked to lie beside it)
     text = text_format.MessageToString(config)
     atomic.write_text(model_dir / "config.pbtxt", text)
     if labels:
