@@ -403,17 +403,19 @@ def open_artifact(path: str | os.PathLike[str]) -> OnnxArtifact:
 
 
 # -- saving ------------------------------------------------------------------------------------------------
-def _payload_bytes(model: "onnx.ModelProto") -> int:
-    return sum(len(t.raw_data) for t in _tensors(model))
-
-
 def _externalise(model: "onnx.ModelProto", data_name: str, data_path: Path, min_bytes: int = 1024) -> None:
     """Move every tensor of >= ``min_bytes`` raw bytes into ``data_path`` (page-aligned so ORT can mmap it)."""
     import onnx
 
     with open(data_path, "wb") as f:
         for t in _tensors(model):
-            if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data") or len(t.raw_data) < min_bytes:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                continue
+            if not t.HasField("raw_data"):  # typed fields (float_data, ...) -> raw bytes, so they can move out
+                from onnx import numpy_helper
+
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t), t.name))
+            if len(t.raw_data) < min_bytes:
                 continue
             offset = f.tell()
             pad = (-offset) % 4096
@@ -463,13 +465,13 @@ def staged_onnx(path: str | os.PathLike[str]) -> Iterator[Path]:
 def save_onnx(model: "onnx.ModelProto", path: str | os.PathLike[str], *, external_data: bool | None = None,
               threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
     """Write ``model`` atomically. Weights go to ``<name>.data`` beside it when ``external_data`` is True, or
-    (None) when they exceed ``threshold`` bytes. The proto must hold its weights (not external references)."""
+    (None) when the serialised model would be ``threshold`` bytes or more. The proto must hold its weights (not external references)."""
     import onnx
 
     p = Path(path)
     if external_tensors(model):
         raise InputError(f"cannot save {p}: the model still references external data; load it with weights=True first")
-    use_external = external_data if external_data is not None else _payload_bytes(model) > threshold
+    use_external = external_data if external_data is not None else model.ByteSize() >= threshold
     out = onnx.ModelProto()
     out.CopyFrom(model)
     with staged_onnx(p) as staged:

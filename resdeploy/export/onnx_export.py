@@ -17,7 +17,7 @@ import copy
 import io
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,10 +26,10 @@ import onnx
 from onnx import numpy_helper
 
 from resdeploy import atomic
+from resdeploy.artifact import EXTERNAL_DATA_THRESHOLD, ArtifactMetadata, load_onnx, parse_onnx, read_metadata, save_onnx, staged_onnx, write_metadata
 from resdeploy.errors import CheckFailed, InputError
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-TWO_GB = 2 * 1024**3
 _DROP_NODE_META = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")  # absolute paths: not reproducible
 
 
@@ -42,7 +42,7 @@ class ExportConfig:
     dynamic_batch: bool = True  # batch axis named "batch"; C, H, W stay static
     fold_bn: bool = True  # no BatchNormalization node may remain in the written graph
     atol: float = 1e-4  # FP32 parity gate: max |onnx - torch| on the logits
-    external_data_threshold: int = TWO_GB  # models at or over this many bytes keep weights in <name>.data
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD  # weights over this many bytes go to <name>.data
     parity_images: int = 16  # held-out images used for parity (fewer if fewer are given)
 
 
@@ -124,7 +124,7 @@ def _run_exporter(model: Any, example: Any, config: ExportConfig, kwargs: dict[s
             buf = io.BytesIO()
             torch.onnx.export(model, (example,), buf, dynamo=False, do_constant_folding=True,
                               training=torch.onnx.TrainingMode.EVAL, **kwargs)
-            proto = onnx.load_from_string(buf.getvalue())
+            proto = parse_onnx(buf.getvalue(), "the TorchScript exporter's output")
         else:
             raise InputError(f"unknown exporter {config.exporter!r}; use 'dynamo' or 'torchscript'")
     return proto
@@ -177,40 +177,10 @@ def _make_deterministic(model: onnx.ModelProto) -> None:
         n.metadata_props.extend(keep)
 
 
-def _set_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
-    existing = {p.key: p.value for p in model.metadata_props}
-    existing.update({str(k): str(v) for k, v in metadata.items()})
-    del model.metadata_props[:]
-    for k in sorted(existing):  # sorted: same metadata -> same bytes
-        model.metadata_props.add(key=k, value=existing[k])
-
-
-def _write(model: onnx.ModelProto, out: Path, threshold: int) -> bool:
-    """Write atomically; weights go to ``<name>.data`` (also atomically, first) when the model is too big for one
-    protobuf. Returns whether external data was used."""
-    if model.ByteSize() < threshold:
-        atomic.write_bytes(out, model.SerializeToString())
-        return False
-    data_name = f"{out.name}.data"
-    with atomic.atomic_path(out.parent / data_name) as tmp, open(tmp, "wb") as f:
-        for t in model.graph.initializer:
-            if not t.HasField("raw_data"):
-                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t), t.name))
-            if len(t.raw_data) < 1024:
-                continue
-            offset = f.tell()
-            pad = (-offset) % 4096  # page-aligned like onnx's own writer, so ORT can mmap
-            f.write(b"\0" * pad)
-            offset += pad
-            f.write(t.raw_data)
-            length = len(t.raw_data)
-            t.ClearField("raw_data")
-            t.data_location = onnx.TensorProto.EXTERNAL
-            del t.external_data[:]
-            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
-                t.external_data.add(key=k, value=v)
-    atomic.write_bytes(out, model.SerializeToString())
-    return True
+def _set_metadata(model: onnx.ModelProto, metadata: ArtifactMetadata | None) -> None:
+    """The artifact's metadata; keys the exporter itself wrote (unknown to resdeploy) are kept in ``extra``."""
+    own = read_metadata(model, "the exported graph")
+    write_metadata(model, replace(metadata, extra={**own.extra, **metadata.extra}) if metadata else own)
 
 
 def verify_graph(path: Path, *, fold_bn: bool, dynamic_batch: bool, opset: int) -> onnx.ModelProto:
@@ -220,7 +190,7 @@ def verify_graph(path: Path, *, fold_bn: bool, dynamic_batch: bool, opset: int) 
     except onnx.checker.ValidationError as exc:
         raise CheckFailed(f"onnx.checker rejects {path}: {str(exc).splitlines()[0]}; the exporter wrote an invalid "
                           "graph, try --exporter torchscript or another opset") from None
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = load_onnx(path)
     try:
         onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
     except Exception as exc:  # noqa: BLE001 - InferenceError and friends
@@ -279,7 +249,7 @@ def export_onnx(
     out: str | os.PathLike[str],
     *,
     input_shape: tuple[int, int, int],
-    metadata: dict[str, str] | None = None,
+    metadata: ArtifactMetadata | None = None,
     sample: np.ndarray | None = None,
     config: ExportConfig = ExportConfig(),
 ) -> ExportReport:
@@ -319,38 +289,24 @@ def export_onnx(
         if n_bn:
             notes.append(f"{n_bn} BatchNormalization node(s) not preceded by a conv rewritten as exact Mul+Add")
     _make_deterministic(proto)
-    _set_metadata(proto, dict(metadata or {}))
+    _set_metadata(proto, metadata)
     written = default_opset(proto)
     if written != config.opset:
         raise CheckFailed(f"the {config.exporter} exporter wrote opset {written} although {config.opset} was requested "
                           f"(the dynamo exporter's minimum is 18); request --opset {written} or use --exporter torchscript")
-    tmp_name = out.with_name(f".{out.stem}.checking.onnx")
-    data_file = tmp_name.with_name(tmp_name.name + ".data")
-    try:
-        external = _write(proto, tmp_name, config.external_data_threshold)
-        verify_graph(tmp_name, fold_bn=config.fold_bn, dynamic_batch=config.dynamic_batch, opset=config.opset)
-        parity = check_parity(tmp_name, ref, images, inputs=kind, batch=None if config.dynamic_batch else 1)
+    # Staged beside ``out``: the checks read the very files (model + <name>.data) that then move into place.
+    with staged_onnx(out) as staged:
+        save_onnx(proto, staged, threshold=config.external_data_threshold)
+        external = staged.with_name(f"{out.name}.data").exists()
+        verify_graph(staged, fold_bn=config.fold_bn, dynamic_batch=config.dynamic_batch, opset=config.opset)
+        parity = check_parity(staged, ref, images, inputs=kind, batch=None if config.dynamic_batch else 1)
         if parity.max_abs_err > config.atol or parity.top1_agreement < 1.0:
             raise CheckFailed(f"export parity failed: {parity}; expected max abs err <= {config.atol:g} and 100% top-1 "
                               "agreement (FP32). Try the other exporter, or report the op that differs")
-        if external:
-            # The weights file name is recorded inside the graph: rewrite the pointers for the final name.
-            final_proto = onnx.load(str(tmp_name), load_external_data=False)
-            for t in final_proto.graph.initializer:
-                for e in t.external_data:
-                    if e.key == "location":
-                        e.value = f"{out.name}.data"
-            os.replace(data_file, out.with_name(f"{out.name}.data"))
-            atomic.write_bytes(out, final_proto.SerializeToString())
-        else:
-            os.replace(tmp_name, out)
-    finally:
-        tmp_name.unlink(missing_ok=True)
-        data_file.unlink(missing_ok=True)
-    final = onnx.load(str(out), load_external_data=False)
+    final = load_onnx(out)
     ops: dict[str, int] = {}
     for n in final.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
     return ExportReport(out, atomic.sha256_file(out), config.exporter, written, config.opset, len(final.graph.node), ops,
                         parity, external, out.stat().st_size + (out.with_name(f"{out.name}.data").stat().st_size if external else 0),
-                        {p.key: p.value for p in final.metadata_props}, tuple(notes))
+                        read_metadata(final, str(out)).to_props(), tuple(notes))

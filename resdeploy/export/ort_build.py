@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 import tempfile
 import time
 from collections import Counter
@@ -31,7 +30,8 @@ import onnx
 
 from resdeploy import atomic
 from resdeploy.errors import BackendUnavailable, CheckFailed, InputError
-from resdeploy.export.precision import AddRef, load_onnx, metadata_of, precision_of, residual_adds
+from resdeploy.artifact import copy_onnx, external_tensors, load_onnx, read_metadata
+from resdeploy.export.precision import AddRef, precision_of, residual_adds
 
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 SEE_THROUGH = {"DequantizeLinear", "QuantizeLinear", "Cast", "Identity"}
@@ -218,7 +218,7 @@ def fusion_report(source: onnx.ModelProto, optimized: onnx.ModelProto, *, adds: 
     if forms.get("qlinear_add"):
         notes.append("qlinear_add: the Add runs as ORT's integer QLinearAdd kernel with its Q/DQ absorbed (ORT's CPU "
                      "QLinearConv has no sum input, so this is the INT8 form of a fused residual Add)")
-    if metadata_of(source).get("int8_flavour") == "s8s8" and forms.get("standalone"):
+    if read_metadata(source).int8_flavour == "s8s8" and forms.get("standalone"):
         notes.append("s8s8 is the TensorRT flavour: ONNX Runtime's CPU QDQ fusions keep its Relu-followed convs and "
                      "Adds in float; build the u8s8 variant (`resdeploy quantize --backend onnxruntime`) for this engine")
     if any(n.name.startswith(NAME_PREFIXES) for n in optimized.graph.node) and precision_of(source) == "fp16":
@@ -259,7 +259,8 @@ class OrtBuildReport:
 REL_TOL = {"fp32": 1e-3, "fp16": 2e-2, "int8": 0.15}
 
 
-def _session(model: str | bytes, level: str, threads: int | None, provider: str, optimized_path: str | None = None):  # noqa: ANN202
+def _session(model: str | bytes, level: str, threads: int | None, provider: str, optimized_path: str | None = None,
+             external_data: bool = False):  # noqa: ANN202
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -272,6 +273,10 @@ def _session(model: str | bytes, level: str, threads: int | None, provider: str,
         so.inter_op_num_threads = 1
     if optimized_path:
         so.optimized_model_filepath = optimized_path
+        if external_data:  # a > 2 GB model's optimised graph must keep its weights outside the protobuf too
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                        f"{Path(optimized_path).name}.data")
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     so.log_severity_level = 3
     wanted = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[provider]
     available = ort.get_available_providers()
@@ -322,15 +327,17 @@ def build_onnxruntime(model_path: str | Path, out_dir: str | Path, *, threads: i
     t0 = time.perf_counter()
     src_path = Path(model_path)
     source = load_onnx(src_path)
-    model_bytes = src_path.read_bytes()
+    external = bool(external_tensors(source))
+    # A model with external data is opened by path (ORT reads its weights beside it; checked by load_onnx first).
+    model_bytes: str | bytes = str(src_path) if external else src_path.read_bytes()
     feed = sample if sample is not None else sample_input(source)
     precision = precision_of(source)
-    meta = metadata_of(source)
+    meta = read_metadata(source, str(src_path))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".build-", dir=out) as tmp:
         opt_tmp = Path(tmp) / OPTIMIZED_NAME
-        sess = _session(model_bytes, optimization, threads, provider, str(opt_tmp))
+        sess = _session(model_bytes, optimization, threads, provider, str(opt_tmp), external)
         providers = tuple(sess.get_providers())
         got = sess.run(None, feed)
         ref = _session(model_bytes, "disable", threads, "cpu").run(None, feed)
@@ -346,13 +353,13 @@ def build_onnxruntime(model_path: str | Path, out_dir: str | Path, *, threads: i
         rmax, rrel = _diff(got, reloaded)
         if not rrel <= 1e-5:
             raise CheckFailed(f"the saved optimised graph does not reproduce the session it came from (max |diff| {rmax:.3g})")
-        optimized = onnx.load(str(opt_tmp), load_external_data=False)
+        optimized = load_onnx(opt_tmp)
         fusion = fusion_report(source, optimized, adds=adds, optimization=optimization, name=src_path.name)
         build = {
             "format": "resdeploy-ort-build/1",
             "source": str(src_path), "model": MODEL_NAME, "optimized_model": OPTIMIZED_NAME,
             "model_sha256": atomic.sha256_file(src_path), "optimized_sha256": atomic.sha256_file(opt_tmp),
-            "precision": precision, "int8_flavour": meta.get("int8_flavour"),
+            "precision": precision, "int8_flavour": meta.int8_flavour or None,
             "onnxruntime": ort.__version__, "providers": list(providers),
             "options": {"optimization": optimization, "threads": threads, "provider": provider},
             "optimized_portable": fusion.nchwc_nodes == 0,
@@ -363,17 +370,18 @@ def build_onnxruntime(model_path: str | Path, out_dir: str | Path, *, threads: i
                              "sample_shape": [list(v.shape) for v in feed.values()]},
             "residual_adds": {"total": len(fusion.adds), "fused": fusion.fused, "standalone": fusion.standalone,
                               "unknown": fusion.unknown},
-            "metadata": meta,
+            "metadata": meta.to_props(),
             **(build_info or {}),
         }
-        shutil.copyfile(src_path, Path(tmp) / MODEL_NAME)
+        copy_onnx(src_path, Path(tmp) / MODEL_NAME)  # with its external data, if any
         atomic.write_json(Path(tmp) / REPORT_JSON, fusion.to_dict())
         atomic.write_text(Path(tmp) / REPORT_TXT, str(fusion) + "\n")
         atomic.write_json(Path(tmp) / BUILD_JSON, build)
-        for name in (MODEL_NAME, OPTIMIZED_NAME, REPORT_JSON, REPORT_TXT, BUILD_JSON):  # build.json last: it marks done
+        data_files = sorted(f.name for f in Path(tmp).iterdir() if f.name.endswith(".data"))
+        for name in (*data_files, MODEL_NAME, OPTIMIZED_NAME, REPORT_JSON, REPORT_TXT, BUILD_JSON):  # build.json last: it marks done
             os.replace(Path(tmp) / name, out / name)
     return OrtBuildReport(out, out / MODEL_NAME, out / OPTIMIZED_NAME, fusion, ort.__version__, providers, optimization,
-                          threads, precision, meta.get("int8_flavour"), max_abs, rel, time.perf_counter() - t0, build)
+                          threads, precision, meta.int8_flavour or None, max_abs, rel, time.perf_counter() - t0, build)
 
 
 def _diff(ref: list[np.ndarray], got: list[np.ndarray]) -> tuple[float, float]:

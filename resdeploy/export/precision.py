@@ -15,7 +15,7 @@ networks take their INT8/FP16 from the graph, not from builder flags).
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import logging
 import tempfile
 import time
@@ -29,6 +29,7 @@ import onnx
 from onnx import numpy_helper
 
 from resdeploy import atomic
+from resdeploy.artifact import external_tensors, load_onnx, read_metadata, save_onnx, write_metadata
 from resdeploy.errors import CheckFailed, InputError
 from resdeploy.export.calibration import CalibrationSet, make_reader
 from resdeploy.export.onnx_graph import replace_repeated
@@ -52,12 +53,6 @@ FP16_KEEP_FP32_OPS: tuple[str, ...] = (
     "ReduceL2", "ReduceLogSumExp", "LayerNormalization", "InstanceNormalization", "BatchNormalization",
 )
 
-META_PRECISION = "precision"
-META_FLAVOUR = "int8_flavour"
-META_CALIBRATION = "calibration"
-META_SOURCE_SHA = "source_onnx_sha256"
-
-
 def flavour_for_backend(backend: str) -> str:
     """The INT8 flavour an engine runs fast: ``u8s8`` for onnxruntime/openvino, ``s8s8`` for tensorrt."""
     try:
@@ -78,61 +73,13 @@ def _check_choice(value: str, allowed: Sequence[str], what: str) -> None:
         raise InputError(f"{what} {value!r} unknown; use one of {', '.join(allowed)}")
 
 
-# -- loading and metadata --------------------------------------------------------------------------------------
-
-def load_onnx(path: str | Path) -> onnx.ModelProto:
-    """Load an ONNX file (see :func:`resdeploy.export.skipadd.load_onnx`) and refuse external data altogether:
-    the quantizers rewrite every weight, and a variant must be one self-contained file."""
-    from resdeploy.export.skipadd import load_onnx as load_graph
-
-    p = Path(path)
-    model = load_graph(p)
-    external = [t.name for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
-    if external:
-        raise InputError(f"{p} keeps {len(external)} tensors in external data files (e.g. {external[0]!r}); resdeploy "
-                         "does not follow external-data paths from untrusted models. Re-export as a single file (< 2 GB)")
-    return model
-
-
-def _all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    tensors = list(model.graph.initializer)
-    for n in model.graph.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                tensors.append(a.t)
-    return tensors
-
-
-def metadata_of(model: onnx.ModelProto) -> dict[str, str]:
-    return {p.key: p.value for p in model.metadata_props}
-
-
-def set_metadata(model: onnx.ModelProto, values: Mapping[str, str]) -> None:
-    """Replace ``model.metadata_props`` with ``values`` (keys in the given order)."""
-    del model.metadata_props[:]
-    for k, v in values.items():
-        model.metadata_props.add(key=str(k), value=str(v))
-
-
-def variant_metadata(source: Mapping[str, str], precision: str, *, flavour: str | None = None,
-                     calibration: Mapping[str, object] | None = None, source_sha256: str | None = None) -> dict[str, str]:
-    """The source model's metadata plus what makes this variant a variant."""
-    meta = {k: v for k, v in source.items() if k not in (META_PRECISION, META_FLAVOUR, META_CALIBRATION, META_SOURCE_SHA)}
-    meta[META_PRECISION] = precision
-    if flavour:
-        meta[META_FLAVOUR] = flavour
-    if calibration:
-        meta[META_CALIBRATION] = json.dumps(dict(calibration), sort_keys=True)
-    if source_sha256:
-        meta[META_SOURCE_SHA] = source_sha256
-    return meta
-
+# -- loading and metadata (through the artifact contract) -------------------------------------------------------
 
 def precision_of(model: onnx.ModelProto) -> str:
     """The precision recorded in metadata, else inferred from the graph (Q/DQ -> int8, fp16 weights -> fp16)."""
-    meta = metadata_of(model)
-    if meta.get(META_PRECISION) in PRECISIONS:
-        return meta[META_PRECISION]
+    recorded = read_metadata(model).precision
+    if recorded:
+        return recorded
     ops = {n.op_type for n in model.graph.node}
     if ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger"}:
         return "int8"
@@ -470,12 +417,13 @@ def _quiet_root_logger() -> Iterator[None]:
 
 def quantize_int8(model_path: str | Path, out_path: str | Path, calibration: CalibrationSet | np.ndarray, *,
                   flavour: str, config: Int8Config | None = None,
-                  metadata: Mapping[str, str] | None = None) -> QuantizeReport:
+                  metadata: Mapping[str, Any] | None = None) -> QuantizeReport:
     """Write an explicitly quantized (Q/DQ) INT8 copy of an FP32 ONNX model to ``out_path``, checked first.
 
     ``calibration`` holds normalised images (the val split, never test). The result is written only when
     :func:`check_int8_graph` passes (convs and residual Adds quantized, the flavour's activation type).
-    ``metadata`` entries are added to (and override) the variant's metadata_props.
+    ``metadata``: :class:`~resdeploy.artifact.ArtifactMetadata` fields that override the variant's. A source with
+    external data gives a variant with external data (``<out>.data`` beside it).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -485,9 +433,11 @@ def quantize_int8(model_path: str | Path, out_path: str | Path, calibration: Cal
                "percentile": CalibrationMethod.Percentile}
     _check_choice(config.method, tuple(methods), "calibration method")
     cal = calibration if isinstance(calibration, CalibrationSet) else CalibrationSet(np.asarray(calibration))
-    source = load_onnx(model_path)
-    if precision_of(source) != "fp32":
-        raise InputError(f"INT8 quantization needs the FP32 model; {model_path} is {precision_of(source)}")
+    graph = load_onnx(model_path)
+    if precision_of(graph) != "fp32":
+        raise InputError(f"INT8 quantization needs the FP32 model; {model_path} is {precision_of(graph)}")
+    external = bool(external_tensors(graph))
+    source = load_onnx(model_path, weights=True) if external else graph
     inputs = _data_inputs(source)
     if len(inputs) != 1:
         raise InputError(f"{model_path} has {len(inputs)} inputs; resdeploy quantizes single-input image models")
@@ -509,7 +459,7 @@ def quantize_int8(model_path: str | Path, out_path: str | Path, calibration: Cal
         prepared = onnx.ModelProto()
         prepared.CopyFrom(source)
         _inline_constant_identities(prepared)
-        src.write_bytes(prepared.SerializeToString())
+        save_onnx(prepared, src, external_data=external)
         if config.preprocess:
             from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -524,35 +474,32 @@ def quantize_int8(model_path: str | Path, out_path: str | Path, calibration: Cal
                     quant_format=QuantFormat.QDQ, per_channel=config.per_channel, reduce_range=config.reduce_range,
                     activation_type=QuantType.QInt8 if symmetric_act else QuantType.QUInt8, weight_type=QuantType.QInt8,
                     nodes_to_exclude=list(config.nodes_to_exclude) or None, calibrate_method=methods[config.method],
-                    extra_options=extra,
+                    extra_options=extra, use_external_data_format=external,
                 )
         except Exception as exc:  # noqa: BLE001 - ORT's quantizer raises assorted errors
             raise CheckFailed(f"onnxruntime quantize_static failed on {model_path} ({type(exc).__name__}: {exc})") from None
-        model = onnx.load(str(out_tmp))
+        model = load_onnx(out_tmp, weights=True)
     check = check_int8_graph(model, flavour, per_channel=config.per_channel, excluded=config.nodes_to_exclude)
     report = QuantizeReport("int8", flavour, config.method, used.describe(), time.perf_counter() - t0, graph=check)
     if not check:
         raise CheckFailed(f"the INT8 model of {model_path} is not what it must be, nothing written: {check}")
-    meta = variant_metadata(metadata_of(source), "int8", flavour=flavour, calibration=used.describe(),
-                            source_sha256=atomic.sha256_file(model_path))
-    set_metadata(model, {**meta, **(metadata or {})})
-    save_onnx(model, out_path)
+    meta = read_metadata(source).variant("int8", flavour=flavour, calibration=used.describe(),
+                                         source_sha256=atomic.sha256_file(model_path))
+    write_metadata(model, dataclasses.replace(meta, **dict(metadata or {})))
+    save_onnx(model, out_path, external_data=external)
     return report
 
 
 def fp16_variant(model_path: str | Path, out_path: str | Path, *, config: Fp16Config | None = None,
-                 metadata: Mapping[str, str] | None = None) -> QuantizeReport:
-    """Write the FP16 variant of an FP32 ONNX file, with its metadata (checked by :func:`convert_fp16`)."""
+                 metadata: Mapping[str, Any] | None = None) -> QuantizeReport:
+    """Write the FP16 variant of an FP32 ONNX file, with its metadata (checked by :func:`convert_fp16`).
+
+    ``metadata``: ArtifactMetadata fields that override the variant's. External data in, external data out."""
     t0 = time.perf_counter()
-    source = load_onnx(model_path)
+    external = bool(external_tensors(load_onnx(model_path)))
+    source = load_onnx(model_path, weights=True)
     model, rep = convert_fp16(source, config=config)
-    meta = variant_metadata(metadata_of(source), "fp16", source_sha256=atomic.sha256_file(model_path))
-    set_metadata(model, {**meta, **(metadata or {})})
-    save_onnx(model, out_path)
+    meta = read_metadata(source).variant("fp16", source_sha256=atomic.sha256_file(model_path))
+    write_metadata(model, dataclasses.replace(meta, **dict(metadata or {})))
+    save_onnx(model, out_path, external_data=external)
     return QuantizeReport("fp16", None, None, {}, time.perf_counter() - t0, fp16=rep)
-
-
-def save_onnx(model: onnx.ModelProto, path: str | Path) -> Path:
-    """Serialise ``model`` atomically as one file (no external data)."""
-    data = model.SerializeToString()
-    return atomic.write_bytes(path, data)

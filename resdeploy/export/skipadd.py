@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from resdeploy.artifact import check_external_data, load_onnx  # the one loader, with its external-data policy
 from resdeploy.errors import CheckFailed, InputError
 from resdeploy.export import onnx_graph
 from resdeploy.export.graph import Merge, analyse
@@ -136,36 +137,6 @@ class SkipAddReport:
 
 def _shape(s: tuple[object, ...] | None) -> str:
     return "x".join("?" if d is None else str(d) for d in s) if s else "?"
-
-
-def load_onnx(path: str | Path) -> onnx.ModelProto:
-    """Read an ONNX file without following external data (weights are not needed to read the graph)."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"ONNX model {p} does not exist; export one with `resdeploy export`")
-    try:
-        proto = onnx.load(str(p), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - protobuf raises several types for a corrupt file
-        raise InputError(f"{p} is not a readable ONNX model ({type(exc).__name__}: {exc}); re-export it") from None
-    check_external_data(proto, p.parent)
-    return proto
-
-
-def check_external_data(model: onnx.ModelProto, folder: Path) -> None:
-    """External weights are untrusted input: every location must be a plain relative path inside the model's
-    folder (ONNX Runtime would otherwise read whatever file the model names)."""
-    root = folder.resolve()
-    for t in model.graph.initializer:
-        if t.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        loc = next((e.value for e in t.external_data if e.key == "location"), "")
-        target = (root / loc).resolve()
-        if not loc or Path(loc).is_absolute() or ".." in Path(loc).parts or root not in target.parents:
-            raise InputError(f"initializer {t.name!r} points at external data {loc!r} outside the model's folder "
-                             f"{root}; refusing to read it. Re-export the model with its .data file beside it")
-        if not target.is_file():
-            raise InputError(f"initializer {t.name!r} needs external data file {target}, which does not exist; "
-                             "copy the .data file beside the model")
 
 
 def _analyse_onnx(model: onnx.ModelProto) -> tuple[list[Merge], list[ResidualAdd]]:

@@ -37,6 +37,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from resdeploy.artifact import ArtifactMetadata, open_artifact
 from resdeploy.atomic import sha256_file, write_bytes, write_json, write_text
 from resdeploy.errors import InputError
 from resdeploy.export.trt_fusion import FusionReport, fusion_report, parse_layer_info
@@ -78,25 +79,13 @@ class OnnxInput:
     elem_type: int
 
 
-def read_onnx_inputs(onnx_path: str | os.PathLike[str]) -> tuple[list[OnnxInput], dict[str, str]]:
-    """Graph inputs (initializers excluded) and metadata_props of an ONNX file; weights are not loaded."""
-    import onnx
-
-    try:
-        model = onnx.load(os.fspath(onnx_path), load_external_data=False)
-    except FileNotFoundError:
-        raise InputError(f"ONNX model {onnx_path} does not exist; export one with `resdeploy export`") from None
-    except Exception as exc:  # onnx raises DecodeError / ValueError on garbage
-        raise InputError(f"{onnx_path} is not a readable ONNX model: {exc}") from None
-    inits = {i.name for i in model.graph.initializer}
-    inputs = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
-        inputs.append(OnnxInput(vi.name, dims, tt.elem_type))
-    return inputs, {p.key: p.value for p in model.metadata_props}
+def read_onnx_inputs(onnx_path: str | os.PathLike[str]) -> tuple[list[OnnxInput], ArtifactMetadata]:
+    """Graph inputs (initializers excluded) and metadata of an ONNX file, through the artifact contract
+    (external data checked, weights not loaded). Dims <= 0 count as dynamic."""
+    art = open_artifact(onnx_path)
+    inputs = [OnnxInput(i.name, tuple(d if d is not None and d > 0 else None for d in i.shape), i.elem_type)
+              for i in art.inputs]
+    return inputs, art.metadata
 
 
 def profile_shapes(input_shape: tuple[int | str | None, ...], config: TrtBuildConfig,
@@ -119,11 +108,11 @@ def profile_shapes(input_shape: tuple[int | str | None, ...], config: TrtBuildCo
     return (config.min_batch, *t), (config.opt_batch, *t), (config.max_batch, *t)
 
 
-def precision_of(metadata: dict[str, str], config: TrtBuildConfig) -> str:
-    """The precision label: the config's, else the ONNX ``precision`` metadata_prop, else fp32."""
+def precision_of(metadata: ArtifactMetadata, config: TrtBuildConfig) -> str:
+    """The precision label: the config's, else the artifact's recorded precision, else fp32."""
     if config.precision:
         return config.precision
-    value = metadata.get("precision", "fp32").lower()
+    value = (metadata.precision or "fp32").lower()
     if value not in PRECISIONS:
         raise InputError(f"the ONNX metadata says precision {value!r}; expected one of {', '.join(PRECISIONS)}")
     return value
@@ -283,7 +272,8 @@ def _build(trt: ModuleType, onnx_path: Path, out_path: Path, config: TrtBuildCon
         profile={n: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])} for n, s in shapes.items()},
         onnx_sha256=onnx_sha, build_seconds=round(build_seconds, 3), onnx_path=str(onnx_path),
         optimization_level=config.optimization_level, workspace_mib=config.workspace_mib,
-        timing_cache=str(config.timing_cache or ""), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        timing_cache=str(config.timing_cache or ""), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        extra={"metadata": metadata.to_props()})  # the runner (and server) read labels etc. from here
     side = write_json(sidecar_path(out_path), sidecar.to_json())  # last: a plan is trusted only once this exists
 
     layers_path, fusion = "", None

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from resdeploy.errors import InputError
 from resdeploy.models.spec import InputSpec, ModelCard, ResidualBlockInfo
 
 
@@ -26,7 +27,7 @@ class ResidualNet(nn.Module):
         self.input_spec = input_spec
         labels = tuple(labels) if labels else tuple(str(i) for i in range(num_classes))
         if len(labels) != num_classes:
-            raise ValueError(f"{len(labels)} labels given for num_classes={num_classes}; give one label per class")
+            raise InputError(f"{len(labels)} labels given for num_classes={num_classes}; give one label per class")
         self.labels = labels
 
     @property

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from resdeploy.errors import InputError
 from resdeploy.models.base import ResidualNet
 from resdeploy.models.spec import CIFAR_MEAN, CIFAR_STD, InputSpec, default_stats
 
@@ -78,9 +79,9 @@ class CifarResNet(ResidualNet):
     ) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
+            raise InputError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
         if shortcut not in ("A", "B"):
-            raise ValueError(f"shortcut must be 'A' (subsample + zero-pad) or 'B' (projection), got {shortcut!r}")
+            raise InputError(f"shortcut must be 'A' (subsample + zero-pad) or 'B' (projection), got {shortcut!r}")
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)

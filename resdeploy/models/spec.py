@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from resdeploy.artifact import CIFAR_MEAN, CIFAR_STD, InputSpec  # the input contract lives with the artifact
+from resdeploy.errors import InputError
+from resdeploy.artifact import CIFAR_MEAN, CIFAR_STD, InputSpec  # noqa: F401 - re-exported; the input contract lives with the artifact
 
 ShortcutKind = Literal["identity", "projection", "option_a"]
 
@@ -21,7 +22,7 @@ def default_stats(values: tuple[float, ...], channels: int) -> tuple[float, ...]
         return (sum(values) / len(values),)
     if len(values) == 1:
         return tuple(values) * channels
-    raise ValueError(f"no default normalisation for {channels} channels from {len(values)} values; pass mean= and std=")
+    raise InputError(f"no default normalisation for {channels} channels from {len(values)} values; pass mean= and std=")
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from resdeploy import atomic
-from resdeploy.errors import BackendUnavailable, InputError
+from resdeploy.errors import InputError, ResdeployError
 from resdeploy.pipeline import parity as par
 from resdeploy.pipeline.stats import Budget, LatencyStats, speedup
 
@@ -155,7 +155,7 @@ class BenchResult:
         for c in self.cases:
             if c.name == name:
                 return c
-        raise KeyError(f"no case {name!r}; cases: {', '.join(c.name for c in self.cases)}")
+        raise InputError(f"no case {name!r}; cases: {', '.join(c.name for c in self.cases)}")
 
     def speedups(self, batch: int) -> dict[str, float]:
         """Case -> p50 speedup at ``batch`` over PyTorch eager (CPU cases) or over PyTorch eager FP16 with CUDA
@@ -463,7 +463,7 @@ def _activate(case: Case, say: Progress, skipped: list[str]) -> bool:
             case.precision = {"f32": "fp32", "f16": "fp16"}.get(p, p)
         say(f"{case.name}: {case.description}")
         return True
-    except (BackendUnavailable, InputError, RuntimeError) as exc:  # one broken backend must not sink the bench
+    except (ResdeployError, RuntimeError) as exc:  # one broken backend (CUDA, TensorRT build...) must not sink the bench
         skipped.append(f"{case.name}: could not start: {exc}")
         say(f"{case.name}: could not start: {exc}")
         case.runner = None
@@ -567,9 +567,10 @@ def _prepare(cfg: BenchConfig, ref: par.Reference, data: par.ParityData, work: P
         # calibration runs ONNX Runtime: size it by one ORT forward (PyTorch eager suffers far more on a busy machine)
         try:
             with par.open_backend("onnxruntime", paths["fp32"], cfg.threads) as r:
-                r.infer({"input": data.images[:1]})
+                one = {r.inputs[0].name: data.images[:1]}
+                r.infer(one)
                 t0 = time.perf_counter()
-                r.infer({"input": data.images[:1]})
+                r.infer(one)
                 estimates["int8"] = 5.0 + 3 * cfg.calibration_size * (time.perf_counter() - t0)
         except InputError:
             pass
@@ -596,7 +597,7 @@ def measure(cfg: BenchConfig, cases: list[Case], images: np.ndarray, budget: Bud
     rng = random.Random(cfg.seed)
     batches = [int(b) for b in cfg.batches]
     for bi, batch in enumerate(batches):
-        feed = {"input": _sample(images, batch)}
+        x = _sample(images, batch)
         active = [c for c in cases if c.runner is not None]
         if not active:
             return
@@ -611,6 +612,7 @@ def measure(cfg: BenchConfig, cases: list[Case], images: np.ndarray, budget: Bud
                 case.skipped.append(msg)
                 skipped.append(f"{case.name} {msg}")
                 continue
+            feed = _feed(case.runner, x)
             times = [_time_call(case.runner, feed, budget.clock) for _ in range(max(1, cfg.warmup))]
             case.estimate[batch] = float(np.median(times[1:] if len(times) > 1 else times))
             warm.append(case)
@@ -651,6 +653,7 @@ def measure(cfg: BenchConfig, cases: list[Case], images: np.ndarray, budget: Bud
                 todo = block[c.name] if want is None else min(block[c.name], want - len(c.samples[batch]))
                 if todo <= 0:
                     continue
+                feed = _feed(c.runner, x)
                 for _ in range(settle[c.name]):
                     c.runner.infer(feed)
                 c.samples[batch].extend(_time_call(c.runner, feed, budget.clock) for _ in range(todo))
@@ -661,6 +664,11 @@ def measure(cfg: BenchConfig, cases: list[Case], images: np.ndarray, budget: Bud
                                    f"than the warm-up predicted (a busy machine?) and this batch size's {seconds:.1f} s were up")
                 break
         say(f"batch {batch}: done, " + ", ".join(f"{c.name} p50 {1e3 * float(np.median(c.samples[batch])):.3f} ms" for c in timed))
+
+
+def _feed(runner: Any, x: np.ndarray) -> dict[str, np.ndarray]:
+    """The runner's own input name (from the artifact it loaded), never an assumed one."""
+    return {runner.inputs[0].name: x}
 
 
 def block_size(estimate: float, block_seconds: float, runs: int | None) -> int:

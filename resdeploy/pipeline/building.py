@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from resdeploy.artifact import open_artifact
 from resdeploy.errors import InputError
 
 BUILD_BACKENDS = ("onnxruntime", "tensorrt")
@@ -34,21 +35,15 @@ class BuildConfig:
 
 def _real_sample(model_path: Path, n: int, data: str) -> dict[str, np.ndarray] | None:
     """``n`` normalised real images when the model's metadata says how to normalise and the data fits, else None."""
-    from resdeploy.export.precision import load_onnx
     from resdeploy.pipeline.exporting import held_out_images
-    from resdeploy.pipeline.quantizing import input_spec_of
 
     if n <= 0:
         return None
-    try:
-        spec = input_spec_of(model_path)
-    except InputError:
+    art = open_artifact(model_path)
+    if art.metadata.input_spec is None:
         return None
-    model = load_onnx(model_path)
-    inits = {t.name for t in model.graph.initializer}
-    name = next(i.name for i in model.graph.input if i.name not in inits)
-    images, _ = held_out_images(spec, n, data)
-    return {name: images}
+    images, _ = held_out_images(art.metadata.input_spec, n, data)
+    return {art.input_name: images}
 
 
 def _build_rewritten(path: Path, out: str | Path, config: BuildConfig, sample: dict[str, np.ndarray] | None) -> Any:
@@ -57,17 +52,19 @@ def _build_rewritten(path: Path, out: str | Path, config: BuildConfig, sample: d
 
     from resdeploy import atomic
     from resdeploy.export.ort_build import build_onnxruntime
-    from resdeploy.export.precision import load_onnx, precision_of, save_onnx
+    from resdeploy.artifact import external_tensors, load_onnx, save_onnx
+    from resdeploy.export.precision import precision_of
     from resdeploy.export.shortcut_rewrite import rewrite_option_a
 
-    model = load_onnx(path)
-    if precision_of(model) != "fp32":
-        raise InputError(f"--rewrite-option-a rewrites FP32 graphs; {path} is {precision_of(model)}. Make the variant with "
+    graph = load_onnx(path)
+    if precision_of(graph) != "fp32":
+        raise InputError(f"--rewrite-option-a rewrites FP32 graphs; {path} is {precision_of(graph)}. Make the variant with "
                          "`resdeploy quantize --rewrite-option-a` instead (the rewrite happens before quantization)")
-    rewritten, report = rewrite_option_a(model)
+    external = bool(external_tensors(graph))
+    rewritten, report = rewrite_option_a(load_onnx(path, weights=True))
     with tempfile.TemporaryDirectory(prefix="resdeploy-rewrite-") as tmp:
         src = Path(tmp) / path.name
-        save_onnx(rewritten, src)
+        save_onnx(rewritten, src, external_data=external)
         info = {"source": str(path), "source_sha256": atomic.sha256_file(path),
                 "shortcut_rewrite": {"rewritten": list(report.rewritten), "skipped": list(report.skipped),
                                      "max_abs_diff": report.max_abs_diff}}

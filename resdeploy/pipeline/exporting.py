@@ -8,7 +8,6 @@ instead of noise, so parity and the per-block comparison see realistic activatio
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,9 @@ import numpy as np
 import resdeploy
 from resdeploy import atomic
 from resdeploy.errors import InputError
-from resdeploy.export import ExportConfig, ExportReport, SkipAddReport, check_skip_adds, export_onnx, load_onnx, require_pass
+from resdeploy.artifact import ArtifactMetadata, open_artifact
+from resdeploy.export import ExportConfig, ExportReport, SkipAddReport, check_skip_adds, export_onnx, require_pass
 
-# metadata_props keys written into every exported model (the serving side reads these)
-META_ARCH, META_KWARGS, META_INPUT_SPEC, META_LABELS = "architecture", "arch_kwargs", "input_spec", "labels"
-META_CHECKPOINT_SHA, META_VERSION, META_EXPORTER = "checkpoint_sha256", "resdeploy_version", "exporter"
 
 
 @dataclass(frozen=True)
@@ -62,16 +59,12 @@ def held_out_images(spec: Any, n: int, data: str | None = "mnist") -> tuple[np.n
     return normalize(np.ascontiguousarray(x, np.float32), spec.mean, spec.std), described
 
 
-def build_metadata(model: Any, info: Any, checkpoint_sha256: str | None, exporter: str) -> dict[str, str]:
-    return {
-        META_ARCH: str(getattr(model, "arch", "") or info.arch),
-        META_KWARGS: json.dumps(dict(info.kwargs), sort_keys=True),
-        META_INPUT_SPEC: json.dumps(model.input_spec.to_dict(), sort_keys=True),
-        META_LABELS: json.dumps(list(model.labels)),
-        META_CHECKPOINT_SHA: checkpoint_sha256 or "",
-        META_VERSION: resdeploy.__version__,
-        META_EXPORTER: exporter,
-    }
+def build_metadata(model: Any, info: Any, checkpoint_sha256: str | None, exporter: str) -> ArtifactMetadata:
+    """What every exported model says about itself (the serving side and later stages read it)."""
+    return ArtifactMetadata(architecture=str(getattr(model, "arch", "") or info.arch), arch_kwargs=dict(info.kwargs),
+                            input_spec=model.input_spec, labels=tuple(model.labels), precision="fp32",
+                            checkpoint_sha256=checkpoint_sha256 or "", resdeploy_version=resdeploy.__version__,
+                            exporter=exporter)
 
 
 def checkpoint_sha256(checkpoint: str | Path, info: Any) -> str:
@@ -88,7 +81,7 @@ def export_model(
     model: Any,
     out: str | Path,
     *,
-    metadata: dict[str, str],
+    metadata: ArtifactMetadata,
     images: np.ndarray,
     config: ExportConfig = ExportConfig(),
     check: bool = True,
@@ -127,15 +120,13 @@ def check_onnx(
     images: int = 2,
 ) -> SkipAddReport:
     """``resdeploy check``: the skip-add report of an ONNX file, against a checkpoint when given."""
-    proto = load_onnx(onnx_path)
+    art = open_artifact(onnx_path)
     if reference is None:
         return check_skip_adds(onnx_path)
     model, info = load_reference(reference, arch)
     sample, _ = held_out_images(model.input_spec, images, info.metrics.get("data"))
-    inits = {t.name for t in proto.graph.initializer}
-    graph_in = [i for i in proto.graph.input if i.name not in inits]
-    if graph_in:
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in graph_in[0].type.tensor_type.shape.dim]
+    if art.inputs:
+        dims = art.inputs[0].shape
         if len(dims) == 4 and all(dims[1:]) and tuple(dims[1:]) != tuple(model.input_spec.shape):
             raise InputError(f"{onnx_path} takes input {tuple(dims[1:])} but {reference} is a model for "
                              f"{tuple(model.input_spec.shape)}; give the checkpoint this ONNX file was exported from")

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from resdeploy.errors import BackendUnavailable, CheckFailed, InputError
+from resdeploy import atomic
+from resdeploy.errors import BackendUnavailable, CheckFailed, InputError, ResdeployError
 
 PRECISIONS = ("fp32", "fp16", "int8")
 # Backends parity (and bench) knows: name -> (open_runner backend, options). GPU ones need CUDA; tensorrt runs
@@ -356,8 +357,15 @@ def backend_available(backend: str) -> str | None:
 
 
 def engine_for(backend: str, precision: str, paths: Mapping[str, Path], workdir: Path,
-               calibration: np.ndarray | None = None, max_batch: int = 32) -> Path:
-    """What ``backend`` runs for ``precision``: the ONNX variant, or for tensorrt a plan built from it (once)."""
+               calibration: np.ndarray | None = None, max_batch: int = 32,
+               engines: Mapping[str, str | Path] | None = None) -> Path:
+    """What ``backend`` runs for ``precision``: an engine given in ``engines`` (key ``"<backend> <precision>"``, the
+    pipeline's own build), else the ONNX variant, or for tensorrt a plan built from it here (once, ad hoc)."""
+    given = (engines or {}).get(f"{backend} {precision}")
+    if given is not None:
+        if not Path(given).is_file():
+            raise InputError(f"{backend} {precision} engine {given} does not exist; rebuild it or drop it to build one")
+        return Path(given)
     src = Path(paths[precision])
     if backend != "tensorrt":
         return src
@@ -388,7 +396,8 @@ def open_backend(backend: str, onnx_path: Path, threads: int | None = None, **ex
 
 def run_batches(runner: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
     """Logits for ``images`` in batches of ``batch_size``."""
-    outs = [runner.infer({"input": np.ascontiguousarray(images[i:i + batch_size])})["logits"]
+    name, out = runner.inputs[0].name, runner.outputs[0].name  # what the artifact calls them
+    outs = [runner.infer({name: np.ascontiguousarray(images[i:i + batch_size])})[out]
             for i in range(0, len(images), batch_size)]
     return np.concatenate(outs).astype(np.float32)
 
@@ -427,6 +436,7 @@ class VariantParity:
     gates: tuple[GateResult, ...] = ()
     skipped: str | None = None  # why it did not run
     divergence: dict[str, Any] | None = None  # skip-add localisation for a failing variant
+    sha256: str = ""  # of the file judged (the ONNX variant, or the engine built from it)
 
     @property
     def passed(self) -> bool:
@@ -435,7 +445,7 @@ class VariantParity:
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "precision": self.precision, "onnx": self.onnx, "description": self.description,
                 "metrics": self.metrics.to_dict() if self.metrics else None, "gates": [asdict(g) for g in self.gates],
-                "passed": self.passed, "skipped": self.skipped, "divergence": self.divergence}
+                "passed": self.passed, "skipped": self.skipped, "divergence": self.divergence, "sha256": self.sha256}
 
 
 @dataclass(frozen=True)
@@ -519,12 +529,15 @@ def run_parity(checkpoint: str | Path | Reference | None = None,
                backends: Iterable[str] | None = None,
                config: ParityConfig | None = None,
                *, arch: str | None = None, workdir: str | Path | None = None,
-               progress: Callable[[str], None] | None = None) -> ParityReport:
+               progress: Callable[[str], None] | None = None,
+               engines: Mapping[str, str | Path] | None = None) -> ParityReport:
     """Compare every available backend x precision with PyTorch FP32 on the test split.
 
     ``checkpoint``: a checkpoint folder (or a :class:`Reference`); with ``arch`` instead, a random-weight model.
     ``variants``: precision -> ONNX path for variants already built; missing ones are built in ``workdir``
-    (a temporary folder when not given). Never raises for a failed gate: read the report.
+    (a temporary folder when not given). ``engines``: ``"<backend> <precision>"`` -> engine file already built
+    (a TensorRT plan), judged as given. Every row records the sha256 of the file it judged. Never raises for a
+    failed gate: read the report.
     """
     config = config or ParityConfig()
     if backends is not None:
@@ -550,14 +563,17 @@ def run_parity(checkpoint: str | Path | Reference | None = None,
                 if why:
                     rows.append(VariantParity(backend, prec, str(path), "", None, skipped=why))
                     continue
+                # A GPU backend that fails to build or start (CUDA, TensorRT) is a skipped row with its reason;
+                # a CPU engine that fails is a real failure and propagates.
+                tolerated = (ResdeployError, RuntimeError) if backend in GPU_BACKENDS else (BackendUnavailable,)
                 try:
-                    path = engine_for(backend, prec, paths, work, data.calibration, config.batch_size)
+                    path = engine_for(backend, prec, paths, work, data.calibration, config.batch_size, engines)
                     with open_backend(backend, path, config.threads) as runner:
                         say(f"{backend} {prec}: {runner.description}")
                         logits = run_batches(runner, data.images, config.batch_size)
                         desc = runner.description
-                except BackendUnavailable as exc:
-                    rows.append(VariantParity(backend, prec, str(path), "", None, skipped=str(exc)))
+                except tolerated as exc:
+                    rows.append(VariantParity(backend, prec, str(path), "", None, skipped=f"{type(exc).__name__}: {exc}"))
                     continue
                 m = compare(ref_logits, logits, labels if data.labels_meaningful else None)
                 gates = config.gates.check(backend, prec, m, data.labels_meaningful)
@@ -568,6 +584,7 @@ def run_parity(checkpoint: str | Path | Reference | None = None,
                         say(f"{backend} {prec} failed a gate: localising with the skip-add check")
                         localized[onnx_path] = _localize(onnx_path, ref.model, data.images[:4])
                     div = localized[onnx_path]
-                rows.append(VariantParity(backend, prec, str(path), desc, m, gates, divergence=div))
+                rows.append(VariantParity(backend, prec, str(path), desc, m, gates, divergence=div,
+                                          sha256=atomic.sha256_file(path)))
     return ParityReport(ref.name, data.description, ref_acc, tuple(rows), config.gates)
 

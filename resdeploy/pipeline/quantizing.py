@@ -1,6 +1,6 @@
 """Pipeline glue for ``resdeploy quantize``: FP32 ONNX -> FP16 or INT8 (Q/DQ) variant, accepted only when checked.
 
-Order: read the model's input spec (metadata_props, or the reference checkpoint) -> load the data module ->
+Order: read the model's input spec (the artifact's metadata, or the reference checkpoint) -> load the data module ->
 calibrate on the val split (INT8) -> write the variant to a temp path beside the target -> the variant's own
 graph check (precision module) -> the skip-add check (against the checkpoint when given) -> the accuracy gate on
 the test split (FP16: top-1 agreement with FP32; INT8: accuracy drop) -> atomic rename. A failure leaves any
@@ -10,7 +10,6 @@ previous file untouched.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,10 @@ import numpy as np
 from resdeploy import atomic
 from resdeploy.errors import CheckFailed, InputError
 from resdeploy.export.calibration import CalibrationSet
+from resdeploy.artifact import load_onnx, open_artifact, staged_onnx
 from resdeploy.export.precision import (
-    FLAVOURS, Fp16Config, Int8Config, QuantizeReport, flavour_for_backend, flavour_reason, fp16_variant, load_onnx,
-    metadata_of, precision_of, quantize_int8,
+    FLAVOURS, Fp16Config, Int8Config, QuantizeReport, flavour_for_backend, flavour_reason, fp16_variant, precision_of,
+    quantize_int8,
 )
 
 
@@ -89,19 +89,14 @@ class QuantizeResult:
 
 
 def input_spec_of(onnx_path: str | Path, reference_info: Any = None) -> Any:
-    """The model's InputSpec: from the checkpoint when given, else from the ONNX ``input_spec`` metadata."""
-    from resdeploy.models import InputSpec
-
+    """The model's InputSpec: from the checkpoint when given, else from the artifact's metadata."""
     if reference_info is not None:
         return reference_info.input_spec
-    meta = metadata_of(load_onnx(onnx_path))
-    if "input_spec" not in meta:
-        raise InputError(f"{onnx_path} has no 'input_spec' metadata (mean/std for normalisation); export it with "
+    spec = open_artifact(onnx_path).metadata.input_spec
+    if spec is None:
+        raise InputError(f"{onnx_path} has no input spec in its metadata (mean/std for normalisation); export it with "
                          "`resdeploy export`, or pass --reference CHECKPOINT")
-    try:
-        return InputSpec.from_dict(json.loads(meta["input_spec"]))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{onnx_path}: unreadable 'input_spec' metadata ({exc}); re-export the model") from None
+    return spec
 
 
 def _predict(path: str | Path, images: np.ndarray, threads: int | None, batch: int = 256) -> np.ndarray:
@@ -133,8 +128,9 @@ def quantize_model(model_path: str | Path, out: str | Path, *, config: QuantizeC
     if config.precision not in ("fp16", "int8"):
         raise InputError(f"precision {config.precision!r}: quantize writes fp16 or int8 (fp32 is the exported model itself)")
     src = Path(model_path)
-    if precision_of(load_onnx(src)) != "fp32":
-        raise InputError(f"{src} is already a {precision_of(load_onnx(src))} variant; quantize the exported FP32 model")
+    src_precision = precision_of(load_onnx(src))
+    if src_precision != "fp32":
+        raise InputError(f"{src} is already a {src_precision} variant; quantize the exported FP32 model")
     if Path(out).resolve() == src.resolve():
         raise InputError(f"--out {out} is the source model; write the variant to another file")
     ref_model = ref_info = None
@@ -157,22 +153,23 @@ def quantize_model(model_path: str | Path, out: str | Path, *, config: QuantizeC
                 reason += f" (note: {config.backend} prefers {flavour_for_backend(config.backend)})"
         else:
             flavour, reason = flavour_for_backend(config.backend), f"for {config.backend}: {flavour_reason(config.backend)}"
-    extra_meta: dict[str, str] = {}
+    extra_meta: dict[str, Any] = {}
     variant_src = src
     rewrite = None
     tmpdir = None
     if config.rewrite_option_a:
         import tempfile
 
-        from resdeploy.export.precision import save_onnx
+        from resdeploy.artifact import external_tensors, save_onnx
         from resdeploy.export.shortcut_rewrite import rewrite_option_a
 
-        rewritten, rewrite = rewrite_option_a(load_onnx(src))
+        external = bool(external_tensors(load_onnx(src)))
+        rewritten, rewrite = rewrite_option_a(load_onnx(src, weights=True))
         tmpdir = tempfile.TemporaryDirectory(prefix="resdeploy-rewrite-")
         variant_src = Path(tmpdir.name) / src.name
-        save_onnx(rewritten, variant_src)
+        save_onnx(rewritten, variant_src, external_data=external)
         extra_meta = {"shortcut_rewrite": f"option_a_conv:{len(rewrite.rewritten)}",
-                      "source_onnx_sha256": atomic.sha256_file(src)}
+                      "source_sha256": atomic.sha256_file(src)}
     try:
         result = _write_variant(src, variant_src, Path(out), config, data, spec, source_name, flavour, reason,
                                 ref_model, extra_meta)
@@ -184,23 +181,22 @@ def quantize_model(model_path: str | Path, out: str | Path, *, config: QuantizeC
 
 def _write_variant(src: Path, variant_src: Path, out: Path, config: QuantizeConfig, data: Any, spec: Any,
                    source_name: str, flavour: str | None, reason: str, ref_model: Any,
-                   extra_meta: dict[str, str]) -> QuantizeResult:
+                   extra_meta: dict[str, Any]) -> QuantizeResult:
     from resdeploy.export.skipadd import check_skip_adds
     from resdeploy.models import normalize
     from resdeploy.models.data import fit_images
 
     test_x = normalize(fit_images(data.test.images[: config.eval_images], spec.shape), spec.mean, spec.std)
     test_y = data.test.labels[: config.eval_images]
-    with atomic.atomic_path(out) as tmp:
+    with staged_onnx(out) as tmp:  # model + <name>.data checked where they are, then moved into place
         if config.precision == "fp16":
             report = fp16_variant(variant_src, tmp, config=config.fp16, metadata=extra_meta)
         else:
             cal_x = fit_images(data.val.images[: config.calibration_images], spec.shape)
             cal = CalibrationSet(normalize(cal_x, spec.mean, spec.std), source_name, "val", data.fingerprint)
             report = quantize_int8(variant_src, tmp, cal, flavour=flavour, config=config.int8, metadata=extra_meta)
-        proto = load_onnx(tmp)
-        proto.graph.name = Path(out).name  # the report names the file being accepted, not its temp path
-        skip = check_skip_adds(proto, ref_model, test_x[: config.check_images] if ref_model is not None else None)
+        skip = check_skip_adds(tmp, ref_model, test_x[: config.check_images] if ref_model is not None else None)
+        skip = dataclasses.replace(skip, model=str(out))  # name the file being accepted, not its staging path
         if not skip:
             raise CheckFailed(f"the {config.precision} variant of {src} fails the skip-add check; nothing written:\n{skip}")
         acc = evaluate(src, tmp, test_x, test_y, config.threads)

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from resdeploy.serve.metrics import ModelStats
+from resdeploy.errors import InputError
 from resdeploy.serve.protocol import BadRequest, ServeError, Unavailable
 from resdeploy.serve.runners.base import RunnerError
 
@@ -84,7 +85,7 @@ class DynamicBatcher:
     def __init__(self, runners: Sequence[Any], config: BatcherConfig, stats: ModelStats | None = None,
                  name: str = "model") -> None:
         if not runners:
-            raise ValueError("DynamicBatcher needs at least one runner instance")
+            raise InputError("DynamicBatcher needs at least one runner instance")
         self.config = config
         self.name = name
         self.stats = stats or ModelStats(name, "1")

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from resdeploy.errors import InputError
 from resdeploy.serve.protocol import triton_dtype
 
 
@@ -150,7 +151,7 @@ async def _run(config: LoadConfig, body: bytes, headers: dict[str, str]) -> Load
 def run_load(config: LoadConfig, inputs: dict[str, np.ndarray]) -> LoadResult:
     """Run the load to completion (blocking) and return the result."""
     if config.concurrency < 1 or config.duration_s <= 0 or config.max_requests < 1:
-        raise ValueError(f"LoadConfig needs concurrency >= 1, duration_s > 0 and max_requests >= 1; got {config}")
+        raise InputError(f"LoadConfig needs concurrency >= 1, duration_s > 0 and max_requests >= 1; got {config}")
     body, headers = encode_request(inputs, binary=config.binary)
     return asyncio.run(_run(config, body, headers))
 

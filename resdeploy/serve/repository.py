@@ -12,9 +12,9 @@ metadata_prop (a JSON list).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from resdeploy.errors import InputError
@@ -252,8 +252,9 @@ def wants_cpu(config: Any) -> bool:
     return bool(kinds) and kinds <= {"KIND_CPU"}
 
 
-def read_labels(entry: ModelEntry, onnx_metadata: dict[str, str] | None) -> dict[str, list[str]]:
-    """Labels per output name: ``label_filename`` files first, else the ONNX ``labels`` metadata for the first output."""
+def read_labels(entry: ModelEntry, artifact_labels: Sequence[str] = ()) -> dict[str, list[str]]:
+    """Labels per output name: ``label_filename`` files first, else the labels the artifact carries (the runner's
+    ``labels``, from the ONNX metadata) for the first output."""
     labels: dict[str, list[str]] = {}
     for out in entry.config.output:
         if out.label_filename:
@@ -263,14 +264,8 @@ def read_labels(entry: ModelEntry, onnx_metadata: dict[str, str] | None) -> dict
             except OSError as exc:
                 raise InputError(f"model '{entry.name}': label_filename {path} cannot be read ({exc}); "
                                  "put the file beside config.pbtxt, one label per line") from None
-    raw = (onnx_metadata or {}).get("labels")
-    if raw and entry.config.output and entry.config.output[0].name not in labels:
-        try:
-            parsed = json.loads(raw)
-        except json.JSONDecodeError:
-            parsed = None
-        if isinstance(parsed, list) and all(isinstance(x, str) for x in parsed):
-            labels[entry.config.output[0].name] = parsed
+    if artifact_labels and entry.config.output and entry.config.output[0].name not in labels:
+        labels[entry.config.output[0].name] = [str(x) for x in artifact_labels]
     return labels
 
 

@@ -120,17 +120,10 @@ class ModelServer:
         entry = model.entry
         artifact = entry.artifact
         assert artifact is not None
-        backend, options = self.config.backend, {}
-        if artifact.suffix in (".plan", ".engine"):  # the plan's sidecar (<plan>.json) must sit beside it
-            backend = "tensorrt" if backend == "auto" else backend
-            options["name"] = entry.name
-        elif backend in ("auto", "onnxruntime"):
-            if wants_cpu(entry.config) or backend == "onnxruntime":
-                backend, options = "onnxruntime", {"provider": "cpu"}
-            options["threads"] = threads
-            options["name"] = entry.name
+        # Backend choice is the runners' (resolve_auto); the server only says where the config wants it to run.
+        placement = "cpu" if wants_cpu(entry.config) or self.config.backend == "onnxruntime" else "auto"
         for _ in range(instance_count(entry.config)):
-            r = open_runner(str(artifact), backend=backend, **options)
+            r = open_runner(str(artifact), backend=self.config.backend, placement=placement, threads=threads, name=entry.name)
             r.activate()
             model.runners.append(r)
         r0 = model.runners[0]
@@ -138,11 +131,7 @@ class ModelServer:
         mbs = model.max_batch_size
         model.inputs = io_specs(entry.config.input, mbs)
         model.outputs = io_specs(entry.config.output, mbs)
-        meta: dict[str, str] = {}
-        session = getattr(r0, "session", None)
-        if session is not None and hasattr(session, "get_modelmeta"):
-            meta = dict(session.get_modelmeta().custom_metadata_map)
-        model.labels = read_labels(entry, meta)
+        model.labels = read_labels(entry, r0.labels)
         model.description = r0.description
         self._complete_instance_groups(entry, r0)
         if self.config.warmup:
@@ -156,7 +145,7 @@ class ModelServer:
         cfg = entry.config
         if not len(cfg.instance_group):
             cfg.instance_group.add(count=1)
-        on_gpu = runner.backend == "tensorrt" or any(p != "CPUExecutionProvider" for p in getattr(runner, "providers", [])[:1])
+        on_gpu = runner.on_gpu
         for i, g in enumerate(cfg.instance_group):
             g.count = max(1, g.count)
             if not g.name:

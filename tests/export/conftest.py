@@ -24,11 +24,12 @@ def r20_images(trained_resnet20, mnist):
 @pytest.fixture(scope="session")
 def r20_onnx(trained_resnet20, r20_images, tmp_path_factory) -> Path:
     """The trained resnet20 exported with the default config (dynamo, opset 18, dynamic batch)."""
+    from resdeploy.artifact import ArtifactMetadata
     from resdeploy.export import export_onnx
 
     model, _ = trained_resnet20
     out = tmp_path_factory.mktemp("r20") / "resnet20.onnx"
-    export_onnx(model, out, input_shape=model.input_spec.shape, metadata={"architecture": "resnet20"}, sample=r20_images)
+    export_onnx(model, out, input_shape=model.input_spec.shape, metadata=ArtifactMetadata(architecture="resnet20"), sample=r20_images)
     return out
 
 

@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from resdeploy.artifact import ArtifactMetadata
 from resdeploy.errors import CheckFailed, InputError
 from resdeploy.export import ExportConfig, check_skip_adds, export_onnx
 from resdeploy.export.onnx_export import default_opset
@@ -42,17 +43,17 @@ def test_trained_resnet20_export(r20_onnx, trained_resnet20, r20_images):
 
 def test_report_numbers(seednet, tmp_path):
     report = export_onnx(seednet, tmp_path / "s.onnx", input_shape=(1, 28, 28), sample=_x(seednet, 8),
-                         metadata={"labels": "[]"})
+                         metadata=ArtifactMetadata(architecture="seednet", labels=("a", "b")))
     assert report and report.parity.images == 8 and report.parity.top1_agreement == 1.0
     assert 0 <= report.parity.max_abs_err <= 1e-4 and report.opset == 18 and report.exporter == "dynamo"
-    assert report.op_counts["Add"] == 3 and report.metadata["labels"] == "[]"
+    assert report.op_counts["Add"] == 3 and report.metadata["labels"] == '["a", "b"]'
     assert "max abs err" in str(report) and report.parity.inputs == "real images"
 
 
 def test_deterministic(seednet, tmp_path):
     x = _x(seednet)
-    a = export_onnx(seednet, tmp_path / "a.onnx", input_shape=(1, 28, 28), sample=x, metadata={"k": "v"})
-    b = export_onnx(seednet, tmp_path / "b.onnx", input_shape=(1, 28, 28), sample=x, metadata={"k": "v"})
+    a = export_onnx(seednet, tmp_path / "a.onnx", input_shape=(1, 28, 28), sample=x, metadata=ArtifactMetadata(extra={"k": "v"}))
+    b = export_onnx(seednet, tmp_path / "b.onnx", input_shape=(1, 28, 28), sample=x, metadata=ArtifactMetadata(extra={"k": "v"}))
     assert a.sha256 == b.sha256
     proto = onnx.load(str(a.path))
     assert not any(p.key == "pkg.torch.onnx.stack_trace" for n in proto.graph.node for p in n.metadata_props)

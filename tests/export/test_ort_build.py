@@ -15,7 +15,8 @@ from resdeploy.export.calibration import CalibrationSet
 from resdeploy.export.ort_build import (
     BUILD_JSON, MODEL_NAME, OPTIMIZED_NAME, REPORT_JSON, REPORT_TXT, build_onnxruntime, fusion_report,
 )
-from resdeploy.export.precision import load_onnx, quantize_int8, save_onnx
+from resdeploy.artifact import load_onnx, save_onnx
+from resdeploy.export.precision import quantize_int8
 from resdeploy.export.shortcut_rewrite import rewrite_option_a
 
 

@@ -12,9 +12,9 @@ import pytest
 from resdeploy.errors import CheckFailed, InputError
 from resdeploy.export import check_skip_adds
 from resdeploy.export.calibration import CalibrationSet
+from resdeploy.artifact import load_onnx, read_metadata
 from resdeploy.export.precision import (
-    check_int8_graph, convert_fp16, flavour_for_backend, fp16_variant, load_onnx, metadata_of,
-    quantize_int8, residual_adds,
+    check_int8_graph, convert_fp16, flavour_for_backend, fp16_variant, quantize_int8, residual_adds,
 )
 
 CAL_IMAGES = 300  # val images: enough for MinMax on MNIST, keeps the test quick
@@ -77,14 +77,15 @@ def test_int8_variant_is_quantized_checked_and_accurate(flavour, int8_models, r2
     producer = {o: n.op_type for n in m.graph.node for o in n.output}
     adds = residual_adds(m)
     assert len(adds) == n_blocks and all(producer[i] == "DequantizeLinear" for a in adds for i in a.inputs)
-    meta = metadata_of(m)
-    assert meta["precision"] == "int8" and meta["int8_flavour"] == flavour
-    cal = json.loads(meta["calibration"])
-    assert cal == {"data": "mnist", "split": "val", "count": CAL_IMAGES, "fingerprint": mnist.fingerprint}
+    meta = read_metadata(m)
+    assert meta.precision == "int8" and meta.int8_flavour == flavour
+    assert dict(meta.calibration) == {"data": "mnist", "split": "val", "count": CAL_IMAGES, "fingerprint": mnist.fingerprint}
+    props = {p.key: p.value for p in m.metadata_props}  # the on-disk keys stay what older files and users read
+    assert json.loads(props["calibration"])["count"] == CAL_IMAGES
     from resdeploy.atomic import sha256_file
 
-    assert meta["source_onnx_sha256"] == sha256_file(r20_onnx)
-    assert meta["architecture"] == "resnet20"  # the source's metadata is carried over
+    assert meta.source_sha256 == props["source_onnx_sha256"] == sha256_file(r20_onnx)
+    assert meta.architecture == "resnet20"  # the source's metadata is carried over
     x, y = test_split
     skip = check_skip_adds(path, model, x[:2])
     assert skip, skip
@@ -101,7 +102,7 @@ def test_fp16_variant_keeps_io_float32_and_agrees(r20_onnx, trained_resnet20, te
     assert {i.type.tensor_type.elem_type for i in [*m.graph.input, *m.graph.output]} == {onnx.TensorProto.FLOAT}
     conv_w = {n.input[1] for n in m.graph.node if n.op_type == "Conv"}
     assert all(t.data_type == onnx.TensorProto.FLOAT16 for t in m.graph.initializer if t.name in conv_w)
-    assert metadata_of(m)["precision"] == "fp16"
+    assert read_metadata(m).precision == "fp16"
     x, _ = test_split
     assert check_skip_adds(out, trained_resnet20[0], x[:2])
     agreement = float((_top1(r20_onnx, x) == _top1(out, x)).mean())
@@ -166,18 +167,26 @@ def _quantize_convs_only(src, out, calibration):
         q.quantize_static = orig
 
 
-def test_external_data_is_refused(tmp_path):
+def test_fp16_variant_of_an_external_data_model_keeps_external_data(tmp_path):
+    """A > 2 GB model (simulated: weights saved as external data) goes through the variant stage: its weights are
+    read through the artifact contract's checked loader and the variant is written with its own .data file."""
     from onnx import helper, numpy_helper
 
-    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    from resdeploy.artifact import open_artifact
+
+    w = numpy_helper.from_array(np.arange(4096, dtype=np.float32).reshape(64, 64) / 4096, "w")
     g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
-                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], [w])
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 64])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 64])], [w])
     path = tmp_path / "ext.onnx"
-    onnx.save(helper.make_model(g), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="weights.bin", size_threshold=0)
-    with pytest.raises(InputError, match="external data"):
-        load_onnx(path)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(path), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0)
+    out = tmp_path / "out" / "fp16.onnx"
+    fp16_variant(path, out)
+    art = open_artifact(out)
+    assert art.external_data and [f.name for f in art.data_files] == ["fp16.onnx.data"] and art.precision == "fp16"
+    w16 = next(t for t in load_onnx(out, weights=True).graph.initializer if t.name == "w")
+    assert np.allclose(numpy_helper.to_array(w16).astype(np.float32), numpy_helper.to_array(w), atol=1e-3)
 
 
 def test_shared_bias_through_identity_is_still_quantized(r20_onnx, calibration, tmp_path):
@@ -193,7 +202,7 @@ def test_shared_bias_through_identity_is_still_quantized(r20_onnx, calibration, 
     inits = {t.name: t for t in m.graph.initializer}
     assert inits[shared].dims == inits[convs[1].input[2]].dims
     src = tmp_path / "dedup.onnx"
-    from resdeploy.export.precision import save_onnx
+    from resdeploy.artifact import save_onnx
 
     save_onnx(m, src)
     if tuple(inits[shared].dims) != tuple(inits[convs[2].input[1]].dims[:1]):

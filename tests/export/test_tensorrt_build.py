@@ -21,6 +21,7 @@ from onnx import TensorProto, helper
 from resdeploy.errors import BackendUnavailable, InputError
 from resdeploy.export import tensorrt_build as tb
 from resdeploy import device as cuda_util
+from resdeploy.artifact import ArtifactMetadata
 from resdeploy.device import GpuInfo, Sidecar, sidecar_path, verify_plan
 
 DUMP = Path(__file__).resolve().parent.parent / "data" / "tensorrt-engine-layers" / "resnet18-a100-fp16.graph.json"
@@ -64,10 +65,10 @@ def test_onnx_inputs_and_precision_label(tmp_path):
     inputs, meta = tb.read_onnx_inputs(path)
     assert [(i.name, i.shape) for i in inputs] == [("input", (None, 3, 8, 8))]
     assert tb.precision_of(meta, tb.TrtBuildConfig()) == "fp16"
-    assert tb.precision_of({}, tb.TrtBuildConfig()) == "fp32"
+    assert tb.precision_of(ArtifactMetadata(), tb.TrtBuildConfig()) == "fp32"
     assert tb.precision_of(meta, tb.TrtBuildConfig(precision="int8")) == "int8"
     with pytest.raises(InputError, match="precision 'fp64'"):
-        tb.precision_of({"precision": "fp64"}, tb.TrtBuildConfig())
+        tb.precision_of(ArtifactMetadata(precision="fp64"), tb.TrtBuildConfig())
     (tmp_path / "bad.onnx").write_bytes(b"\x00garbage")
     with pytest.raises(InputError, match="not a readable ONNX"):
         tb.read_onnx_inputs(tmp_path / "bad.onnx")

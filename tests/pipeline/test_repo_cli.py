@@ -41,7 +41,7 @@ def test_repo_command_writes_a_triton_layout(tmp_path, capsys):
     assert list(db.preferred_batch_size) == [4, 8] and db.max_queue_delay_microseconds == 200
     assert db.default_queue_policy.max_queue_size == 32 and cfg.instance_group[0].count == 2
     entry = scan_repository(tmp_path / "repo")[0]
-    assert entry.error is None and read_labels(entry, None) == {"logits": ["a", "b", "c"]}
+    assert entry.error is None and read_labels(entry) == {"logits": ["a", "b", "c"]}
 
 
 def test_no_batching_and_existing_version(tmp_path):

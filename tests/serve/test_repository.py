@@ -110,10 +110,10 @@ def test_labels_from_label_file_then_onnx_metadata(tmp_path):
     d = make_model(tmp_path, "m", 'output [{ name: "logits" data_type: TYPE_FP32 dims: [3] label_filename: "labels.txt" }]')
     (d / "labels.txt").write_text("cat\ndog\neel\n")
     entry = scan_repository(tmp_path)[0]
-    assert read_labels(entry, {"labels": '["x", "y", "z"]'}) == {"logits": ["cat", "dog", "eel"]}
+    assert read_labels(entry, ("x", "y", "z")) == {"logits": ["cat", "dog", "eel"]}
     (d / "labels.txt").unlink()
     with pytest.raises(InputError, match="label_filename .*labels.txt cannot be read"):
-        read_labels(entry, None)
+        read_labels(entry)
     entry.config.output[0].label_filename = ""
-    assert read_labels(entry, {"labels": '["x", "y", "z"]'}) == {"logits": ["x", "y", "z"]}
-    assert read_labels(entry, {"labels": "not json"}) == {}
+    assert read_labels(entry, ("x", "y", "z")) == {"logits": ["x", "y", "z"]}
+    assert read_labels(entry, ()) == {}

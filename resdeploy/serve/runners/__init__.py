@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from resdeploy.errors import InputError
+from resdeploy.errors import BackendUnavailable, InputError
 from resdeploy.serve.runners.base import Runner, RunnerError, TensorSpec
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino")
@@ -25,16 +25,26 @@ def _cuda_device_present() -> bool:
     return cuda_device_status()[0]
 
 
-def resolve_auto(artifact: Any) -> tuple[str, dict[str, Any], str]:
+PLACEMENTS = ("auto", "cpu", "gpu")
+
+
+def resolve_auto(artifact: Any, placement: str = "auto") -> tuple[str, dict[str, Any], str]:
     """Pick a backend for ``artifact``: TensorRT when usable, else ONNX Runtime CUDA, else ONNX Runtime CPU.
 
-    Returns (backend, options, reason); the reason is what `auto` tells the user.
+    ``placement``: ``cpu`` forces ONNX Runtime on the CPU (a Triton KIND_CPU instance group), ``gpu`` refuses to
+    fall back to the CPU. Returns (backend, options, reason); the reason is what `auto` tells the user.
     """
+    if placement not in PLACEMENTS:
+        raise InputError(f"placement {placement!r} unknown; use one of {', '.join(PLACEMENTS)}")
     if not isinstance(artifact, (str, os.PathLike)):
         return "torch", {}, "a PyTorch module runs on the torch backend"
     path = Path(artifact)
     if path.suffix in (".plan", ".engine"):
+        if placement == "cpu":
+            raise InputError(f"{path} is a TensorRT plan, which runs on a GPU only; serve the ONNX model for a CPU instance")
         return "tensorrt", {}, "a TensorRT plan runs on TensorRT"
+    if placement == "cpu":
+        return "onnxruntime", {"provider": "cpu"}, "the CPU was asked for: ONNX Runtime CPU"
     gpu = _cuda_device_present()
     try:
         from resdeploy.serve.runners.onnxruntime_runner import available_providers
@@ -47,31 +57,43 @@ def resolve_auto(artifact: Any) -> tuple[str, dict[str, Any], str]:
     if gpu and "CUDAExecutionProvider" in providers:
         return "onnxruntime", {"provider": "cuda"}, "no TensorRT; CUDA is usable: ONNX Runtime CUDA provider"
     why = "no CUDA device" if not gpu else "onnxruntime has no GPU provider (install onnxruntime-gpu)"
+    if placement == "gpu":
+        raise BackendUnavailable(f"a GPU was asked for but {why}")
     return "onnxruntime", {"provider": "cpu"}, f"{why}: ONNX Runtime CPU"
 
 
-def open_runner(artifact: Any, backend: str = "auto", **options: Any) -> Runner:
+def open_runner(artifact: Any, backend: str = "auto", *, placement: str = "auto", **options: Any) -> Runner:
     """A runner for ``artifact`` (an nn.Module, an .onnx path or bytes, a TensorRT .plan). Not yet active.
 
     ``options`` go to the backend: onnxruntime takes OrtOptions fields (provider, threads, optimization, ...),
-    torch takes input_shape/device, tensorrt and openvino their own.
+    torch takes input_shape/device, tensorrt and openvino their own; ``name`` and ``threads`` are accepted by
+    every backend (TensorRT schedules its own kernels and ignores ``threads``). ``placement``: see
+    :func:`resolve_auto`; with ``backend="onnxruntime"`` and ``placement="cpu"`` the CPU provider is used.
     """
     reason = ""
     if backend == "auto":
-        backend, auto_opts, reason = resolve_auto(artifact)
+        backend, auto_opts, reason = resolve_auto(artifact, placement)
         options = {**auto_opts, **options}
+    elif backend == "onnxruntime" and placement == "cpu":
+        options.setdefault("provider", "cpu")
     if backend == "torch":
         from resdeploy.serve.runners.torch_runner import TorchRunner
 
+        options.pop("threads", None)
         runner: Runner = TorchRunner(artifact, **options)
     elif backend == "onnxruntime":
         from resdeploy.serve.runners.onnxruntime_runner import OnnxRuntimeRunner, OrtOptions
 
         name = options.pop("name", "")
-        runner = OnnxRuntimeRunner(artifact, OrtOptions(**options), name=name)
+        try:
+            ort_options = OrtOptions(**options)
+        except TypeError as exc:
+            raise InputError(f"onnxruntime runner: {exc}; valid options: {', '.join(OrtOptions.__dataclass_fields__)}") from None
+        runner = OnnxRuntimeRunner(artifact, ort_options, name=name)
     elif backend == "tensorrt":
         from resdeploy.serve.runners.tensorrt_runner import TensorRTRunner
 
+        options.pop("threads", None)
         runner = TensorRTRunner(artifact, **options)
     elif backend == "openvino":
         from resdeploy.serve.runners.openvino_runner import OpenVinoRunner
@@ -83,4 +105,4 @@ def open_runner(artifact: Any, backend: str = "auto", **options: Any) -> Runner:
     return runner
 
 
-__all__ = ["BACKENDS", "Runner", "RunnerError", "TensorSpec", "open_runner", "resolve_auto"]
+__all__ = ["BACKENDS", "PLACEMENTS", "Runner", "RunnerError", "TensorSpec", "open_runner", "resolve_auto"]

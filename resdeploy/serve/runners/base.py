@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from resdeploy.artifact import ArtifactMetadata
 from resdeploy.errors import InputError
 
 
@@ -50,6 +51,10 @@ class Runner(abc.ABC):
         self.min_batch: int = 1
         self.max_batch: int | None = None
         self.description: str = self.backend  # what actually runs, e.g. "onnxruntime 1.32 CPUExecutionProvider"
+        # What the artifact says about itself (labels, input spec, precision); None when it says nothing (a bare plan).
+        self.artifact_metadata: ArtifactMetadata | None = None
+        # What actually executes, as the backend reports it after loading (ORT's session.get_providers(), ...).
+        self.providers: tuple[str, ...] = ()
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def __enter__(self) -> "Runner":
@@ -91,10 +96,21 @@ class Runner(abc.ABC):
         self._require_active()
         return list(self._outputs)
 
+    @property
+    def on_gpu(self) -> bool:
+        """True when the first provider in use is not a CPU one (read after activation)."""
+        return bool(self.providers) and "CPU" not in self.providers[0].upper()
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Class labels the artifact carries (index order); () when it carries none."""
+        return tuple(self.artifact_metadata.labels) if self.artifact_metadata else ()
+
     def metadata(self) -> dict[str, Any]:
-        return {"backend": self.backend, "description": self.description,
+        return {"backend": self.backend, "description": self.description, "providers": list(self.providers),
                 "inputs": [s.__dict__ for s in self.inputs], "outputs": [s.__dict__ for s in self.outputs],
-                "min_batch": self.min_batch, "max_batch": self.max_batch}
+                "min_batch": self.min_batch, "max_batch": self.max_batch,
+                "artifact": self.artifact_metadata.to_dict() if self.artifact_metadata else None}
 
     # -- inference -------------------------------------------------------------------------------------
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from resdeploy.artifact import open_artifact, parse_onnx, read_metadata
 from resdeploy.errors import BackendUnavailable, InputError
 from resdeploy.serve.runners.base import Runner, TensorSpec
 
@@ -80,8 +80,10 @@ class OnnxRuntimeRunner(Runner):
         providers = [wanted] + (["CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [])
         providers = [p for p in providers if p in ort.get_available_providers()]
         model = self.model if isinstance(self.model, bytes) else str(self.model)
-        if not isinstance(self.model, bytes) and not Path(model).is_file():
-            raise InputError(f"ONNX model {model} does not exist; export one with `resdeploy export`")
+        if isinstance(self.model, bytes):
+            self.artifact_metadata = read_metadata(parse_onnx(self.model))
+        else:  # through the artifact contract first: external data is checked before ONNX Runtime follows it
+            self.artifact_metadata = open_artifact(model).metadata
         try:
             self.session = ort.InferenceSession(model, self._session_options(), providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
@@ -96,7 +98,7 @@ class OnnxRuntimeRunner(Runner):
                         for i in self.session.get_inputs()]
         self._outputs = [TensorSpec(o.name, _ORT_DTYPES.get(o.type, o.type), tuple(d if isinstance(d, int) else None for d in o.shape))
                          for o in self.session.get_outputs()]
-        self.providers = got
+        self.providers = tuple(got)
         self.description = f"onnxruntime {ort.__version__} {got[0]}" + (f" (fell back from {wanted})" if self.fallback else "")
 
     def _deactivate(self) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from resdeploy.artifact import open_artifact
 from resdeploy.errors import BackendUnavailable, InputError
 from resdeploy.serve.runners.base import Runner, TensorSpec
 
@@ -62,8 +63,8 @@ class OpenVinoRunner(Runner):
         except ImportError:
             raise BackendUnavailable("the openvino backend needs OpenVINO: `pip install 'resdeploy[openvino]'`") from None
         path = Path(self.model)
-        if not path.is_file():
-            raise InputError(f"ONNX model {path} does not exist; export one with `resdeploy export`")
+        # Through the artifact contract first: external data is checked before OpenVINO follows it.
+        self.artifact_metadata = open_artifact(path).metadata
         core = ov.Core()
         if self.device not in core.available_devices:
             raise BackendUnavailable(f"OpenVINO has no device {self.device!r} (available: {', '.join(core.available_devices)})")
@@ -90,6 +91,7 @@ class OpenVinoRunner(Runner):
         self._inputs = [self._spec(p) for p in model.inputs]
         self._outputs = [self._spec(p) for p in model.outputs]
         self.inference_precision = _type_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.providers = (f"OpenVINO {self.device}",)
         threads = self.compiled.get_property("INFERENCE_NUM_THREADS")
         kernels = " ".join(f"{k}:{v}" for k, v in sorted(self.kernel_precisions().items(), key=lambda kv: -kv[1]))
         self.description = (f"openvino {ov.__version__.split('-')[0]} {self.device} inference precision "

@@ -36,6 +36,7 @@ import numpy as np
 
 from resdeploy.errors import InputError, ResdeployError
 from resdeploy.serve.runners.base import Runner, RunnerError, TensorSpec
+from resdeploy.artifact import ArtifactMetadata
 from resdeploy.device import (Sidecar, gpu_info, import_cudart, require_tensorrt, trt_dtype_to_numpy,
                                                verify_plan)
 
@@ -119,6 +120,10 @@ class TensorRTRunner(Runner):
         except BaseException:
             self._deactivate()
             raise
+        self.providers = (f"TensorRT {trt.__version__} {gpu.name}",)
+        meta = self.sidecar.extra.get("metadata") if isinstance(self.sidecar.extra, dict) else None
+        if isinstance(meta, dict):  # the ONNX artifact's metadata, copied into the sidecar at build time
+            self.artifact_metadata = ArtifactMetadata.from_props(meta, f"sidecar of {self.plan_path}")
         self.description = (f"tensorrt {trt.__version__} {gpu} plan {self.plan_path.name} precision {self.sidecar.precision}"
                             f"{' cuda-graphs' if self.cuda_graphs else ''}")
 

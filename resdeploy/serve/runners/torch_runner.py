@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from resdeploy.artifact import ArtifactMetadata, InputSpec
 from resdeploy.errors import BackendUnavailable, InputError
 from resdeploy.serve.runners.base import Runner, TensorSpec
 
@@ -26,7 +27,7 @@ class TorchRunner(Runner):
         spec = getattr(module, "input_spec", None)
         self.input_shape = tuple(input_shape) if input_shape else (tuple(spec.shape) if spec is not None else None)
         if self.input_shape is None:
-            raise ValueError("TorchRunner needs input_shape (C, H, W) when the module has no input_spec")
+            raise InputError("TorchRunner needs input_shape (C, H, W) when the module has no input_spec")
         self.input_name, self.output_name, self.device = input_name, output_name, device
         if cuda_graphs and not str(device).startswith("cuda"):
             raise InputError(f"torch runner: cuda_graphs needs a CUDA device, got device={device!r}; pass device='cuda'")
@@ -54,6 +55,11 @@ class TorchRunner(Runner):
         mode = "compile" + (f"({self.compile_mode})" if self.compile_mode else "") if self.compile else "eager"
         extras = (" fp16" if self.half else "") + (" cuda-graphs" if self.cuda_graphs else "")
         self.description = f"torch {torch.__version__} {mode} {self.device}{extras}"
+        self.providers = (f"torch {self.device}",)
+        labels = tuple(getattr(self.module, "labels", ()) or ())
+        spec = getattr(self.module, "input_spec", None)
+        self.artifact_metadata = ArtifactMetadata(architecture=str(getattr(self.module, "arch", "") or ""), labels=labels,
+                                                  input_spec=spec if isinstance(spec, InputSpec) else None)
 
     def _deactivate(self) -> None:
         self._graphs.clear()
