@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,14 +112,10 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, data: DataBund
     gen = torch.Generator().manual_seed(config.seed)
     start = time.perf_counter()
     bar = None
-    if config.progress:
+    if config.progress and sys.stderr.isatty():  # a bar on a terminal only: piped into a CI log it is noise
         from tqdm import tqdm
 
-        import sys
-
-        # Piped to a log (CI), a redraw every few seconds is plenty.
-        bar = tqdm(total=config.epochs * steps_per_epoch, unit="batch", desc=f"train {config.arch}",
-                   mininterval=0.1 if sys.stderr.isatty() else 5.0)
+        bar = tqdm(total=config.epochs * steps_per_epoch, unit="batch", desc=f"train {config.arch}", mininterval=0.1)
     for epoch in range(config.epochs):
         model.train()
         order = torch.randperm(len(y_train), generator=gen)

@@ -1,0 +1,535 @@
+"""``resdeploy run``: every stage, one run folder, cached by content, one report.
+
+    result = run_pipeline(load_config("resdeploy.toml"))
+    print(result)          # one line per stage; result.passed says whether every gate passed
+
+Stages, each consuming the artifact the one before wrote (never a sibling copy):
+
+    train (or the given checkpoint) -> export (+ skip-add check) -> variant-fp16 / variant-int8 (each re-checked
+    and gated) -> engine-<backend>-<precision> (fusion reports) -> parity (the very files of the repository) ->
+    bench -> repository -> report
+
+**Cache.** A stage's key is the sha256 of its name, its config section, the sha256 of every input file and the
+library versions. After a stage has written its outputs (each atomically) it writes ``stages/<name>.json`` with
+the key and the sha256 of every output, last. A stage is skipped ("cached") only when that record exists, its key
+matches and every output still has the recorded sha256; the record is deleted before a stage reruns. So a run
+interrupted anywhere leaves no artifact that a rerun would trust, and changing one option reruns only the stages
+whose key it changes and those downstream of their outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import resdeploy
+from resdeploy import atomic
+from resdeploy.errors import BackendUnavailable, CheckFailed, InputError
+from resdeploy.pipeline.config import RunConfig
+
+RUN_FORMAT = 1  # bump when stage records change meaning: every cached stage then reruns
+_VERSIONED = ("torch", "numpy", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt")
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """One stage of a run: what it did, how long, and what it left behind (sha256 per output file)."""
+
+    name: str
+    status: str  # ran | cached | failed | skipped
+    seconds: float
+    summary: str  # one line: the stage's result
+    key: str = ""  # the cache key (sha256)
+    outputs: dict[str, str] = field(default_factory=dict)  # path relative to the run folder -> sha256
+    result: dict[str, Any] = field(default_factory=dict)  # the stage's report as data (for run.json and the report)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def line(self, index: int, total: int) -> str:
+        secs = f"{self.seconds:6.1f} s" if self.status in ("ran", "failed") else f"{'':>8}"
+        return f"[{index:>2}/{total}] {self.name:<24} {self.status:<7} {secs}  {self.summary}"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What ``resdeploy run`` did. True when every stage ran or was cached and every gate passed."""
+
+    run_dir: Path
+    stages: tuple[StageRecord, ...]
+    failed_gate: str | None
+    wall_seconds: float
+    report: tuple[Path, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return self.failed_gate is None
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def stage(self, name: str) -> StageRecord:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise InputError(f"no stage {name!r} in this run; stages: {', '.join(s.name for s in self.stages)}")
+
+    def verdict(self) -> str:
+        """The closing lines: pass/fail, what ran, where the report is (the stage lines were printed as they ran)."""
+        ran = sum(s.status == "ran" for s in self.stages)
+        cached = sum(s.status == "cached" for s in self.stages)
+        head = "PASSED: every gate passed" if self.passed else f"FAILED: {self.failed_gate}"
+        lines = [f"{head}. {ran} stage(s) ran, {cached} cached"
+                 + (" (nothing changed: nothing redone)" if ran == 0 and cached else "")
+                 + f", {self.wall_seconds:.1f} s. Run folder: {self.run_dir}"]
+        return "\n".join(lines + [f"report: {p}" for p in self.report])
+
+    def __str__(self) -> str:
+        return "\n".join([*(s.line(i + 1, len(self.stages)) for i, s in enumerate(self.stages)), self.verdict()])
+
+
+class _StageFailed(Exception):
+    """A stage's check or gate failed: the run stops there (downstream stages are skipped) and exits 1."""
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions that change what a stage produces (they are part of every cache key)."""
+    out: dict[str, str | None] = {"resdeploy": resdeploy.__version__, "python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _files(path: Path) -> list[Path]:
+    """The files a stage output names: the file (with its ONNX external data beside it), or every file of a folder."""
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    extra = [path.with_name(path.name + ".data")] if path.suffix == ".onnx" else []
+    return [path, *[e for e in extra if e.is_file()]]
+
+
+class _Runner:
+    """Runs stages in order with the cache rule of the module docstring; prints one line per stage."""
+
+    def __init__(self, cfg: RunConfig, root: Path, total: int, say: Callable[[str], None]) -> None:
+        self.cfg, self.root, self.total, self.say = cfg, root, total, say
+        self.versions = library_versions()
+        self.records: list[StageRecord] = []
+        (root / "stages").mkdir(parents=True, exist_ok=True)
+
+    def rel(self, p: Path) -> str:
+        return p.resolve().relative_to(self.root.resolve()).as_posix()
+
+    def sha(self, *paths: Path) -> str:
+        """One sha256 over the files of ``paths`` (names and contents): a stage input."""
+        h = hashlib.sha256()
+        for p in paths:
+            for f in _files(p):
+                h.update(self.rel(f).encode() + b"\0" + atomic.sha256_file(f).encode() + b"\0")
+        return h.hexdigest()
+
+    def _emit(self, rec: StageRecord) -> StageRecord:
+        self.records.append(rec)
+        self.say(rec.line(len(self.records), self.total))
+        return rec
+
+    def skip(self, name: str, why: str) -> StageRecord:
+        (self.root / "stages" / f"{name}.json").unlink(missing_ok=True)
+        return self._emit(StageRecord(name, "skipped", 0.0, why))
+
+    def stage(self, name: str, config: Any, inputs: dict[str, str],
+              fn: Callable[[], tuple[str, dict[str, Any], list[Path]]]) -> StageRecord:
+        key = hashlib.sha256(json.dumps({"format": RUN_FORMAT, "stage": name, "config": config, "inputs": inputs,
+                                         "versions": self.versions}, sort_keys=True, default=str).encode()).hexdigest()
+        rec_path = self.root / "stages" / f"{name}.json"
+        cached = self._cached(rec_path, key)
+        if cached is not None:
+            return self._emit(dataclasses.replace(cached, status="cached", seconds=0.0))
+        rec_path.unlink(missing_ok=True)  # from here on, the old outputs are not to be trusted
+        t0 = time.perf_counter()
+        try:
+            summary, result, outputs = fn()
+        except (CheckFailed, BackendUnavailable) as exc:
+            self._emit(StageRecord(name, "failed", time.perf_counter() - t0, f"{type(exc).__name__}: {exc}", key))
+            raise _StageFailed(f"stage {name}: {exc}") from None
+        files = {self.rel(f): atomic.sha256_file(f) for p in outputs for f in _files(p)}
+        rec = StageRecord(name, "ran", time.perf_counter() - t0, summary, key, files, result)
+        atomic.write_json(rec_path, rec.to_dict())  # last: the outputs are trusted from now on
+        return self._emit(rec)
+
+    def _cached(self, rec_path: Path, key: str) -> StageRecord | None:
+        try:
+            data = json.loads(rec_path.read_text())
+            rec = StageRecord(**data)
+        except (OSError, ValueError, TypeError):
+            return None
+        if rec.key != key or rec.status != "ran" or not rec.outputs:
+            return None
+        for rel, sha in rec.outputs.items():
+            f = self.root / rel
+            if not f.is_file() or atomic.sha256_file(f) != sha:
+                return None
+        return rec
+
+    def output(self, name: str) -> StageRecord:
+        return next(r for r in self.records if r.name == name)
+
+
+# -- the stages --------------------------------------------------------------------------------------------
+def _tensorrt_usable() -> str | None:
+    """None when TensorRT can build here, else why not (asked of the driver, never of TensorRT itself)."""
+    from resdeploy.device import require_tensorrt
+
+    try:
+        require_tensorrt()
+    except BackendUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def _engine_backends(cfg: RunConfig) -> tuple[list[str], list[str]]:
+    """(backends that get an engine build, notes). auto: TensorRT where usable, else ONNX Runtime."""
+    wanted = list(dict.fromkeys(cfg.engines.backends))
+    notes = []
+    out: list[str] = []
+    for b in wanted:
+        if b == "auto":
+            why = _tensorrt_usable()
+            if why is None:
+                out.append("tensorrt")
+            else:
+                notes.append(f"auto: ONNX Runtime (TensorRT unusable here: {why.split(';')[0]})")
+            out.append("onnxruntime")
+        elif b in ("onnxruntime", "tensorrt"):
+            out.append(b)
+    return list(dict.fromkeys(out)), notes
+
+
+def _parity_backends(cfg: RunConfig, engines: list[str]) -> list[str]:
+    out = list(engines)
+    if "openvino" in cfg.engines.backends or ("auto" in cfg.engines.backends and importlib.util.find_spec("openvino")):
+        out.append("openvino")
+    return list(dict.fromkeys(out))
+
+
+def _train(r: _Runner, cfg: RunConfig) -> Path:
+    if cfg.model.checkpoint:
+        from resdeploy.models import load_checkpoint
+
+        ckpt = Path(cfg.model.checkpoint)
+        _, info = load_checkpoint(ckpt)  # refuses a missing/corrupt/unsafe checkpoint before anything else runs
+        acc = info.metrics.get("test_accuracy")
+        r.skip("train", f"given checkpoint {ckpt} ({info.arch}"
+               + (f", test accuracy {acc:.2%})" if isinstance(acc, float) else ")"))
+        return ckpt
+    out = r.root / "checkpoint"
+
+    def run() -> tuple[str, dict[str, Any], list[Path]]:
+        from resdeploy.models.train import TrainConfig, train
+
+        t = cfg.train
+        result = train(TrainConfig(arch=cfg.model.arch, data=t.data, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
+                                   seed=t.seed, threads=t.threads or None, image_size=t.image_size or None,
+                                   channels=t.channels or None, augment=t.augment, max_batches=t.max_batches or None),
+                       out_dir=out)
+        return (f"{result.arch}: test accuracy {result.test_accuracy:.2%} after {result.epochs} epochs",
+                {"test_accuracy": result.test_accuracy, "val_accuracy": result.val_accuracy}, [out])
+
+    r.stage("train", {"arch": cfg.model.arch, **dataclasses.asdict(cfg.train)}, {}, run)
+    return out
+
+
+def _export(r: _Runner, cfg: RunConfig, ckpt: Path) -> Path:
+    out = r.root / "onnx" / "fp32.onnx"
+
+    def run() -> tuple[str, dict[str, Any], list[Path]]:
+        from resdeploy.export import ExportConfig
+        from resdeploy.pipeline.exporting import export_checkpoint
+
+        e = cfg.export
+        res = export_checkpoint(ckpt, out, config=dataclasses.replace(ExportConfig(), exporter=e.exporter, opset=e.opset,
+                                                                       parity_images=e.parity_images))
+        rep, check = res.export, res.check
+        if not res:
+            raise CheckFailed(f"export of {ckpt} failed its checks:\n{res}")
+        adds = sum(1 for a in check.adds) if check is not None else 0
+        return (f"opset {rep.opset}, max abs {rep.parity.max_abs_err:.1e} vs PyTorch, {adds} residual adds checked",
+                {"sha256": rep.sha256, "opset": rep.opset, "exporter": rep.exporter, "parity": dataclasses.asdict(rep.parity),
+                 "external_data": rep.external_data, "skipadd": check.to_dict() if check else None}, [out])
+
+    r.stage("export", dataclasses.asdict(cfg.export), {"checkpoint": r.sha(ckpt)}, run)
+    return out
+
+
+def _variant(r: _Runner, cfg: RunConfig, ckpt: Path, fp32: Path, precision: str, flavour: str | None) -> Path:
+    name = f"variant-{precision}" + (f"-{flavour}" if flavour and flavour != "u8s8" else "")
+    out = r.root / "onnx" / (f"{precision}.onnx" if not flavour or flavour == "u8s8" else f"{precision}-{flavour}.onnx")
+    v = cfg.variants
+
+    def run() -> tuple[str, dict[str, Any], list[Path]]:
+        from resdeploy.pipeline.quantizing import QuantizeConfig, quantize_model
+
+        qc = QuantizeConfig(precision=precision, flavour=flavour, data=_data_of(ckpt),
+                            calibration_images=v.calibration_images, max_int8_drop=v.max_int8_drop,
+                            min_fp16_agreement=v.min_fp16_agreement, threads=cfg.engines.threads or None)
+        qc.int8.method = v.int8_method
+        res = quantize_model(fp32, out, config=qc, reference=ckpt)
+        acc = res.accuracy
+        summary = (f"{precision}" + (f" {flavour}" if flavour else "") + f": {acc}" if acc else precision)
+        return (summary, {"precision": precision, "flavour": flavour, "gate": res.gate,
+                          "accuracy": dataclasses.asdict(acc) if acc else None, "skipadd": res.skipadd.to_dict()}, [out])
+
+    r.stage(name, {**dataclasses.asdict(v), "precision": precision, "flavour": flavour},
+            {"fp32": r.sha(fp32), "checkpoint": r.sha(ckpt)}, run)
+    return out
+
+
+def _data_of(ckpt: Path) -> str:
+    from resdeploy.models import load_checkpoint
+
+    _, info = load_checkpoint(ckpt)
+    return str(info.metrics.get("data", "mnist"))
+
+
+def _engine(r: _Runner, cfg: RunConfig, ckpt: Path, backend: str, precision: str, src: Path) -> Path:
+    name = f"engine-{backend}-{precision}"
+
+    def run() -> tuple[str, dict[str, Any], list[Path]]:
+        from resdeploy.pipeline.building import BuildConfig, build
+
+        if backend == "onnxruntime":
+            out = r.root / "engines" / f"onnxruntime-{precision}"
+            rep = build(src, out, config=BuildConfig(threads=cfg.engines.threads or None, data=_data_of(ckpt),
+                                                     rewrite_option_a=cfg.variants.rewrite_option_a and precision == "fp32"))
+            f = rep.fusion
+            forms = ", ".join(f"{n} {form}" for form, n in sorted(f.by_form().items())) or "no residual adds"
+            return (f"{f.fused}/{len(f.adds)} residual adds fused ({forms})",
+                    {"fusion": f.to_dict(), "build": rep.build}, [out])
+        from resdeploy.export.tensorrt_build import TrtBuildConfig
+
+        plan = r.root / "engines" / f"tensorrt-{precision}.plan"
+        rep = build(src, plan, config=BuildConfig(backend="tensorrt", trt=TrtBuildConfig(
+            min_batch=1, opt_batch=min(8, cfg.engines.trt_max_batch), max_batch=cfg.engines.trt_max_batch)))
+        return (str(rep).splitlines()[0], {"build": str(rep)}, [plan, Path(f"{plan}.json")])
+
+    r.stage(name, {"backend": backend, "precision": precision, "threads": cfg.engines.threads,
+                   "rewrite_option_a": cfg.variants.rewrite_option_a, "trt_max_batch": cfg.engines.trt_max_batch},
+            {"model": r.sha(src)}, run)
+    return r.root / "engines" / (f"onnxruntime-{precision}" if backend == "onnxruntime" else f"tensorrt-{precision}.plan")
+
+
+def run_pipeline(cfg: RunConfig, *, say: Callable[[str], None] | None = None) -> RunResult:
+    """Run (or reuse) every stage into ``cfg.out``; write run.json and the report; return what happened.
+
+    Raises InputError for bad input (exit 2). A failed check or gate does not raise: the run stops at that stage,
+    the report is still written, and ``RunResult.failed_gate`` names it (exit 1).
+    """
+    cfg.validate()
+    say = say or (lambda line: print(line, flush=True))
+    t0 = time.perf_counter()
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    root = Path(cfg.out)
+    root.mkdir(parents=True, exist_ok=True)
+    engines, notes = _engine_backends(cfg)
+    precisions = ["fp32", *cfg.variants.precisions]
+    total = (1 + 1 + len(cfg.variants.precisions) + ("tensorrt" in engines and "int8" in precisions)
+             + len(engines) * len(precisions) + 4)
+    r = _Runner(cfg, root, total, say)
+    for n in notes:
+        say(f"note: {n}")
+    failed: str | None = None
+    ckpt: Path | None = None
+    variants: dict[str, Path] = {}
+    built: dict[str, Path] = {}
+    try:
+        ckpt = _train(r, cfg)
+        variants["fp32"] = _export(r, cfg, ckpt)
+        for p in cfg.variants.precisions:
+            variants[p] = _variant(r, cfg, ckpt, variants["fp32"], p, "u8s8" if p == "int8" else None)
+        if "tensorrt" in engines and "int8" in variants:  # TensorRT needs symmetric int8 activations
+            variants["int8-s8s8"] = _variant(r, cfg, ckpt, variants["fp32"], "int8", "s8s8")
+        for backend in engines:
+            for p in precisions:
+                src = variants["int8-s8s8"] if backend == "tensorrt" and p == "int8" else variants[p]
+                built[f"{backend} {p}"] = _engine(r, cfg, ckpt, backend, p, src)
+        failed = _parity(r, cfg, ckpt, variants, built, engines)
+        if failed is None:
+            _bench(r, cfg, ckpt, variants)
+            _repository(r, cfg, variants)
+        else:
+            r.skip("bench", "not run: a parity gate failed")
+            r.skip("repository", "not written: a parity gate failed (nothing unverified is served)")
+    except _StageFailed as exc:
+        failed = str(exc)
+        done = {s.name for s in r.records}
+        for name in ("parity", "bench", "repository"):
+            if name not in done:
+                r.skip(name, "not run: an earlier stage failed")
+    wall = time.perf_counter() - t0
+    files = _write_summary(r, cfg, ckpt, variants, failed, started, wall)
+    return RunResult(root, tuple(r.records), failed, wall, files)
+
+
+def _parity(r: _Runner, cfg: RunConfig, ckpt: Path, variants: dict[str, Path], built: dict[str, Path],
+            engines: list[str]) -> str | None:
+    backends = _parity_backends(cfg, engines)
+    judged = {p: variants[p] for p in ("fp32", *cfg.variants.precisions)}
+    plans = {k: v for k, v in built.items() if k.startswith("tensorrt ")}
+    out = r.root / "parity.json"
+
+    def run() -> tuple[str, dict[str, Any], list[Path]]:
+        from resdeploy.pipeline.parity import ParityConfig, ParityGates, run_parity
+
+        p = cfg.parity
+        gates = dataclasses.replace(ParityGates(), fp32_max_abs=p.fp32_max_abs, fp16_min_agreement=p.fp16_min_agreement,
+                                    int8_max_accuracy_drop=p.int8_max_drop)
+        report = run_parity(ckpt, judged, config=ParityConfig(backends=tuple(backends), precisions=tuple(judged),
+                                                              limit=p.limit or None, threads=cfg.engines.threads or None,
+                                                              gates=gates),
+                            engines=plans, progress=lambda _m: None)
+        atomic.write_json(out, report.to_dict())
+        ran = [row for row in report.rows if row.metrics is not None]
+        summary = (f"{len(ran)} backend x precision compared on {ran[0].metrics.n if ran else 0} test images: "
+                   + ("every gate passed" if report else f"FAILED {report.failures()[0] if report.failures() else 'no backend ran'}"))
+        return summary, report.to_dict(), [out]
+
+    rec = r.stage("parity", {**dataclasses.asdict(cfg.parity), "backends": backends},
+                  {k: r.sha(v) for k, v in {**judged, **plans}.items()}, run)
+    if rec.result.get("passed"):
+        return None
+    fails = rec.result.get("failures") or ["no backend ran"]
+    return f"parity gate: {fails[0]}" + (f" (+{len(fails) - 1} more)" if len(fails) > 1 else "")
+
+
+def _bench(r: _Runner, cfg: RunConfig, ckpt: Path, variants: dict[str, Path]) -> None:
+    b = cfg.bench
+    if not b.enabled:
+        r.skip("bench", "disabled (bench.enabled = false)")
+        return
+    out = r.root / "bench"
+    judged = {p: str(variants[p]) for p in ("fp32", *cfg.variants.precisions)}
+    backends = tuple(x for x in _parity_backends(cfg, ["onnxruntime"]) if x in ("onnxruntime", "openvino"))
+
+    def run() -> tuple[str, dict[str, Any], list[Path]]:
+        import io
+
+        from resdeploy.pipeline.bench import BenchConfig, run_bench
+
+        bc = BenchConfig(checkpoint=str(ckpt), batches=tuple(b.batches), max_seconds=b.max_seconds, threads=b.threads,
+                         backends=backends, precisions=tuple(judged), anchors=tuple(b.anchors), variants=judged)
+        result = run_bench(bc, out_dir=out, stream=io.StringIO())
+        batch = min(b.batches)
+        best = result.best(batch)
+        if best is not None:
+            sp = result.speedups(batch).get(best.name)
+            summary = (f"best at batch {batch}: {best.name} p50 {best.stats[batch].p50_ms:.3f} ms"
+                       + (f" ({sp:.1f}x PyTorch eager)" if sp else ""))
+        else:
+            summary = f"no engine passed parity and was measured at batch {batch} within {b.max_seconds:g} s"
+        return summary, result.to_dict(), [out]
+
+    r.stage("bench", {**dataclasses.asdict(b), "backends": list(backends)}, {k: r.sha(Path(v)) for k, v in judged.items()},
+            run)
+
+
+def _repository(r: _Runner, cfg: RunConfig, variants: dict[str, Path]) -> None:
+    rc = cfg.repository
+    src = variants[rc.precision]
+    out = r.root / "model_repository"
+    name = cfg.model.name or _arch_of(src)
+
+    def run() -> tuple[str, dict[str, Any], list[Path]]:
+        from resdeploy.pipeline.repository import make_model_repository
+
+        shutil.rmtree(out, ignore_errors=True)  # a repository is only ever what this stage wrote
+        res = make_model_repository(src, out, model_name=name, max_batch_size=rc.max_batch_size,
+                                    max_queue_delay_us=rc.max_queue_delay_us, instances=rc.instances)
+        return (f"{name}: {rc.precision} model, sha256 {atomic.sha256_file(res.model_path)[:12]}",
+                {"path": str(out), "model_name": name, "precision": rc.precision,
+                 "model_sha256": atomic.sha256_file(res.model_path), "config": res.config_text}, [out])
+
+    r.stage("repository", {**dataclasses.asdict(rc), "name": name}, {"model": r.sha(src)}, run)
+
+
+def _arch_of(onnx_path: Path) -> str:
+    from resdeploy.artifact import open_artifact
+
+    return open_artifact(onnx_path).metadata.architecture or "model"
+
+
+# -- run.json and the report -------------------------------------------------------------------------------
+def machine_summary() -> dict[str, Any]:
+    from resdeploy.pipeline.bench import machine_info
+
+    m = machine_info()
+    return {"cpu": m.get("cpu_model") or platform.processor(), "isa": m.get("simd", []), "cores": m.get("logical_cpus"),
+            "python": platform.python_version(), "platform": platform.platform(), "versions": library_versions()}
+
+
+def _write_summary(r: _Runner, cfg: RunConfig, ckpt: Path | None, variants: dict[str, Path], failed: str | None,
+                   started: str, wall: float) -> tuple[Path, ...]:
+    recs = {s.name: s for s in r.records}
+    model: dict[str, Any] = {}
+    if ckpt is not None and (Path(ckpt) / "model.json").is_file():
+        from resdeploy.models import load_checkpoint
+
+        net, info = load_checkpoint(ckpt)
+        model = {"architecture": info.arch, "parameters": int(sum(p.numel() for p in net.parameters())),
+                 "data": str(info.metrics.get("data", "")), "data_fingerprint": info.data_fingerprint or "",
+                 "accuracy": {k.removesuffix("_accuracy"): v for k, v in info.metrics.items() if k.endswith("_accuracy")},
+                 "labels": list(info.labels), "checkpoint": str(ckpt)}
+    skipadd = {}
+    if "export" in recs and recs["export"].result.get("skipadd"):
+        skipadd["fp32"] = recs["export"].result["skipadd"]
+    for name, rec in recs.items():
+        if name.startswith("variant-") and rec.result.get("skipadd"):
+            skipadd[name.removeprefix("variant-")] = rec.result["skipadd"]
+    fusion = {name.removeprefix("engine-"): rec.result["fusion"] for name, rec in recs.items()
+              if name.startswith("engine-") and rec.result.get("fusion")}
+    artifacts = []
+    for rec in r.records:
+        for rel, sha in rec.outputs.items():
+            artifacts.append({"name": rel, "path": rel, "sha256": sha, "bytes": (r.root / rel).stat().st_size,
+                              "kind": rec.name})
+    bench = recs.get("bench")
+    repo = recs.get("repository")
+    summary = {
+        "resdeploy_version": resdeploy.__version__, "started": started, "wall_seconds": round(wall, 2),
+        "passed": failed is None, "failed_gate": failed, "run_dir": str(r.root), "config": cfg.to_dict(),
+        "machine": machine_summary(), "model": model,
+        "stages": [{"name": s.name, "status": s.status, "seconds": round(s.seconds, 2), "summary": s.summary, "key": s.key}
+                   for s in r.records],
+        "skipadd": skipadd, "fusion": fusion,
+        "parity": recs["parity"].result if "parity" in recs and recs["parity"].result else None,
+        "bench": bench.result if bench is not None and bench.result else None,
+        "bench_plot": "bench/bench.png" if bench is not None and (r.root / "bench" / "bench.png").is_file() else None,
+        "artifacts": artifacts,
+        "repository": ({"path": repo.result["path"], "model_name": repo.result["model_name"]}
+                       if repo is not None and repo.result else None),
+    }
+    atomic.write_json(r.root / "run.json", summary)
+    try:
+        from resdeploy.pipeline.report import write_report
+    except ImportError:  # the report module is optional only while it is being written
+        print("note: resdeploy.pipeline.report is missing; wrote run.json only", file=sys.stderr)
+        return (r.root / "run.json",)
+    files = write_report(r.root, summary)
+    return (r.root / "run.json", *[Path(p) for p in dataclasses.astuple(files)])
+
+
+__all__ = ["RunResult", "StageRecord", "library_versions", "run_pipeline"]
