@@ -348,7 +348,7 @@ def _fusion(s: Mapping[str, Any]) -> Section:
     for name, rep in reports.items():
         adds = rep["adds"]
         trt = "layer_count" in rep  # trt_fusion.FusionReport; else ort_build.FusionReport
-        fused = sum(1 for a in adds if (a.get("status") == "fused") if trt) if trt else sum(1 for a in adds if a.get("fused"))
+        fused = sum(1 for a in adds if (a.get("status") == "fused" if trt else a.get("fused")))
         head = f"{name}: {fused}/{len(adds)} residual Adds fused"
         if not trt and rep.get("summary", {}).get("by_form"):
             head += " (" + ", ".join(f"{k} {v}" for k, v in sorted(rep["summary"]["by_form"].items())) + ")"

@@ -151,6 +151,25 @@ def test_missing_sections_say_so(run_dir: Path, summary: dict[str, Any]) -> None
     assert "<img" not in page
 
 
+def test_tensorrt_fusion_report_renders(run_dir: Path, summary: dict[str, Any]) -> None:
+    """A GPU run's engines: trt_fusion.FusionReport.to_dict() beside the ONNX Runtime ones."""
+    from resdeploy.export.trt_fusion import AddFusion, FusionReport
+
+    adds = (AddFusion("node_add_40", "layer1.0.conv2 + add + relu", "CaskConvolution", "fused", "conv2", "branch",
+                      dtype="Int8", kind="identity", block="layer1.0"),
+            AddFusion("node_add_168", "add_168", "ElementWise", "standalone", kind="option_a", block="layer2.0",
+                      warning="runs as its own layer"))
+    trt = FusionReport("model.plan.layers.json", "detailed", True, 31, 2, {"Int8": 29, "Float": 2}, adds)
+    s = copy.deepcopy(summary)
+    s["fusion"]["tensorrt-int8"] = trt.to_dict()
+    md, page = _report(run_dir, s)
+    for text in (md, page):
+        assert "tensorrt-int8: 1/2 residual Adds fused" in text
+        assert "layer1.0.conv2 + add + relu" in text and "CaskConvolution" in text
+        assert "31 engine layers (2 reformat); by output dtype: Float 2, Int8 29" in text
+        assert "node_add_168: runs as its own layer" in text
+
+
 def test_missing_or_foreign_plot_is_reported_not_inlined(tmp_path: Path, summary: dict[str, Any]) -> None:
     outside = tmp_path / "secret.png"
     outside.write_bytes((FIXTURE / "bench" / "bench.png").read_bytes())
