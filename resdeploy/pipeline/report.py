@@ -20,7 +20,7 @@ the stage's result class, unchanged::
     passed             bool                 every gate passed (the run's exit status is 0 exactly when true)
     failed_gate        str or null          the first failed gate, in words (null when passed)
     run_dir            str                  the run folder as given on the command line
-    config             object or null       the run config as a dict (shown verbatim as JSON)
+    config             object or null       the run config as a dict (RunConfig.to_dict(); one row per section)
     machine            object               {"cpu": str (CPU model), "isa": [str] (SIMD flags, e.g. bench.SIMD_FLAGS
                                              found in /proc/cpuinfo), "cores": int, "python": str,
                                              "versions": {"torch": str, "onnx": str, "onnxruntime": str,
