@@ -17,22 +17,12 @@ $(BIN)/resdeploy: pyproject.toml
 
 setup: $(BIN)/resdeploy
 
-# The main job on the embedded default (CPU, ONNX Runtime): train -> export -> skip-add check -> precision
-# variants -> engines with fusion reports -> parity gates -> latency table -> a Triton model repository.
+# The main job on the embedded default (CPU, ONNX Runtime), one command: train -> export -> skip-add check ->
+# precision variants -> engines with fusion reports -> parity gates -> latency -> a Triton model repository -> report.
+# Stages are cached: running it again redoes nothing.
 demo: setup
-	$(BIN)/resdeploy models
-	$(BIN)/resdeploy train --arch resnet20 --data mnist --epochs 20 --out $(RUN)/checkpoint
-	$(BIN)/resdeploy export $(RUN)/checkpoint --out $(RUN)/onnx/fp32.onnx
-	$(BIN)/resdeploy check $(RUN)/onnx/fp32.onnx --reference $(RUN)/checkpoint
-	$(BIN)/resdeploy quantize $(RUN)/onnx/fp32.onnx --precision fp16 --reference $(RUN)/checkpoint --out $(RUN)/onnx/fp16.onnx
-	$(BIN)/resdeploy quantize $(RUN)/onnx/fp32.onnx --precision int8 --backend onnxruntime --reference $(RUN)/checkpoint --out $(RUN)/onnx/int8.onnx
-	$(BIN)/resdeploy build $(RUN)/onnx/fp32.onnx --backend onnxruntime --rewrite-option-a --out $(RUN)/engines/onnxruntime-fp32
-	$(BIN)/resdeploy build $(RUN)/onnx/fp16.onnx --backend onnxruntime --out $(RUN)/engines/onnxruntime-fp16
-	$(BIN)/resdeploy build $(RUN)/onnx/int8.onnx --backend onnxruntime --out $(RUN)/engines/onnxruntime-int8
-	$(BIN)/resdeploy parity $(RUN)/checkpoint --onnx $(RUN)/onnx/fp32.onnx --fp16 $(RUN)/onnx/fp16.onnx --int8 $(RUN)/onnx/int8.onnx --json $(RUN)/parity.json
-	$(BIN)/resdeploy bench $(RUN)/checkpoint --fp32 $(RUN)/onnx/fp32.onnx --fp16 $(RUN)/onnx/fp16.onnx --int8 $(RUN)/onnx/int8.onnx --max-seconds 120 --out $(RUN)/bench
-	$(BIN)/resdeploy repo $(RUN)/onnx/int8.onnx --name resnet20 --out $(RUN)/model_repository --overwrite
-	@echo "done: artifacts in $(RUN)/; serve them with: $(BIN)/resdeploy serve $(RUN)/model_repository --port 8000"
+	$(BIN)/resdeploy run examples/resdeploy.toml --out $(RUN)
+	@echo "serve it with: $(BIN)/resdeploy serve $(RUN)/model_repository --port 8000"
 
 # CI only (CI=true: a clean Debian runner, as root): the report test opens report.html in chromium, and fails
 # without it under CI. Idempotent; never apt-gets on a laptop (there the test skips and says why).

@@ -427,7 +427,8 @@ def build_cases(cfg: BenchConfig, ref: par.Reference, paths: dict[str, Path], sk
             extra = {"session_config": ort_cfg} if backend.startswith("onnxruntime") and ort_cfg else {}
 
             def factory(b: str = backend, p: str = prec, e: dict[str, Any] = extra) -> Any:
-                artifact = par.engine_for(b, p, paths, Path(workdir or "."), calibration, max(int(x) for x in cfg.batches))
+                artifact = par.engine_for(b, p, paths, Path(workdir or "."), calibration, max(int(x) for x in cfg.batches),
+                                          reference=ref)
                 return par.open_backend(b, artifact, cfg.threads, **e)
 
             cases.append(Case(name, "gpu" if backend in par.GPU_BACKENDS else "engine", backend, prec, factory))
@@ -581,10 +582,8 @@ def _prepare(cfg: BenchConfig, ref: par.Reference, data: par.ParityData, work: P
             skipped.append(f"{prec} model: preparing it (~{estimates[prec]:.0f} s) does not fit the budget")
             continue
         say(f"building the {prec} model" + (f" ({len(data.calibration)} calibration images, val split)" if prec == "int8" else ""))
-        if prec == "fp16":
-            paths[prec] = par.convert_fp16(paths["fp32"], work / "fp16.onnx")
-        else:
-            paths[prec] = par.quantize_int8(paths["fp32"], work / "int8.onnx", data.calibration)
+        paths[prec] = par.make_variant(ref, paths["fp32"], work / f"{prec}.onnx", prec,
+                                       flavour="u8s8" if prec == "int8" else None, calibration_images=len(data.calibration))
     return paths
 
 

@@ -278,26 +278,30 @@ def load_parity_data(ref: Reference, limit: int | None = None, calibration_size:
 
 
 def export_fp32(model: Any, path: Path, sample: np.ndarray | None = None) -> Path:
-    """FP32 ONNX with a dynamic batch, through the export stage (which checks its own FP32 parity)."""
-    from resdeploy.export.onnx_export import export_onnx
+    """FP32 ONNX through the export stage itself (``resdeploy export``'s code path: checker, parity, skip-add check,
+    the artifact's metadata)."""
+    import resdeploy
+    from resdeploy.artifact import ArtifactMetadata
+    from resdeploy.pipeline.exporting import export_model
 
-    report = export_onnx(model, path, input_shape=tuple(model.input_spec.shape), sample=sample)
-    return Path(report.path)
+    images = sample if sample is not None else np.random.default_rng(0).standard_normal(
+        (4, *model.input_spec.shape)).astype(np.float32)
+    meta = ArtifactMetadata(architecture=str(getattr(model, "arch", "")), input_spec=model.input_spec,
+                            labels=tuple(getattr(model, "labels", ()) or ()), precision="fp32",
+                            resdeploy_version=resdeploy.__version__, exporter="dynamo")
+    return Path(export_model(model, path, metadata=meta, images=images).export.path)
 
 
-def convert_fp16(fp32_path: Path, path: Path) -> Path:
-    """FP16 weights and compute, FP32 inputs/outputs (the user-facing contract stays float32)."""
-    from resdeploy.export.precision import fp16_variant
+def make_variant(ref: Reference, fp32_path: Path, path: Path, precision: str, *, flavour: str | None = None,
+                 calibration_images: int = 128) -> Path:
+    """An FP16 or INT8 variant through the quantize stage itself (``resdeploy quantize``'s code path: the variant's
+    graph check and the skip-add check against the reference). Its accuracy gate is left to parity, which
+    judges every variant on the whole test split (and on random weights, where accuracy means nothing)."""
+    from resdeploy.pipeline.quantizing import QuantizeConfig, quantize_model
 
-    fp16_variant(fp32_path, path)
-    return Path(path)
-
-
-def quantize_int8(fp32_path: Path, path: Path, calibration: np.ndarray, flavour: str = "u8s8") -> Path:
-    """Static INT8 Q/DQ, per-channel weights: ``u8s8`` for ORT CPU / OpenVINO, ``s8s8`` for TensorRT."""
-    from resdeploy.export.precision import quantize_int8 as _quantize
-
-    _quantize(fp32_path, path, calibration, flavour=flavour)
+    config = QuantizeConfig(precision=precision, flavour=flavour, data=ref.data, calibration_images=calibration_images,
+                            eval_images=64, max_int8_drop=100.0, min_fp16_agreement=0.0, check_images=0)
+    quantize_model(fp32_path, path, config=config, reference=ref.model)
     return Path(path)
 
 
@@ -327,10 +331,11 @@ def prepare_variants(ref: Reference, workdir: Path, precisions: Sequence[str], c
             out[prec] = fp32
         elif prec == "fp16":
             say("converting to FP16")
-            out[prec] = convert_fp16(fp32, workdir / "fp16.onnx")
+            out[prec] = make_variant(ref, fp32, workdir / "fp16.onnx", "fp16")
         elif prec == "int8":
             say(f"quantizing to INT8 u8s8 (Q/DQ, per-channel) with {len(calibration)} calibration images from the val split")
-            out[prec] = quantize_int8(fp32, workdir / "int8.onnx", calibration)
+            out[prec] = make_variant(ref, fp32, workdir / "int8.onnx", "int8", flavour="u8s8",
+                                     calibration_images=len(calibration))
         else:
             raise InputError(f"precision {prec!r} unknown; use one of {', '.join(PRECISIONS)}")
     return out
@@ -358,7 +363,7 @@ def backend_available(backend: str) -> str | None:
 
 def engine_for(backend: str, precision: str, paths: Mapping[str, Path], workdir: Path,
                calibration: np.ndarray | None = None, max_batch: int = 32,
-               engines: Mapping[str, str | Path] | None = None) -> Path:
+               engines: Mapping[str, str | Path] | None = None, reference: Reference | None = None) -> Path:
     """What ``backend`` runs for ``precision``: an engine given in ``engines`` (key ``"<backend> <precision>"``, the
     pipeline's own build), else the ONNX variant, or for tensorrt a plan built from it here (once, ad hoc)."""
     given = (engines or {}).get(f"{backend} {precision}")
@@ -370,11 +375,11 @@ def engine_for(backend: str, precision: str, paths: Mapping[str, Path], workdir:
     if backend != "tensorrt":
         return src
     if precision == "int8":  # TensorRT needs symmetric int8 activations: an s8s8 variant of the FP32 model
-        if "fp32" not in paths or calibration is None:
+        if "fp32" not in paths or calibration is None or reference is None:
             raise InputError("TensorRT INT8 needs an s8s8 model: give the FP32 model (--fp32) so resdeploy can quantize it")
         src = Path(workdir) / "int8-s8s8.onnx"
         if not src.is_file():
-            quantize_int8(Path(paths["fp32"]), src, calibration, flavour="s8s8")
+            make_variant(reference, Path(paths["fp32"]), src, "int8", flavour="s8s8", calibration_images=len(calibration))
     plan = Path(workdir) / f"{src.stem}.b{max_batch}.plan"
     if not plan.is_file():
         from resdeploy.export.tensorrt_build import TrtBuildConfig, build_engine
@@ -567,7 +572,7 @@ def run_parity(checkpoint: str | Path | Reference | None = None,
                 # a CPU engine that fails is a real failure and propagates.
                 tolerated = (ResdeployError, RuntimeError) if backend in GPU_BACKENDS else (BackendUnavailable,)
                 try:
-                    path = engine_for(backend, prec, paths, work, data.calibration, config.batch_size, engines)
+                    path = engine_for(backend, prec, paths, work, data.calibration, config.batch_size, engines, ref)
                     with open_backend(backend, path, config.threads) as runner:
                         say(f"{backend} {prec}: {runner.description}")
                         logits = run_batches(runner, data.images, config.batch_size)

@@ -120,8 +120,11 @@ def evaluate(fp32_path: str | Path, variant_path: str | Path, images: np.ndarray
 
 
 def quantize_model(model_path: str | Path, out: str | Path, *, config: QuantizeConfig | None = None,
-                   reference: str | Path | None = None) -> QuantizeResult:
-    """``resdeploy quantize``: write the FP16/INT8 variant of an FP32 ONNX model, checked before it is accepted."""
+                   reference: str | Path | Any | None = None) -> QuantizeResult:
+    """``resdeploy quantize``: write the FP16/INT8 variant of an FP32 ONNX model, checked before it is accepted.
+
+    ``reference``: the checkpoint folder the model was exported from, or the loaded model itself; the skip-add
+    check compares the variant with it."""
     from resdeploy.models import load_data
 
     config = config or QuantizeConfig()
@@ -134,11 +137,13 @@ def quantize_model(model_path: str | Path, out: str | Path, *, config: QuantizeC
     if Path(out).resolve() == src.resolve():
         raise InputError(f"--out {out} is the source model; write the variant to another file")
     ref_model = ref_info = None
-    if reference is not None:
+    if isinstance(reference, (str, Path)):
         from resdeploy.models import load_checkpoint
 
         ref_model, ref_info = load_checkpoint(reference)
-    spec = input_spec_of(src, ref_info)
+    elif reference is not None:  # an in-memory model (parity and bench on a random-weight net)
+        ref_model = reference
+    spec = input_spec_of(src, ref_info) if ref_info is not None or ref_model is None else ref_model.input_spec
     data = load_data(config.data)
     source_name = data.name
     if tuple(data.shape) != tuple(spec.shape):
@@ -195,7 +200,8 @@ def _write_variant(src: Path, variant_src: Path, out: Path, config: QuantizeConf
             cal_x = fit_images(data.val.images[: config.calibration_images], spec.shape)
             cal = CalibrationSet(normalize(cal_x, spec.mean, spec.std), source_name, "val", data.fingerprint)
             report = quantize_int8(variant_src, tmp, cal, flavour=flavour, config=config.int8, metadata=extra_meta)
-        skip = check_skip_adds(tmp, ref_model, test_x[: config.check_images] if ref_model is not None else None)
+        sample = test_x[: config.check_images] if ref_model is not None and config.check_images > 0 else None
+        skip = check_skip_adds(tmp, ref_model, sample)
         skip = dataclasses.replace(skip, model=str(out))  # name the file being accepted, not its staging path
         if not skip:
             raise CheckFailed(f"the {config.precision} variant of {src} fails the skip-add check; nothing written:\n{skip}")

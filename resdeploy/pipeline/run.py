@@ -27,7 +27,6 @@ import importlib.util
 import json
 import platform
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -139,8 +138,9 @@ class _Runner:
         """One sha256 over the files of ``paths`` (names and contents): a stage input."""
         h = hashlib.sha256()
         for p in paths:
-            for f in _files(p):
-                h.update(self.rel(f).encode() + b"\0" + atomic.sha256_file(f).encode() + b"\0")
+            for f in _files(p):  # names relative to the input itself: the key does not depend on where it lives
+                name = f.relative_to(p).as_posix() if p.is_dir() else f.name
+                h.update(name.encode() + b"\0" + atomic.sha256_file(f).encode() + b"\0")
         return h.hexdigest()
 
     def _emit(self, rec: StageRecord) -> StageRecord:
@@ -294,7 +294,10 @@ def _variant(r: _Runner, cfg: RunConfig, ckpt: Path, fp32: Path, precision: str,
         return (summary, {"precision": precision, "flavour": flavour, "gate": res.gate,
                           "accuracy": dataclasses.asdict(acc) if acc else None, "skipadd": res.skipadd.to_dict()}, [out])
 
-    r.stage(name, {**dataclasses.asdict(v), "precision": precision, "flavour": flavour},
+    # Only the options this variant reads: changing the INT8 calibration must not redo the FP16 variant.
+    own = ({"min_fp16_agreement": v.min_fp16_agreement} if precision == "fp16" else
+           {"int8_method": v.int8_method, "calibration_images": v.calibration_images, "max_int8_drop": v.max_int8_drop})
+    r.stage(name, {**own, "precision": precision, "flavour": flavour, "threads": cfg.engines.threads},
             {"fp32": r.sha(fp32), "checkpoint": r.sha(ckpt)}, run)
     return out
 
@@ -327,9 +330,9 @@ def _engine(r: _Runner, cfg: RunConfig, ckpt: Path, backend: str, precision: str
             min_batch=1, opt_batch=min(8, cfg.engines.trt_max_batch), max_batch=cfg.engines.trt_max_batch)))
         return (str(rep).splitlines()[0], {"build": str(rep)}, [plan, Path(f"{plan}.json")])
 
-    r.stage(name, {"backend": backend, "precision": precision, "threads": cfg.engines.threads,
-                   "rewrite_option_a": cfg.variants.rewrite_option_a, "trt_max_batch": cfg.engines.trt_max_batch},
-            {"model": r.sha(src)}, run)
+    own = ({"threads": cfg.engines.threads, "rewrite_option_a": cfg.variants.rewrite_option_a and precision == "fp32"}
+           if backend == "onnxruntime" else {"trt_max_batch": cfg.engines.trt_max_batch})
+    r.stage(name, {"backend": backend, "precision": precision, **own}, {"model": r.sha(src)}, run)
     return r.root / "engines" / (f"onnxruntime-{precision}" if backend == "onnxruntime" else f"tensorrt-{precision}.plan")
 
 
@@ -460,7 +463,7 @@ def _repository(r: _Runner, cfg: RunConfig, variants: dict[str, Path]) -> None:
         res = make_model_repository(src, out, model_name=name, max_batch_size=rc.max_batch_size,
                                     max_queue_delay_us=rc.max_queue_delay_us, instances=rc.instances)
         return (f"{name}: {rc.precision} model, sha256 {atomic.sha256_file(res.model_path)[:12]}",
-                {"path": str(out), "model_name": name, "precision": rc.precision,
+                {"path": r.rel(out), "model_name": name, "precision": rc.precision,
                  "model_sha256": atomic.sha256_file(res.model_path), "config": res.config_text}, [out])
 
     r.stage("repository", {**dataclasses.asdict(rc), "name": name}, {"model": r.sha(src)}, run)
@@ -523,11 +526,8 @@ def _write_summary(r: _Runner, cfg: RunConfig, ckpt: Path | None, variants: dict
                        if repo is not None and repo.result else None),
     }
     atomic.write_json(r.root / "run.json", summary)
-    try:
-        from resdeploy.pipeline.report import write_report
-    except ImportError:  # the report module is optional only while it is being written
-        print("note: resdeploy.pipeline.report is missing; wrote run.json only", file=sys.stderr)
-        return (r.root / "run.json",)
+    from resdeploy.pipeline.report import write_report
+
     files = write_report(r.root, summary)
     return (r.root / "run.json", *[Path(p) for p in dataclasses.astuple(files)])
 

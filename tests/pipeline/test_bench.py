@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+from types import SimpleNamespace
+
 
 import numpy as np
 import pytest
@@ -28,6 +30,8 @@ class FakeRunner:
     def __init__(self, clock: FakeClock, name: str, ms_per_image: float, log: list[str], first_call_ms: float = 0.0) -> None:
         self.clock, self.name, self.ms, self.log, self.first = clock, name, ms_per_image, log, first_call_ms
         self.description = f"fake {name}"
+        # the bench feeds each runner under its own input name (from the artifact), so a fake declares one too
+        self.inputs = [SimpleNamespace(name="input")]
 
     def infer(self, feed):
         batch = len(feed["input"])
