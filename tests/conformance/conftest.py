@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:  # `python -m pytest` from the root puts it there 
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import triton_harness as th  # noqa: E402
+from triton_cases import VARIANTS  # noqa: E402  (this folder is on sys.path: pytest's rootdir-less test folders)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -166,3 +167,29 @@ def ort_reference(resnet20_onnx):
 
     sess = ort.InferenceSession(str(resnet20_onnx), providers=["CPUExecutionProvider"])
     return lambda x: sess.run(["logits"], {"input": x})[0]
+
+
+# -- the shared repository: one model per variant `resdeploy repo` writes ------------------------------------
+
+
+@pytest.fixture(scope="session")
+def conformance_repo(tmp_path_factory, resnet20_onnx) -> Path:
+    import shutil
+
+    from resdeploy.pipeline.repository import make_model_repository
+
+    repo = tmp_path_factory.mktemp("conformance_repo")
+    for name, kw in VARIANTS.items():
+        kw = dict(kw)
+        versions, extra = kw.pop("versions", (1,)), kw.pop("extra_versions", ())
+        for v in versions:
+            make_model_repository(resnet20_onnx, repo, name, version=v, **kw)
+        for v in extra:  # present on disk but outside the policy: must not be served
+            shutil.copytree(repo / name / str(versions[0]), repo / name / str(v))
+    return repo
+
+
+@pytest.fixture(scope="session")
+def pair(start_pair, conformance_repo) -> Pair:
+    """Real Triton and `resdeploy serve` on the conformance repository."""
+    return start_pair(conformance_repo)
