@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     acc.add_argument("--no-trt-accelerator", dest="trt_accelerator", action="store_false")
     p.add_argument("--overwrite", action="store_true", help="replace an existing version folder's model")
     k = p.add_argument_group("KServe manifest (an InferenceService running this repository on Triton)")
-    k.add_argument("--kserve-manifest", metavar="PATH", help="write the InferenceService YAML here ('-' = REPO/../<name>-inferenceservice.yaml)")
+    k.add_argument("--kserve-manifest", metavar="PATH", nargs="?", const="-",
+                   help="write the InferenceService YAML (no PATH: beside the repository, <name>-inferenceservice.yaml)")
     k.add_argument("--storage-uri", help="where the cluster finds the repository (s3://, gs://, pvc://...); required with --kserve-manifest")
     k.add_argument("--gpus-per-replica", type=int, default=1, help="nvidia.com/gpu per replica (0 = CPU only)")
     k.add_argument("--min-replicas", type=int, default=1, help="replicas kept running (0 = scale to zero)")
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from resdeploy.errors import InputError
     from resdeploy.pipeline.repository import make_model_repository
 
-    if args.kserve_manifest and not args.storage_uri:
+    if args.kserve_manifest is not None and not args.storage_uri:
         raise InputError("--kserve-manifest needs --storage-uri: where the cluster reads the repository from "
                          "(e.g. s3://bucket/model_repository or pvc://models-pvc/model_repository)")
     result = make_model_repository(args.model, args.out, model_name=args.name, max_batch_size=args.max_batch_size,
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
                                    version_policy=args.version_policy, warmup=args.warmup, plans=args.plan,
                                    trt_accelerator=args.trt_accelerator)
     print(result)
-    if args.kserve_manifest:
+    if args.kserve_manifest is not None:
         from resdeploy.pipeline.kserve import write_inference_service
 
         path = write_inference_service(result, args.kserve_manifest, storage_uri=args.storage_uri,
