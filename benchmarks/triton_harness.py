@@ -14,7 +14,10 @@ backend but no onnxruntime backend. This module:
 3. **runs** ``tritonserver`` on free loopback ports in its own session (:func:`triton_server`, a context
    manager; :func:`start_triton`/:class:`TritonServer.stop`), waits until it serves, and stops it by PID:
    SIGTERM, then its stub child processes by PID, then the python backend's shared-memory regions (named
-   with a per-server prefix).
+   with a per-server prefix). Its work folder (backends copy + ``tritonserver.log``) goes in ``log_dir`` when
+   given (kept), else in the system temp folder (removed after a clean stop).
+
+``RESDEPLOY_TRITON_CACHE`` moves the venv cache (default ``<repository root>/.cache``).
 
 Why here: ``resdeploy/serve`` must not depend on test tooling, ``tests/`` is not an importable package,
 and ``benchmarks/serve_bench.py`` runs as a script with the repository root on ``sys.path``. So both import
@@ -214,6 +217,7 @@ class TritonServer:
     workdir: Path
     shm_prefix: str
     cmd: list[str] = field(default_factory=list)
+    owns_workdir: bool = False  # made in the system temp folder: removed on a clean stop (else kept for its log)
 
     @property
     def url(self) -> str:  # tritonclient.http's form
@@ -257,6 +261,9 @@ class TritonServer:
         for shm in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
             with contextlib.suppress(OSError):
                 shm.unlink()
+        shutil.rmtree(self.workdir / "backends", ignore_errors=True)  # the copied backends; the log stays
+        if self.owns_workdir and self.proc.returncode == 0:
+            shutil.rmtree(self.workdir, ignore_errors=True)
         return self.proc.returncode
 
 
@@ -294,7 +301,7 @@ def start_triton(repo: str | os.PathLike[str], *, install: TritonInstall | None 
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 cwd=workdir, start_new_session=True)
-    server = TritonServer(proc, http_port, grpc_port, metrics_port, log_path, workdir, shm_prefix, cmd)
+    server = TritonServer(proc, http_port, grpc_port, metrics_port, log_path, workdir, shm_prefix, cmd, log_dir is None)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
