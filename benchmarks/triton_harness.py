@@ -121,8 +121,13 @@ def ensure_install(cache_dir: Path = CACHE_DIR, python: Path = SYSTEM_PYTHON, qu
         raise TritonUnavailable(f"{python} is missing: pytriton's python-backend stub needs the system Python "
                                 "(install python3 and python3-venv from the distribution)")
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / "pytriton.lock", "w") as lock:
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(cache_dir / "pytriton.lock", "w")  # noqa: SIM115 - held for the whole build
+    except OSError as exc:
+        raise TritonUnavailable(f"cannot use the cache folder {cache_dir} ({exc}); set RESDEPLOY_TRITON_CACHE to a "
+                                "writable folder") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others then find it ready
         found = find_install(cache_dir, python)
         if found:
