@@ -350,8 +350,8 @@ def run_pipeline(cfg: RunConfig, *, say: Callable[[str], None] | None = None) ->
     root.mkdir(parents=True, exist_ok=True)
     engines, notes = _engine_backends(cfg)
     precisions = ["fp32", *cfg.variants.precisions]
-    total = (1 + 1 + len(cfg.variants.precisions) + ("tensorrt" in engines and "int8" in precisions)
-             + len(engines) * len(precisions) + 4)
+    total = (2 + len(cfg.variants.precisions) + ("tensorrt" in engines and "int8" in precisions)  # train, export, variants
+             + len(engines) * len(precisions) + 3)  # engines; parity, bench, repository
     r = _Runner(cfg, root, total, say)
     for n in notes:
         say(f"note: {n}")
