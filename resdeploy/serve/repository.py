@@ -286,7 +286,7 @@ def check_artifact(entry: ModelEntry) -> None:
     try:
         load_onnx(entry.artifact)
     except InputError as exc:
-        raise InputError(f"model '{entry.name}' version {entry.version} could not load: {exc}") from None
+        raise InputError(f"could not load: {exc}") from None
 
 
 # -- config vs model ------------------------------------------------------------------------------------
