@@ -173,20 +173,20 @@ def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
     if params is None:
         return {}
     if not isinstance(params, dict):
-        raise BadRequest(f"{where}: 'parameters' is a {_kind(params)}; expected a JSON object")
+        raise BadRequest(f"{where}: 'parameters' is {_kind(params)}; expected a JSON object")
     return params
 
 
 def _kind(value: Any) -> str:
     """A JSON type name for error messages (never the value itself, which may be huge)."""
-    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number",
-            type(None): "null"}.get(type(value), type(value).__name__)
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def _shape(tensor: dict[str, Any], name: str) -> tuple[int, ...]:
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        shown = repr(shape) if len(repr(shape)) < 200 else f"a {_kind(shape)} of {len(shape) if isinstance(shape, list) else '?'} items"
+        shown = repr(shape) if len(repr(shape)) < 200 else f"{_kind(shape)} of {len(shape) if isinstance(shape, list) else '?'} items"
         raise BadRequest(f"input '{name}': shape {shown} is not a list of non-negative integers")
     if len(shape) > MAX_DIMS:
         raise BadRequest(f"input '{name}': shape has {len(shape)} dims; at most {MAX_DIMS} are supported")
@@ -227,7 +227,7 @@ def encode_bytes_tensor(arr: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def _json_data(data: Any, dtype: np.dtype, datatype: str, count: int, name: str) -> np.ndarray:
+def _json_data(data: Any, dtype: np.dtype, datatype: str, count: int, name: str, ndim: int = 1) -> np.ndarray:
     if not isinstance(data, list):
         raise BadRequest(f"input '{name}': 'data' is a {type(data).__name__}; expected a list (flat or nested) of {count} values")
     if datatype == "BYTES":
@@ -245,6 +245,9 @@ def _json_data(data: Any, dtype: np.dtype, datatype: str, count: int, name: str)
         except (ValueError, TypeError, OverflowError, RecursionError):  # ragged or too-deep nesting, odd values
             raise BadRequest(f"input '{name}': 'data' is a ragged or too deeply nested list; expected {count} "
                              "values, flat or nested by the shape") from None
+        if arr.ndim > max(1, ndim):
+            raise BadRequest(f"input '{name}': 'data' is nested {arr.ndim} levels deep but the shape has {ndim} dims; "
+                             "send it flat or nested by the shape")
         if arr.dtype.kind == "O" or arr.dtype.kind in "SU":
             raise BadRequest(f"input '{name}': 'data' holds non-numeric values; expected {count} {datatype} numbers")
         if dtype.kind in "iu" and arr.size and arr.dtype.kind not in "iub":
@@ -296,7 +299,7 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
             raise BadRequest(f"input '{name}' appears twice in the request")
         datatype = t.get("datatype")
         if not isinstance(datatype, str) or datatype not in DATATYPES:  # a list/object is unhashable: check first
-            shown = repr(datatype) if isinstance(datatype, str) and len(datatype) < 64 else f"a {_kind(datatype)}"
+            shown = repr(datatype) if isinstance(datatype, str) and len(datatype) < 64 else f"{_kind(datatype)}"
             raise BadRequest(f"input '{name}': datatype {shown} unknown; expected a string, one of {', '.join(DATATYPES)}")
         dtype = DATATYPES[datatype]
         shape = _shape(t, name)
@@ -326,7 +329,7 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
                 else:
                     arr = np.frombuffer(body, dtype=dtype, count=count, offset=offset - size)
         elif "data" in t:
-            arr = _json_data(t["data"], dtype, datatype, count, name)
+            arr = _json_data(t["data"], dtype, datatype, count, name, len(shape))
         else:
             raise BadRequest(f"input '{name}' has neither 'data' nor parameters.binary_data_size")
         feeds[name] = arr.reshape(shape)
@@ -342,28 +345,28 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
         outputs = []
         for o in raw_outputs:
             if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-                raise BadRequest(f"a requested output (a {_kind(o)}) has no 'name'; expected {{\"name\": ..., \"parameters\": {{...}}}}")
+                raise BadRequest(f"a requested output ({_kind(o)}) has no 'name'; expected {{\"name\": ..., \"parameters\": {{...}}}}")
             p = _parameters(o, f"output '{o['name']}'")
             k = p.get("classification", 0)
             if not isinstance(k, int) or isinstance(k, bool) or k < 0:
                 raise BadRequest(f"output '{o['name']}': classification {k!r} must be a non-negative integer")
             binary = p.get("binary_data", False)
             if not isinstance(binary, bool):
-                raise BadRequest(f"output '{o['name']}': binary_data is a {_kind(binary)}; expected true or false")
+                raise BadRequest(f"output '{o['name']}': binary_data is {_kind(binary)}; expected true or false")
             outputs.append(RequestedOutput(o["name"], binary, k))
     params = _parameters(header, "request")
     timeout = params.get("timeout")
     if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
                                 or not math.isfinite(timeout) or timeout < 0 or timeout > MAX_TIMEOUT_US):
-        shown = repr(timeout) if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) else f"a {_kind(timeout)}"
+        shown = repr(timeout) if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) else f"{_kind(timeout)}"
         raise BadRequest(f"request parameter 'timeout' is {shown}; expected microseconds, a finite number from 0 "
                          f"(no deadline) to {MAX_TIMEOUT_US} (a day)")
     bdo = params.get("binary_data_output", False)
     if not isinstance(bdo, bool):
-        raise BadRequest(f"request parameter 'binary_data_output' is a {_kind(bdo)}; expected true or false")
+        raise BadRequest(f"request parameter 'binary_data_output' is {_kind(bdo)}; expected true or false")
     rid = header.get("id")
     if rid is not None and not isinstance(rid, str):  # Triton's id is a string; str() of a deep object recurses
-        raise BadRequest(f"request 'id' is a {_kind(rid)}; expected a string")
+        raise BadRequest(f"request 'id' is {_kind(rid)}; expected a string")
     return InferRequest(id=rid, inputs=feeds, outputs=outputs, binary_data_output=bdo, parameters=params)
 
 
