@@ -206,7 +206,7 @@ def _scan_model(repo: Path, model_dir: Path, follow: bool) -> list[ModelEntry]:
     where = f"model '{name}'"
     contained(model_dir, repo, "model folder", where, follow)
     cfg_path = model_dir / CONFIG_NAME
-    if not cfg_path.is_file():
+    if not cfg_path.exists():  # a FIFO or device is not "missing": read_config says what it is
         raise InputError(f"{cfg_path} is missing; every model folder needs a config.pbtxt")
     contained(cfg_path, model_dir, CONFIG_NAME, where, follow)
     config = read_config(cfg_path)
