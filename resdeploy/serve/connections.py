@@ -158,7 +158,10 @@ class ConnectionGuard:
         loop = asyncio.get_running_loop()
         manager = runner.server
         assert manager is not None, "runner.setup() first"
-        kwargs = dict(loop=loop, keepalive_timeout=self.limits.keepalive_timeout_s, access_log=None,
+        # aiohttp's own keep-alive timer also runs from accept and closes silently; it stays as a backstop only,
+        # later than the sweeper, so a client with a half-sent request gets the sweeper's 408 first.
+        backstop = max(self.limits.keepalive_timeout_s, self.limits.header_timeout_s) + 4 * SWEEP_S
+        kwargs = dict(loop=loop, keepalive_timeout=backstop, access_log=None,
                       lingering_time=min(10.0, self.limits.body_timeout_s),
                       # Bodies are read raw: the server inflates gzip/deflate itself, bounded by the body's size.
                       auto_decompress=False)

@@ -213,8 +213,6 @@ def test_server_serves_the_good_models_and_reports_each_bad_one(tmp_path, resnet
     sp = start_server(repo, tmp_path, "--no-strict-readiness")
     try:
         body, headers = encode_request({"input": mnist_images[:1]})
-        from conftest import http
-
         assert http("POST", f"http://{sp.url}/v2/models/good/infer", body, headers)[0] == 200
         log = sp.log()
         for name, reason in bad.items():
@@ -228,3 +226,15 @@ def test_server_serves_the_good_models_and_reports_each_bad_one(tmp_path, resnet
         assert sp.get("/v2/health/live")[0] == 200
     finally:
         assert stop_server(sp) == 0
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
