@@ -1,7 +1,7 @@
 """Stress: overload, SIGTERM under load x10, 1,000 idle connections, slow clients, RSS over 5 x 20 s windows
 (and a leaking handler that trips that RSS check), a long fuzz. Marked `stress`: not in the default run.
 
-    python -m pytest tests/stress -m stress -q        # prints one table at the end (about 6 minutes)
+    python -m pytest tests/stress -m stress -q        # prints one table at the end (about 4 minutes)
 """
 
 from __future__ import annotations
