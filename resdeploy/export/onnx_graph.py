@@ -8,6 +8,8 @@ computed only from constants) are not data.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -56,25 +58,80 @@ def shapes_of(model: onnx.ModelProto) -> dict[str, tuple[object, ...] | None]:
     return shapes
 
 
-def topo_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """The graph's nodes in a topological order (stable: file order where the file is already sorted)."""
-    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending = list(graph.node)
-    out: list[onnx.NodeProto] = []
-    while pending:
-        rest = []
-        for n in pending:
-            if all(i in available for i in n.input):
-                out.append(n)
-                available.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):
-            # A cycle or a dangling input: keep file order for the rest, the checker reports the real problem.
-            out.extend(rest)
-            break
-        pending = rest
+def _node_label(n: onnx.NodeProto) -> str:
+    return f"{n.op_type} node {n.name!r}" if n.name else f"unnamed {n.op_type} node (outputs {list(n.output)})"
+
+
+def validate_graph(graph: onnx.GraphProto) -> None:
+    """Refuse a graph that is not a DAG over its inputs: a tensor produced twice, a node input nothing produces
+    (dangling), a cycle, or a graph output nothing produces. Raises InputError naming the node and tensor.
+
+    Analysing such a graph would report on a network that cannot run: a cycle fed the residual check nodes in
+    file order and it passed. ONNX Runtime refuses these graphs too, but only when something runs them.
+    """
+    from resdeploy.errors import InputError
+
+    fix = "re-export the model (`resdeploy export`); the file is corrupt or was edited by hand"
+    sources = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    producer: dict[str, onnx.NodeProto] = {}
+    for n in graph.node:
+        for o in n.output:
+            if not o:
+                continue
+            if o in producer or o in sources - {""}:
+                first = _node_label(producer[o]) if o in producer else "a graph input or initializer"
+                raise InputError(f"invalid ONNX graph: tensor {o!r} is produced by both {first} and {_node_label(n)}; "
+                                 f"every tensor must have one producer. {fix}")
+            producer[o] = n
+    for n in graph.node:
+        for i in n.input:
+            if i not in sources and i not in producer:
+                raise InputError(f"invalid ONNX graph: {_node_label(n)} reads tensor {i!r}, which no node, graph input "
+                                 f"or initializer produces (a dangling input). {fix}")
+    for o in graph.output:
+        if o.name not in sources and o.name not in producer:
+            raise InputError(f"invalid ONNX graph: graph output {o.name!r} is produced by no node. {fix}")
+    # Every input has a producer, so nodes left over by Kahn's algorithm lie on (or after) a cycle.
+    order = _kahn(graph.node, sources)
+    if len(order) != len(graph.node):
+        done = {id(n) for n in order}
+        stuck = [n for n in graph.node if id(n) not in done]
+        raise InputError(f"invalid ONNX graph: a cycle through {', '.join(_node_label(n) for n in stuck[:4])}"
+                         f"{f' and {len(stuck) - 4} more' if len(stuck) > 4 else ''}; an ONNX graph must be acyclic. {fix}")
+
+
+def _kahn(nodes: "list[onnx.NodeProto] | Any", sources: set[str]) -> list[onnx.NodeProto]:
+    """Nodes in a topological order, file order among the ready ones; nodes on a cycle are left out."""
+    producer_of = {o: k for k, n in enumerate(nodes) for o in n.output if o}
+    waiting = [0] * len(nodes)
+    consumers: dict[int, list[int]] = {}
+    for k, n in enumerate(nodes):
+        deps = {producer_of[i] for i in n.input if i not in sources and i in producer_of}
+        waiting[k] = len(deps)
+        for d in deps:
+            consumers.setdefault(d, []).append(k)
+    import heapq
+
+    ready = [k for k, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    out = []
+    while ready:
+        k = heapq.heappop(ready)
+        out.append(nodes[k])
+        for c in consumers.get(k, ()):
+            waiting[c] -= 1
+            if waiting[c] == 0:
+                heapq.heappush(ready, c)
     return out
+
+
+def topo_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The graph's nodes in a topological order (file order where the file is already sorted).
+
+    Raises InputError for a graph that has none (a cycle, a dangling input): see :func:`validate_graph`.
+    """
+    validate_graph(graph)
+    return _kahn(graph.node, {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""})
 
 
 def _const_values(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:

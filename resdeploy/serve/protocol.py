@@ -7,7 +7,14 @@ saying its size in ``parameters.binary_data_size``. Responses mirror that: outpu
 tritonclient does when it names no outputs) are appended raw after the JSON header.
 
 Every error is a :class:`ServeError` whose ``status`` is the HTTP status and whose message names the tensor,
-what came and what was expected.
+what came and what was expected. Requests are untrusted: every count a request claims is checked against the
+bytes it actually carries *before* anything is allocated, so no request makes the decoder allocate more than a
+small multiple of its body (see ``MAX_DIMS`` and :func:`_decode_bytes_tensor`).
+
+Non-finite floats in JSON responses: RFC 8259 has no NaN or Infinity, so a NaN/Inf output value is written as
+the string ``"NaN"``, ``"Infinity"`` or ``"-Infinity"`` (protobuf's JSON mapping). tritonclient's
+``as_numpy`` turns those strings back into the float exactly (``np.array(data, dtype)``); binary outputs
+(``binary_data: true``, tritonclient's default) carry the IEEE bits unchanged.
 """
 
 from __future__ import annotations
@@ -42,6 +49,16 @@ class PayloadTooLarge(ServeError, InputError):
     status = 413
 
 
+class RequestTimeout(ServeError, InputError):
+    """The client did not send its request in time; the connection is closed after the answer."""
+
+    status = 408
+
+
+class UnsupportedMediaType(ServeError, InputError):
+    status = 415
+
+
 class Unavailable(ServeError):
     """Not ready, shutting down, queue full or timed out: the client may retry later."""
 
@@ -58,6 +75,12 @@ DATATYPES: dict[str, np.dtype] = {
     "BYTES": np.dtype(np.object_),
 }
 _NP_TO_TRITON = {v.name: k for k, v in DATATYPES.items() if k != "BYTES"}
+
+# Request limits. numpy 1.x allows 32 dims (2.x: 64); no model here has more than a handful, so 32 is the
+# portable ceiling and a deeper claim is a 400 instead of numpy's ValueError deep inside reshape.
+MAX_DIMS = 32
+MAX_ELEMENTS = 1 << 62  # product of the non-zero dims; numpy's intp overflows past 2**63
+MAX_TIMEOUT_US = 24 * 3600 * 10**6  # a day: larger deadlines overflow asyncio timers and are never meant
 
 
 def triton_dtype(numpy_dtype: str | np.dtype) -> str:
@@ -114,8 +137,9 @@ class InferRequest:
 
     @property
     def timeout_us(self) -> int | None:
+        """The request's ``timeout`` parameter (microseconds, checked finite and in range by the parser)."""
         t = self.parameters.get("timeout")
-        return int(t) if isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 else None
+        return int(t) if isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= MAX_TIMEOUT_US else None
 
 
 # -- request parsing --------------------------------------------------------------------------------------
@@ -136,18 +160,47 @@ def parse_header_length(value: str | None, body_size: int) -> int | None:
 def _loads(data: bytes | memoryview) -> Any:
     try:
         return json.loads(bytes(data))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:  # the C decoder refuses nesting past the interpreter's recursion limit
+        raise BadRequest("malformed JSON in the request: nested too deeply; a KServe v2 request needs only a few "
+                         "levels (nest 'data' by the shape at most, or send it flat)") from None
+    except ValueError as exc:  # JSONDecodeError, bad UTF-8, and integers over Python's 4,300-digit limit
         raise BadRequest(f"malformed JSON in the request: {exc}; expected a KServe v2 inference request object") from None
+
+
+def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    """``obj['parameters']``: absent/null is {}, anything else must be a JSON object."""
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise BadRequest(f"{where}: 'parameters' is {_kind(params)}; expected a JSON object")
+    return params
+
+
+def _kind(value: Any) -> str:
+    """A JSON type name for error messages (never the value itself, which may be huge)."""
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def _shape(tensor: dict[str, Any], name: str) -> tuple[int, ...]:
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise BadRequest(f"input '{name}': shape {shape!r} is not a list of non-negative integers")
+        shown = repr(shape) if len(repr(shape)) < 200 else f"{_kind(shape)} of {len(shape) if isinstance(shape, list) else '?'} items"
+        raise BadRequest(f"input '{name}': shape {shown} is not a list of non-negative integers")
+    if len(shape) > MAX_DIMS:
+        raise BadRequest(f"input '{name}': shape has {len(shape)} dims; at most {MAX_DIMS} are supported")
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
+        raise BadRequest(f"input '{name}': shape {shape} has more than 2**62 elements; no tensor is that large")
     return tuple(shape)
 
 
 def _decode_bytes_tensor(raw: memoryview, count: int, name: str) -> np.ndarray:
+    # Every element takes at least its 4-byte length prefix, so a count the bytes cannot hold is refused before
+    # the object array (8 bytes per element) is allocated: 113 bytes claiming 2e8 elements must not cost 1.6 GB.
+    if count * 4 > len(raw):
+        raise BadRequest(f"input '{name}': shape claims {count} BYTES elements but binary_data_size is {len(raw)} bytes; "
+                         f"each element needs at least 4 (its length prefix), so at most {len(raw) // 4} fit")
     out = np.empty(count, dtype=np.object_)
     pos = 0
     for i in range(count):
@@ -174,11 +227,13 @@ def encode_bytes_tensor(arr: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def _json_data(data: Any, dtype: np.dtype, datatype: str, count: int, name: str) -> np.ndarray:
+def _json_data(data: Any, dtype: np.dtype, datatype: str, count: int, name: str, ndim: int = 1) -> np.ndarray:
     if not isinstance(data, list):
         raise BadRequest(f"input '{name}': 'data' is a {type(data).__name__}; expected a list (flat or nested) of {count} values")
     if datatype == "BYTES":
         flat = _flatten(data)
+        if len(flat) != count:  # before allocating anything sized by the claim
+            raise BadRequest(f"input '{name}': 'data' has {len(flat)} values but shape needs {count}")
         arr = np.empty(len(flat), dtype=np.object_)
         for i, s in enumerate(flat):
             if not isinstance(s, str):
@@ -187,8 +242,12 @@ def _json_data(data: Any, dtype: np.dtype, datatype: str, count: int, name: str)
     else:
         try:
             arr = np.asarray(data)
-        except ValueError:  # ragged nesting
-            raise BadRequest(f"input '{name}': 'data' is a ragged nested list; expected {count} values, flat or nested by the shape") from None
+        except (ValueError, TypeError, OverflowError, RecursionError):  # ragged or too-deep nesting, odd values
+            raise BadRequest(f"input '{name}': 'data' is a ragged or too deeply nested list; expected {count} "
+                             "values, flat or nested by the shape") from None
+        if arr.ndim > max(1, ndim):
+            raise BadRequest(f"input '{name}': 'data' is nested {arr.ndim} levels deep but the shape has {ndim} dims; "
+                             "send it flat or nested by the shape")
         if arr.dtype.kind == "O" or arr.dtype.kind in "SU":
             raise BadRequest(f"input '{name}': 'data' holds non-numeric values; expected {count} {datatype} numbers")
         if dtype.kind in "iu" and arr.size and arr.dtype.kind not in "iub":
@@ -239,14 +298,13 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
         if name in feeds:
             raise BadRequest(f"input '{name}' appears twice in the request")
         datatype = t.get("datatype")
-        if datatype not in DATATYPES:
-            raise BadRequest(f"input '{name}': datatype {datatype!r} unknown; expected one of {', '.join(DATATYPES)}")
+        if not isinstance(datatype, str) or datatype not in DATATYPES:  # a list/object is unhashable: check first
+            shown = repr(datatype) if isinstance(datatype, str) and len(datatype) < 64 else f"{_kind(datatype)}"
+            raise BadRequest(f"input '{name}': datatype {shown} unknown; expected a string, one of {', '.join(DATATYPES)}")
         dtype = DATATYPES[datatype]
         shape = _shape(t, name)
         count = math.prod(shape)
-        params = t.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise BadRequest(f"input '{name}': 'parameters' must be an object")
+        params = _parameters(t, f"input '{name}'")
         size = params.get("binary_data_size")
         if size is not None:
             if "data" in t:
@@ -271,7 +329,7 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
                 else:
                     arr = np.frombuffer(body, dtype=dtype, count=count, offset=offset - size)
         elif "data" in t:
-            arr = _json_data(t["data"], dtype, datatype, count, name)
+            arr = _json_data(t["data"], dtype, datatype, count, name, len(shape))
         else:
             raise BadRequest(f"input '{name}' has neither 'data' nor parameters.binary_data_size")
         feeds[name] = arr.reshape(shape)
@@ -287,18 +345,29 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
         outputs = []
         for o in raw_outputs:
             if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-                raise BadRequest(f"requested output {o!r} has no 'name'")
-            p = o.get("parameters") or {}
+                raise BadRequest(f"a requested output ({_kind(o)}) has no 'name'; expected {{\"name\": ..., \"parameters\": {{...}}}}")
+            p = _parameters(o, f"output '{o['name']}'")
             k = p.get("classification", 0)
             if not isinstance(k, int) or isinstance(k, bool) or k < 0:
                 raise BadRequest(f"output '{o['name']}': classification {k!r} must be a non-negative integer")
-            outputs.append(RequestedOutput(o["name"], bool(p.get("binary_data", False)), k))
-    params = header.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise BadRequest("request 'parameters' must be an object")
+            binary = p.get("binary_data", False)
+            if not isinstance(binary, bool):
+                raise BadRequest(f"output '{o['name']}': binary_data is {_kind(binary)}; expected true or false")
+            outputs.append(RequestedOutput(o["name"], binary, k))
+    params = _parameters(header, "request")
+    timeout = params.get("timeout")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+                                or not math.isfinite(timeout) or timeout < 0 or timeout > MAX_TIMEOUT_US):
+        shown = repr(timeout) if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) else f"{_kind(timeout)}"
+        raise BadRequest(f"request parameter 'timeout' is {shown}; expected microseconds, a finite number from 0 "
+                         f"(no deadline) to {MAX_TIMEOUT_US} (a day)")
+    bdo = params.get("binary_data_output", False)
+    if not isinstance(bdo, bool):
+        raise BadRequest(f"request parameter 'binary_data_output' is {_kind(bdo)}; expected true or false")
     rid = header.get("id")
-    return InferRequest(id=None if rid is None else str(rid), inputs=feeds, outputs=outputs,
-                        binary_data_output=bool(params.get("binary_data_output", False)), parameters=params)
+    if rid is not None and not isinstance(rid, str):  # Triton's id is a string; str() of a deep object recurses
+        raise BadRequest(f"request 'id' is {_kind(rid)}; expected a string")
+    return InferRequest(id=rid, inputs=feeds, outputs=outputs, binary_data_output=bdo, parameters=params)
 
 
 def check_inputs(request: InferRequest, specs: list[IOSpec], model: str, max_batch_size: int) -> int:
@@ -368,16 +437,28 @@ def encode_infer_response(model: str, version: str, request: InferRequest, outpu
         elif datatype == "BYTES":
             entry["data"] = [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in arr.ravel()]
         else:
-            entry["data"] = arr.ravel().tolist()
+            entry["data"] = _json_values(arr)
         entries.append(entry)
     resp: dict[str, Any] = {"model_name": model, "model_version": version}
     if request.id is not None:
         resp["id"] = request.id
     resp["outputs"] = entries
-    header = json.dumps(resp, separators=(",", ":")).encode("utf-8")
+    header = json.dumps(resp, separators=(",", ":"), allow_nan=False).encode("utf-8")
     if not blobs:
         return EncodedResponse(header, None)
     return EncodedResponse(b"".join([header, *blobs]), len(header))
+
+
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def _json_values(arr: np.ndarray) -> list[Any]:
+    """A tensor's values for JSON: numbers, with NaN/Inf as the strings "NaN"/"Infinity"/"-Infinity" (RFC 8259
+    has no such numbers; these are protobuf's JSON spellings and tritonclient's as_numpy parses them back)."""
+    values = arr.ravel().tolist()
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        values = [v if math.isfinite(v) else _NON_FINITE[repr(v)] for v in values]
+    return values
 
 
 def check_outputs(request: InferRequest, names: list[str], model: str) -> None:
@@ -388,7 +469,8 @@ def check_outputs(request: InferRequest, names: list[str], model: str) -> None:
             raise BadRequest(f"model '{model}': requested output '{o.name}' unknown; expected one of {names}")
 
 
-__all__ = ["BadRequest", "DATATYPES", "EncodedResponse", "IOSpec", "InferRequest", "NotFound", "PayloadTooLarge",
-           "RequestedOutput", "ServeError", "Unavailable", "check_inputs", "check_outputs", "classify",
+__all__ = ["BadRequest", "DATATYPES", "EncodedResponse", "IOSpec", "InferRequest", "MAX_DIMS", "MAX_TIMEOUT_US",
+           "NotFound", "PayloadTooLarge", "RequestTimeout", "RequestedOutput", "ServeError", "Unavailable",
+           "UnsupportedMediaType", "check_inputs", "check_outputs", "classify",
            "config_dtype_to_triton", "encode_bytes_tensor", "encode_infer_response", "parse_header_length",
            "parse_infer_request", "triton_dtype", "triton_to_config_dtype"]

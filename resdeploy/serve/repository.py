@@ -8,19 +8,37 @@ any that are given are checked against the model (names, datatypes, dims) with e
 Labels for the classification extension come from an output's ``label_filename`` (a file beside
 config.pbtxt, one label per line: Triton's convention) or else from the ONNX model's ``labels``
 metadata_prop (a JSON list).
+
+A repository is not trusted to stay inside itself. Every path it names (``label_filename``,
+``default_model_filename``, ``cc_model_filenames``, version folders, the model folder and config.pbtxt)
+must be a plain relative name without ``..`` that still lies inside its model's folder once symlinks are
+resolved; one that leaves it is refused (that model version is not served, the reason is in the log and
+its ready/metadata answers) unless ``follow_symlinks`` is set, and each one followed is logged. An ONNX
+model's external-data locations are checked by :func:`check_artifact` (:func:`resdeploy.artifact.load_onnx`)
+before any runtime opens the file. Whatever goes wrong with one model (unreadable, not UTF-8, invalid) becomes that
+model's ``error``; the scan never raises for one model's files.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 from resdeploy.errors import InputError
 from resdeploy.serve.protocol import IOSpec, config_dtype_to_triton, triton_dtype, triton_to_config_dtype
 
+log = logging.getLogger("resdeploy.serve")
+
 CONFIG_NAME = "config.pbtxt"
+MAX_CONFIG_BYTES = 4 << 20  # a config.pbtxt is a few KiB; a bigger one is a mistake (or /dev/zero behind a symlink)
+MAX_LABEL_BYTES = 64 << 20  # 1,000 ImageNet labels take 30 KiB
+_VERSION = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
 # Triton's default file name and platform per backend.
 PLATFORMS = {".onnx": ("model.onnx", "onnxruntime_onnx", "onnxruntime"),
              ".plan": ("model.plan", "tensorrt_plan", "tensorrt")}
@@ -35,19 +53,34 @@ def _pb():  # noqa: ANN202 - protobuf module
     return model_config_pb2
 
 
+def _read_small_text(path: Path, limit: int, what: str) -> str:
+    """A regular file's text as UTF-8, refusing FIFOs/devices (a read would block or never end) and huge files."""
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{what} {path} is not a regular file; put a plain text file there")
+        if st.st_size > limit:
+            raise InputError(f"{what} {path} is {st.st_size} bytes; the limit is {limit}. Is it the right file?")
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise InputError(f"{what} {path} cannot be read ({exc}); check the file and its permissions") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{what} {path} is not UTF-8 text ({exc}); save it as UTF-8") from None
+
+
 def read_config(path: str | Path) -> Any:
     """Parse a config.pbtxt into a ``ModelConfig`` message; a syntax error names the file and line."""
     from google.protobuf import text_format
 
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc}") from None
+    text = _read_small_text(path, MAX_CONFIG_BYTES, "config")
     try:
         return text_format.Parse(text, _pb().ModelConfig())
-    except text_format.ParseError as exc:
-        raise InputError(f"{path}: {exc}; expected Triton ModelConfig text format "
+    except (text_format.ParseError, RecursionError, ValueError) as exc:
+        raise InputError(f"{path}: {str(exc)[:500]}; expected Triton ModelConfig text format "
                          "(https://github.com/triton-inference-server/common/blob/main/protobuf/model_config.proto)") from None
 
 
@@ -98,10 +131,39 @@ class ModelEntry:
     config: Any  # ModelConfig
     versions_available: list[str] = field(default_factory=list)
     error: str | None = None  # why it cannot be served (reported by /ready and in the log)
+    follow_symlinks: bool = False  # the scan's setting, which read_labels applies too
+
+
+# -- paths the repository names ---------------------------------------------------------------------------
+def _plain_name(name: str, what: str, where: str) -> Path:
+    """A relative name without '..': the lexical half of the containment rule."""
+    rel = Path(name)
+    if not name or "\0" in name or rel.is_absolute() or ".." in rel.parts or rel == Path("."):
+        raise InputError(f"{where}: {what} {name!r} must be a file name relative to the model's folder, without '..' "
+                         "or an absolute path; refusing it. Put the file inside the model's folder")
+    return rel
+
+
+def contained(path: Path, folder: Path, what: str, where: str, follow_symlinks: bool) -> Path:
+    """``path`` if it resolves inside ``folder``; else InputError, or (``follow_symlinks``) a logged warning."""
+    try:
+        real, root = path.resolve(), folder.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise InputError(f"{where}: {what} {path} cannot be resolved ({exc}); fix the symlink") from None
+    if real == root or root in real.parents:
+        return path
+    if follow_symlinks:
+        log.warning("%s: %s %s resolves to %s, outside %s; following it because of --follow-symlinks",
+                    where, what, path, real, root)
+        return path
+    raise InputError(f"{where}: {what} {path} resolves to {real}, outside {root} (a symlink leaving it); refusing it. "
+                     "Copy the file into the model's folder, or start the server with --follow-symlinks to allow it")
 
 
 def _versions(model_dir: Path) -> list[int]:
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+    # ASCII digits only, and no leading zeros beyond '0' itself: '01' and '1' would be one version twice.
+    return sorted(int(p.name) for p in model_dir.iterdir()
+                  if _VERSION.fullmatch(p.name) and not p.name.startswith("0") and p.is_dir())
 
 
 def _selected_versions(config: Any, available: list[int]) -> list[int]:
@@ -114,61 +176,117 @@ def _selected_versions(config: Any, available: list[int]) -> list[int]:
     return available[-max(1, n):]
 
 
-def scan_repository(repo: str | Path) -> list[ModelEntry]:
-    """Every servable (model, version) in ``repo``; a model that cannot be read is returned with ``error`` set."""
+def scan_repository(repo: str | Path, *, follow_symlinks: bool = False) -> list[ModelEntry]:
+    """Every servable (model, version) in ``repo``; a model that cannot be read is returned with ``error`` set.
+
+    Only a missing repository raises; anything wrong inside one model folder is that model's ``error``.
+    """
     repo = Path(repo)
     if not repo.is_dir():
         raise InputError(f"model repository {repo} is not a folder; expected REPO/<model>/config.pbtxt and "
                          "REPO/<model>/<version>/model.onnx (make one with `resdeploy repo MODEL.onnx --out REPO`)")
     entries: list[ModelEntry] = []
-    for model_dir in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    try:
+        model_dirs = sorted(p for p in repo.iterdir() if not p.name.startswith(".") and p.is_dir())
+    except OSError as exc:
+        raise InputError(f"cannot list model repository {repo}: {exc}; check its permissions") from None
+    for model_dir in model_dirs:
         name = model_dir.name
-        cfg_path = model_dir / CONFIG_NAME
-        if not cfg_path.is_file():
-            entries.append(ModelEntry(name, "1", model_dir, None, _pb().ModelConfig(name=name),
-                                      error=f"{cfg_path} is missing; every model folder needs a config.pbtxt"))
-            continue
         try:
-            config = read_config(cfg_path)
-        except InputError as exc:
-            entries.append(ModelEntry(name, "1", model_dir, None, _pb().ModelConfig(name=name), error=str(exc)))
-            continue
-        if config.name and config.name != name:
-            entries.append(ModelEntry(name, "1", model_dir, None, config,
-                                      error=f"{cfg_path} says name '{config.name}' but the folder is '{name}'; "
-                                            "Triton requires them to match"))
-            continue
-        config.name = name
-        available = _versions(model_dir)
-        if not available:
-            entries.append(ModelEntry(name, "1", model_dir, None, config,
-                                      error=f"{model_dir} has no numeric version folder; expected {model_dir}/1/model.onnx"))
-            continue
-        chosen = _selected_versions(config, available)
-        if not chosen:
-            entries.append(ModelEntry(name, str(available[-1]), model_dir, None, config,
-                                      error=f"{cfg_path}: version_policy selects none of the versions {available}"))
-            continue
-        for v in chosen:
-            artifact, err = _find_artifact(model_dir / str(v), config)
-            entries.append(ModelEntry(name, str(v), model_dir, artifact, config,
-                                      versions_available=[str(x) for x in chosen], error=err))
+            entries += _scan_model(repo, model_dir, follow_symlinks)
+        except Exception as exc:  # one model's files must never take the server down: report, serve the rest
+            reason = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
+            entries.append(ModelEntry(name, "1", model_dir, None, _pb().ModelConfig(name=name), error=reason[:2000],
+                                      follow_symlinks=follow_symlinks))
     return entries
 
 
-def _find_artifact(version_dir: Path, config: Any) -> tuple[Path | None, str | None]:
+def _scan_model(repo: Path, model_dir: Path, follow: bool) -> list[ModelEntry]:
+    name = model_dir.name
+    where = f"model '{name}'"
+    contained(model_dir, repo, "model folder", where, follow)
+    cfg_path = model_dir / CONFIG_NAME
+    if not cfg_path.exists():  # a FIFO or device is not "missing": read_config says what it is
+        raise InputError(f"{cfg_path} is missing; every model folder needs a config.pbtxt")
+    contained(cfg_path, model_dir, CONFIG_NAME, where, follow)
+    config = read_config(cfg_path)
+    if config.name and config.name != name:
+        return [ModelEntry(name, "1", model_dir, None, config, follow_symlinks=follow,
+                           error=f"{cfg_path} says name '{config.name}' but the folder is '{name}'; "
+                                 "Triton requires them to match")]
+    config.name = name
+    for out in config.output:  # checked now so a bad label path is reported before anything loads
+        if out.label_filename:
+            label = model_dir / _plain_name(out.label_filename, "label_filename", f"{where} output '{out.name}'")
+            contained(label, model_dir, "label_filename", f"{where} output '{out.name}'", follow)
     if config.default_model_filename:
-        p = version_dir / config.default_model_filename
-        return (p, None) if p.is_file() else (None, f"{p} is missing (default_model_filename in config.pbtxt)")
+        _plain_name(config.default_model_filename, "default_model_filename", where)
+    for cc, fname in config.cc_model_filenames.items():
+        _plain_name(fname, f"cc_model_filenames[{cc!r}]", where)
+    available = _versions(model_dir)
+    if not available:
+        raise InputError(f"{model_dir} has no numeric version folder; expected {model_dir}/1/model.onnx")
+    chosen = _selected_versions(config, available)
+    if not chosen:
+        return [ModelEntry(name, str(available[-1]), model_dir, None, config, follow_symlinks=follow,
+                           error=f"{cfg_path}: version_policy selects none of the versions {available}")]
+    entries = []
+    for v in chosen:
+        try:
+            version_dir = contained(model_dir / str(v), model_dir, "version folder", where, follow)
+            artifact = _find_artifact(version_dir, config, where, follow)
+            err = None
+        except InputError as exc:
+            artifact, err = None, str(exc)
+        entries.append(ModelEntry(name, str(v), model_dir, artifact, config, follow_symlinks=follow,
+                                  versions_available=[str(x) for x in chosen], error=err))
+    return entries
+
+
+def _find_artifact(version_dir: Path, config: Any, where: str = "model", follow: bool = False) -> Path:
+    """The model file of one version, checked to lie inside the version folder (ONNX: external data too)."""
+    for cc, fname in config.cc_model_filenames.items():  # not loaded by resdeploy, but never allowed to point out
+        p = version_dir / fname
+        if p.exists() or p.is_symlink():
+            contained(p, version_dir, f"cc_model_filenames[{cc!r}]", where, follow)
+    if config.default_model_filename:
+        p = version_dir / _plain_name(config.default_model_filename, "default_model_filename", where)
+        if not p.is_file():
+            raise InputError(f"{p} is missing (default_model_filename in config.pbtxt)")
+        return _checked_artifact(contained(p, version_dir, "default_model_filename", where, follow), version_dir, where, follow)
     wanted = [PLATFORMS[".onnx"][0], PLATFORMS[".plan"][0]]
     if config.platform == "tensorrt_plan" or config.backend == "tensorrt":
         wanted = [PLATFORMS[".plan"][0]]
     elif config.platform == "onnxruntime_onnx" or config.backend == "onnxruntime":
         wanted = [PLATFORMS[".onnx"][0]]
     for fname in wanted:
-        if (version_dir / fname).is_file():
-            return version_dir / fname, None
-    return None, f"{version_dir} has no {' or '.join(wanted)}; export one with `resdeploy export` / `resdeploy engine`"
+        p = version_dir / fname
+        if p.is_file():
+            return _checked_artifact(contained(p, version_dir, "model file", where, follow), version_dir, where, follow)
+    raise InputError(f"{version_dir} has no {' or '.join(wanted)}; export one with `resdeploy export` / `resdeploy engine`")
+
+
+def _checked_artifact(path: Path, version_dir: Path, where: str, follow: bool) -> Path:
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise InputError(f"{where}: model file {path} is not a regular file")
+    return path
+
+
+def check_artifact(entry: ModelEntry) -> None:
+    """Before a runtime opens ``entry``'s ONNX file: its external-data locations stay inside its folder.
+
+    The server checks this itself rather than trusting whichever onnxruntime version is installed to refuse
+    ``../../etc/shadow``, a symlink or an offset past the end (graph only: the weights are not read here).
+    Plans and other files are left to their runtime (see the README's Security section: plans are trusted).
+    """
+    if entry.artifact is None or entry.artifact.suffix != ".onnx":
+        return
+    from resdeploy.artifact import load_onnx
+
+    try:
+        load_onnx(entry.artifact)
+    except InputError as exc:
+        raise InputError(f"could not load: {exc}") from None
 
 
 # -- config vs model ------------------------------------------------------------------------------------
@@ -258,16 +376,19 @@ def read_labels(entry: ModelEntry, artifact_labels: Sequence[str] = ()) -> dict[
     labels: dict[str, list[str]] = {}
     for out in entry.config.output:
         if out.label_filename:
-            path = entry.dir / out.label_filename
+            # The labels go back to any client, so the file must be the model's own: inside its folder.
+            where = f"model '{entry.name}' output '{out.name}'"
+            path = entry.dir / _plain_name(out.label_filename, "label_filename", where)
+            contained(path, entry.dir, "label_filename", where, entry.follow_symlinks)
             try:
-                labels[out.name] = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            except OSError as exc:
-                raise InputError(f"model '{entry.name}': label_filename {path} cannot be read ({exc}); "
-                                 "put the file beside config.pbtxt, one label per line") from None
+                text = _read_small_text(path, MAX_LABEL_BYTES, "label_filename")
+            except InputError as exc:
+                raise InputError(f"model '{entry.name}': {exc}; put the file beside config.pbtxt, one label per line") from None
+            labels[out.name] = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if artifact_labels and entry.config.output and entry.config.output[0].name not in labels:
         labels[entry.config.output[0].name] = [str(x) for x in artifact_labels]
     return labels
 
 
-__all__ = ["CONFIG_NAME", "ModelEntry", "PLATFORMS", "complete_config", "config_to_json", "instance_count", "io_specs",
-           "read_config", "read_labels", "scan_repository", "wants_cpu"]
+__all__ = ["CONFIG_NAME", "ModelEntry", "PLATFORMS", "check_artifact", "complete_config", "config_to_json", "contained", "instance_count",
+           "io_specs", "read_config", "read_labels", "scan_repository", "wants_cpu"]

@@ -10,7 +10,13 @@ Endpoints (Open Inference Protocol v2 REST plus Triton's extensions that its cli
 
 Lifecycle: the port is bound first (live answers at once), models load and warm up in threads, then
 ``/v2/health/ready`` turns 200. On SIGTERM readiness turns false at once, new requests get 503, requests
-already accepted finish (up to ``shutdown_timeout_s``), then the process exits 0.
+already accepted finish (up to ``shutdown_timeout_s``), then the process exits 0 (1 if any request had to be
+abandoned at the deadline; the log says how many). See :mod:`resdeploy.serve.connections` for the connection
+deadlines (header, body, keep-alive), the connection cap and the drain.
+
+Request bodies may be ``Content-Encoding: gzip`` or ``deflate`` (as tritonclient sends them); the server
+inflates them itself, to at most ``max_inflate_ratio`` times the bytes received and never past
+``max_body_bytes``, so a compressed bomb costs a 413, not memory.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 import signal
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,14 +38,15 @@ import resdeploy
 from resdeploy.errors import InputError, ResdeployError
 from resdeploy.serve.batching import BatcherConfig, DynamicBatcher
 from resdeploy.serve.metrics import ModelStats, prometheus_text, stats_json
-from resdeploy.serve.protocol import (IOSpec, NotFound, PayloadTooLarge, ServeError, Unavailable, check_inputs,
-                                      check_outputs, encode_infer_response, parse_header_length, parse_infer_request)
-from resdeploy.serve.repository import (ModelEntry, complete_config, config_to_json, instance_count, io_specs,
-                                        read_labels, scan_repository, wants_cpu)
+from resdeploy.serve.protocol import (BadRequest, IOSpec, NotFound, PayloadTooLarge, RequestTimeout, ServeError,
+                                      Unavailable, UnsupportedMediaType, check_inputs, check_outputs, encode_infer_response,
+                                      parse_header_length, parse_infer_request)
+from resdeploy.serve.repository import (ModelEntry, check_artifact, complete_config, config_to_json, instance_count,
+                                        io_specs, read_labels, scan_repository, wants_cpu)
 
 log = logging.getLogger("resdeploy.serve")
 
-DRAIN_GRACE_S = 0.3  # after the drain, how long 503s are still answered before the listener closes
+DRAIN_GRACE_S = 0.3  # after SIGTERM, the listener stays open at least this long, answering 503 (not refusing)
 EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration", "statistics", "model_repository"]
 
 
@@ -53,6 +61,12 @@ class ServerConfig:
     backend: str = "auto"  # auto | onnxruntime | tensorrt: what runs the artifacts (auto: by file type and device)
     strict_readiness: bool = True  # like Triton: ready only when every model loaded; False = ready once loading ends
     warmup: bool = True  # one inference at batch 1 and max batch per instance before ready
+    header_timeout_s: float = 10.0  # a connection must deliver a complete request head within this (else 408, closed)
+    body_timeout_s: float = 60.0  # and its body within this once the head is in (else 408)
+    keepalive_timeout_s: float = 75.0  # idle keep-alive connections are closed after this
+    max_connections: int = 1024  # open connections; more are answered 503 and closed
+    max_inflate_ratio: float = 32.0  # a gzip/deflate body may inflate to at most this many times its size
+    follow_symlinks: bool = False  # True: repository symlinks that leave a model's folder are followed (logged)
 
 
 @dataclass
@@ -103,8 +117,8 @@ class ModelServer:
         self.draining = False
         self.inflight = 0
         self._stop = asyncio.Event()
-        self._drained = asyncio.Event()
         self.port: int | None = None
+        self.guard: Any = None  # the ConnectionGuard, once run() listens
 
     # -- loading ---------------------------------------------------------------------------------------
     def _threads(self, entries: list[ModelEntry]) -> int:
@@ -170,7 +184,7 @@ class ModelServer:
 
     async def load_models(self) -> None:
         loop = asyncio.get_running_loop()
-        entries = await loop.run_in_executor(None, scan_repository, self.repo)
+        entries = await loop.run_in_executor(None, lambda: scan_repository(self.repo, follow_symlinks=self.config.follow_symlinks))
         threads = self._threads(entries)
         for e in entries:
             self.models.setdefault(e.name, {})[e.version] = LoadedModel(e, ModelStats(e.name, e.version))
@@ -181,14 +195,18 @@ class ModelServer:
             else:
                 t0 = time.perf_counter()
                 try:
+                    await loop.run_in_executor(None, check_artifact, e)
                     await loop.run_in_executor(None, self._load_one, m, threads)
+                    m.batcher = DynamicBatcher(m.runners, _batcher_config(e.config), m.stats, name=e.name)
                 except Exception as exc:  # any load failure: report it, keep serving the rest
                     m.error = str(exc) if isinstance(exc, ResdeployError) else f"{type(exc).__name__}: {exc}"
                     for r in m.runners:
-                        r.deactivate()
+                        try:
+                            r.deactivate()
+                        except Exception:  # noqa: BLE001 - a half-opened runner must not hide the load error
+                            log.exception("model '%s': closing a runner after the failed load", e.name)
                     m.runners = []
                 else:
-                    m.batcher = DynamicBatcher(m.runners, _batcher_config(e.config), m.stats, name=e.name)
                     m.ready = True
                     log.info("model '%s' version %s ready in %.1f s: %s, %d instance(s) x %d thread(s), %s", e.name,
                              e.version, time.perf_counter() - t0, m.description, len(m.runners), threads, m.batcher.config)
@@ -221,11 +239,27 @@ class ModelServer:
         from aiohttp import web
 
         @web.middleware
+        async def connection_phase(request: web.Request, handler: Any) -> web.StreamResponse:
+            # The guard reads each connection's phase: a request being handled is never closed by the drain.
+            guard = self.guard
+            if guard is not None:
+                guard.request_started(request.protocol)
+            try:
+                resp = await handler(request)
+                if self.draining:  # the client must not reuse a connection that is about to close
+                    resp.force_close()
+                return resp
+            finally:
+                if guard is not None:
+                    guard.request_finished(request.protocol)
+
+        @web.middleware
         async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
             try:
                 return await handler(request)
             except ServeError as exc:
-                return _json_error(exc.status, str(exc), close=self.draining)
+                # 408/413: the body was not (fully) read, so the connection cannot carry another request.
+                return _json_error(exc.status, str(exc), close=self.draining or exc.status in (408, 413))
             except web.HTTPRequestEntityTooLarge:
                 return _json_error(413, f"request body exceeds {self.config.max_body_bytes} bytes (--max-body-mb); "
                                         "send smaller batches")
@@ -239,7 +273,7 @@ class ModelServer:
                 log.exception("internal error on %s %s", request.method, request.path)
                 return _json_error(500, f"internal server error: {type(exc).__name__}: {exc}")
 
-        app = web.Application(middlewares=[errors], client_max_size=self.config.max_body_bytes)
+        app = web.Application(middlewares=[connection_phase, errors], client_max_size=self.config.max_body_bytes)
         r = app.router
         r.add_get("/v2", self.h_server_metadata)
         r.add_get("/v2/health/live", self.h_live)
@@ -329,11 +363,7 @@ class ModelServer:
             if request.content_length is not None and request.content_length > self.config.max_body_bytes:
                 raise PayloadTooLarge(f"request body is {request.content_length} bytes; the limit is "
                                       f"{self.config.max_body_bytes} (--max-body-mb); send smaller batches")
-            try:
-                body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                raise PayloadTooLarge(f"request body exceeds {self.config.max_body_bytes} bytes (--max-body-mb); "
-                                      "send smaller batches") from None
+            body = await self._read_body(request)
             hlen = parse_header_length(request.headers.get("Inference-Header-Content-Length"), len(body))
             req = parse_infer_request(body, hlen)
             batch = check_inputs(req, m.inputs, m.name, m.max_batch_size)
@@ -347,17 +377,48 @@ class ModelServer:
             raise
         finally:
             self.inflight -= 1
-            if self.draining and self.inflight == 0:
-                self._drained.set()
         m.stats.record_success(time.perf_counter_ns() - t0)
         if enc.header_length is None:
             resp = web.Response(body=enc.body, content_type="application/json")
         else:
             resp = web.Response(body=enc.body, content_type="application/octet-stream",
                                 headers={"Inference-Header-Content-Length": str(enc.header_length)})
-        if self.draining:  # the client should not reuse a connection that is about to close
-            resp.force_close()
         return resp
+
+    async def _read_body(self, request: Any) -> bytes:
+        """The request body, inflated when gzip/deflate, within the body deadline and the size limits."""
+        from aiohttp import web
+
+        limit = self.config.max_body_bytes
+        try:
+            body = await asyncio.wait_for(request.read(), self.config.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"request body not received within {self.config.body_timeout_s} s (--body-timeout); "
+                                 "send the body promptly after the headers") from None
+        except web.HTTPRequestEntityTooLarge:
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes (--max-body-mb); send smaller batches") from None
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding in ("", "identity"):
+            return body
+        if encoding not in ("gzip", "deflate"):
+            raise UnsupportedMediaType(f"Content-Encoding {encoding[:40]!r} is not supported; send gzip, deflate or "
+                                       "an uncompressed body")
+        # Inflate at most ratio x the received size (and never past the body limit) before giving up: a 64 KiB
+        # gzip bomb must cost about 2 MiB, not the 64 MiB (or gigabytes) it expands to.
+        cap = int(min(limit, max(64 << 10, self.config.max_inflate_ratio * len(body))))
+        d = zlib.decompressobj(wbits=47)  # 32 + 15: a zlib or gzip header, detected (tritonclient sends either)
+        try:
+            out = d.decompress(body, cap + 1)
+        except zlib.error as exc:
+            raise BadRequest(f"request body is not valid {encoding} data ({exc}); compress it with zlib/gzip or "
+                             "drop the Content-Encoding header") from None
+        if len(out) > cap:
+            raise PayloadTooLarge(f"{encoding} request body of {len(body)} bytes inflates past {cap} bytes (at most "
+                                  f"{self.config.max_inflate_ratio:g}x its size, --max-inflate-ratio, and the "
+                                  f"{limit}-byte body limit, --max-body-mb); send it uncompressed or in smaller batches")
+        if not d.eof or d.unused_data:
+            raise BadRequest(f"{encoding} request body is truncated or has trailing bytes; send one complete stream")
+        return out
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -370,24 +431,29 @@ class ModelServer:
     async def run(self, on_ready: Any = None) -> int:
         from aiohttp import web
 
+        from resdeploy.serve.connections import ConnectionGuard, ConnectionLimits
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 loop.add_signal_handler(sig, self.request_stop)
             except (NotImplementedError, RuntimeError):  # not the main thread (tests) or no signals (Windows)
                 pass
-        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        c = self.config
+        self.guard = ConnectionGuard(ConnectionLimits(c.header_timeout_s, c.body_timeout_s, c.keepalive_timeout_s,
+                                                      c.max_connections))
+        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
-        site = web.TCPSite(runner, self.config.host, self.config.port, shutdown_timeout=self.config.shutdown_timeout_s,
-                           reuse_address=True, backlog=1024)
         try:
-            await site.start()
+            self.port = await self.guard.listen(runner, c.host, c.port)
         except OSError as exc:
             await runner.cleanup()
-            raise InputError(f"cannot listen on {self.config.host}:{self.config.port}: {exc}; pick a free port with --port") from None
-        addresses = runner.addresses  # the bound (host, port): --port 0 picks a free port
-        self.port = addresses[0][1] if addresses else self.config.port
-        log.info("listening on http://%s:%d (live; loading models from %s)", self.config.host, self.port, self.repo)
+            raise InputError(f"cannot listen on {c.host}:{c.port}: {exc}; pick a free port with --port") from None
+        log.info("listening on http://%s:%d (live; loading models from %s); limits: header %gs, body %gs, keep-alive "
+                 "%gs, %d connections, body %d bytes (inflated at most %gx); repository symlinks %s", c.host,
+                 self.port, self.repo, c.header_timeout_s, c.body_timeout_s, c.keepalive_timeout_s, c.max_connections,
+                 c.max_body_bytes, c.max_inflate_ratio,
+                 "FOLLOWED outside model folders (--follow-symlinks)" if c.follow_symlinks else "kept inside model folders")
         load = asyncio.ensure_future(self.load_models())
         stop = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait([load, stop], return_when=asyncio.FIRST_COMPLETED)
@@ -396,22 +462,13 @@ class ModelServer:
             n_ok = sum(m.ready for vs in self.models.values() for m in vs.values())
             n_all = sum(len(vs) for vs in self.models.values())
             log.info("%d of %d model version(s) loaded; server %s on http://%s:%d", n_ok, n_all,
-                     "ready" if self.ready else "NOT ready (a model failed to load)", self.config.host, self.port)
+                     "ready" if self.ready else "NOT ready (a model failed to load)", c.host, self.port)
             if on_ready:
                 on_ready(self)
         await stop
-        t0 = time.perf_counter()
-        at_stop = self.inflight
-        if self.inflight:
-            self._drained.clear()
-            try:
-                await asyncio.wait_for(self._drained.wait(), self.config.shutdown_timeout_s)
-            except asyncio.TimeoutError:
-                pass
-        lost = self.inflight
-        # Keep answering 503 + Connection: close for a moment, so keep-alive clients learn of the shutdown from a
-        # response instead of a reset connection; then stop listening and close what is left.
-        await asyncio.sleep(min(DRAIN_GRACE_S, self.config.shutdown_timeout_s))
+        # The drain: requests in progress finish; what arrives meanwhile gets 503 + Connection: close; then the
+        # listener closes, connections accepted up to then are answered, and the rest are closed.
+        report = await self.guard.drain(time.monotonic() + c.shutdown_timeout_s, DRAIN_GRACE_S)
         await runner.cleanup()
         if not load.done():
             load.cancel()
@@ -421,9 +478,11 @@ class ModelServer:
                     m.batcher.close()
                 for r in m.runners:
                     r.deactivate()
-        log.info("shutdown: %d request(s) in flight at the signal, %d finished, %d abandoned after %.2f s; exiting",
-                 at_stop, at_stop - lost, lost, time.perf_counter() - t0)
-        return 0 if lost == 0 else 1
+        log.info("shutdown: %d request(s) in progress at the signal; %d answered during the drain (503 for those that "
+                 "arrived after it began); %d abandoned at the %gs deadline; %d idle connection(s) closed; listener "
+                 "closed after %.2f s; exiting after %.2f s", report.in_progress_at_signal, report.answered_during_drain,
+                 report.abandoned, c.shutdown_timeout_s, report.idle_closed, report.listening_s, report.seconds)
+        return 0 if report.abandoned == 0 else 1
 
 
 def _json(obj: Any, status: int = 200) -> Any:
@@ -431,7 +490,8 @@ def _json(obj: Any, status: int = 200) -> Any:
 
     from aiohttp import web
 
-    return web.Response(body=json.dumps(obj, separators=(",", ":")).encode("utf-8"), status=status,
+    # allow_nan=False: responses are RFC 8259 JSON; a NaN reaching here is a bug that must not reach clients.
+    return web.Response(body=json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8"), status=status,
                         content_type="application/json")
 
 

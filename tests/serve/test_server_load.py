@@ -87,9 +87,10 @@ def test_sigterm_under_load_loses_no_accepted_request(model_repo, tmp_path, mnis
     log = sp.log()
     print(f"under SIGTERM: {r}; exit {rc} after {time.monotonic() - t_sig:.2f} s")
     assert rc == 0, log
-    m = re.search(r"shutdown: (\d+) request\(s\) in flight at the signal, (\d+) finished, (\d+) abandoned", log)
+    m = re.search(r"shutdown: (\d+) request\(s\) in progress at the signal; (\d+) answered during the drain .*; "
+                  r"(\d+) abandoned", log)
     assert m, log
-    assert m.group(1) == m.group(2) and m.group(3) == "0"
+    assert int(m.group(2)) >= int(m.group(1)) and m.group(3) == "0"
     # Every request the server accepted was answered 200; the rest were refused explicitly (503, or the port closed).
     # A reset after the request was sent, a timeout or a 5xx other than 503 would be a lost request.
     allowed = {"200", "503", "ClientConnectorError"}

@@ -15,6 +15,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto", help="what runs the models")
     p.add_argument("--no-strict-readiness", action="store_true", help="ready once loading ends even if a model failed")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up inferences before ready")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a complete request head (else 408 and closed)")
+    p.add_argument("--body-timeout", type=float, default=60.0, help="seconds to send a request body after its head (else 408)")
+    p.add_argument("--keepalive-timeout", type=float, default=75.0, help="idle keep-alive connections are closed after this")
+    p.add_argument("--max-connections", type=int, default=1024, help="open connections; more get 503 and are closed")
+    p.add_argument("--max-inflate-ratio", type=float, default=32.0,
+                   help="a gzip/deflate request body may inflate to at most this many times its size (else 413)")
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="follow repository symlinks that leave a model's folder (refused by default; logged when followed)")
     p.set_defaults(func=run)
 
 
@@ -24,5 +33,8 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(host=args.host, port=args.port, max_body_bytes=int(args.max_body_mb * (1 << 20)),
                           request_timeout_s=args.request_timeout, shutdown_timeout_s=args.shutdown_timeout,
                           threads=args.threads, backend=args.backend, strict_readiness=not args.no_strict_readiness,
-                          warmup=not args.no_warmup)
+                          warmup=not args.no_warmup, header_timeout_s=args.header_timeout,
+                          body_timeout_s=args.body_timeout, keepalive_timeout_s=args.keepalive_timeout,
+                          max_connections=args.max_connections, max_inflate_ratio=args.max_inflate_ratio,
+                          follow_symlinks=args.follow_symlinks)
     return serve(args.repo, config)
