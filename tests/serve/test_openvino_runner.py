@@ -104,5 +104,5 @@ def test_contract_errors_name_the_problem(onnx_fp32, tmp_path, digits):
         open_runner(onnx_fp32, backend="openvino", precision_hint="int4")
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
-    with pytest.raises(InputError, match="could not read"):
+    with pytest.raises(InputError, match="not a readable ONNX model"):
         open_runner(bad, backend="openvino").activate()
