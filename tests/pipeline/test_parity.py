@@ -116,6 +116,27 @@ def test_parity_reports_unavailable_backends_as_skipped(trained_resnet20_dir, va
         run_parity(trained_resnet20_dir, variants, backends=("tflite",))
 
 
+def test_a_tensorrt_or_cuda_failure_is_a_skipped_row_not_an_abort(trained_resnet20_dir, variants, monkeypatch):
+    """On a GPU machine a plan can fail to build or a CUDA call can fail: parity reports that backend as skipped with
+    the reason and still judges the others (here the device is simulated: there is no GPU in CI)."""
+    from resdeploy.pipeline import parity
+    from resdeploy.serve.runners.tensorrt_runner import CudaError
+
+    monkeypatch.setattr(parity, "backend_available", lambda b: None)
+
+    def engine_for(backend, precision, *args, **kwargs):
+        if backend == "tensorrt":
+            raise CudaError("cudaMalloc failed: out of memory")
+        return parity.Path(variants[precision])
+
+    monkeypatch.setattr(parity, "engine_for", engine_for)
+    report = run_parity(trained_resnet20_dir, {"fp32": variants["fp32"]}, backends=("onnxruntime", "tensorrt"),
+                        config=ParityConfig(precisions=("fp32",), limit=32))
+    trt = next(r for r in report.rows if r.backend == "tensorrt")
+    assert trt.metrics is None and "CudaError: cudaMalloc failed" in trt.skipped, trt
+    assert report, report  # the ONNX Runtime row ran and passed
+
+
 @pytest.fixture(scope="module")
 def perturbed_onnx(trained_resnet20, tmp_path_factory):
     """The trained model with one conv weight (layer2.0.conv1) scaled by 1.5, exported to ONNX."""
