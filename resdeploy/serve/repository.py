@@ -427,7 +427,8 @@ MAX_WARMUP_BYTES = 256 << 20  # one warm-up sample's input; a config cannot make
 
 def check_config(config: Any, gpu_count: int) -> None:
     """Refuse what Triton refuses before loading (InputError naming the field and the fix), and give a config
-    without instance groups Triton's default one (named after the model: one instance per GPU, else 2 on CPU)."""
+    without instance groups Triton's default one (named after the model), and groups without a count Triton's
+    default count (2 instances on the CPU, 1 per GPU)."""
     pb = _pb()
     where = f"model '{config.name}' (config.pbtxt)"
     mbs = config.max_batch_size
@@ -454,6 +455,9 @@ def check_config(config: Any, gpu_count: int) -> None:
                              "drop gpus or use KIND_GPU")
         if g.count < 0:
             raise InputError(f"{where}: instance group '{label}' has count {g.count}; expected at least 1")
+        if g.count == 0:  # Triton's default count: 2 instances on the CPU, 1 per GPU
+            on_cpu = g.kind == pb.ModelInstanceGroup.KIND_CPU or (g.kind == pb.ModelInstanceGroup.KIND_AUTO and not gpu_count)
+            g.count = 2 if on_cpu else 1
 
 
 def normalize_config(config: Any, artifact: Path, on_gpu: bool, gpu_count: int) -> None:
