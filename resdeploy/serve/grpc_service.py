@@ -301,8 +301,14 @@ class GrpcService(pb_grpc.GRPCInferenceServiceServicer):
             req = parse_request(request)
             remaining = context.time_remaining()
             deadline_us = int(remaining * 1e6) if remaining is not None else None
-            return await server.execute(m, req, t0, lambda outputs: encode_response(
-                m.name, m.version, req, outputs, m.labels, batched=m.max_batch_size > 0), deadline_us)
+            try:
+                return await server.execute(m, req, t0, lambda outputs: encode_response(
+                    m.name, m.version, req, outputs, m.labels, batched=m.max_batch_size > 0), deadline_us)
+            except Unavailable as exc:
+                left = context.time_remaining()
+                if left is not None and left <= 0:  # the client's own deadline passed: gRPC's code for it
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"gRPC deadline exceeded: {exc}")
+                raise
         finally:
             server.inflight -= 1
 
