@@ -1,11 +1,14 @@
 """Benchmark of `resdeploy serve` against the issue's two targets, on loopback:
 
-1. Protocol overhead at batch 1 with binary tensors: server round-trip p50 minus the runner's own p50 (<= 1 ms).
-   Runner and round-trip samples are taken in alternating blocks so machine noise hits both alike.
+1. Protocol overhead at batch 1 with binary tensors: server round-trip p50 minus the runner's own p50 (<= 1 ms),
+   over HTTP (http.client keep-alive, pre-encoded body) and over gRPC (a grpc stub on one channel, pre-built
+   ModelInferRequest with raw_input_contents), plus the same through tritonclient.http and tritonclient.grpc.
+   Runner and round-trip samples are taken in alternating blocks so machine noise hits all of them alike.
 2. Throughput at 16 concurrent clients with dynamic batching vs the same server with batching off (>= 2x).
    Interleaved rounds (unbatched, batched, unbatched, ...) with identical load; executed batch sizes from /stats.
 
     .venv/bin/python benchmarks/serve_bench.py --out runs/serve-bench [--onnx model.onnx] [--seconds 5 --rounds 3]
+    .venv/bin/python benchmarks/serve_bench.py --out runs/serve-bench --overhead-only   # batch-1 overhead only
 
 Writes OUT/serve_bench.json and OUT/serve_bench.md.
 """
@@ -57,8 +60,8 @@ def free_port() -> int:
 
 def start_server(repo: Path, threads: int, log_path: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "resdeploy", "serve", str(repo), "--port", str(port), "--threads", str(threads)],
-                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "resdeploy", "serve", str(repo), "--port", str(port), "--grpc-port", "0",
+                             "--threads", str(threads)], stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, cwd=ROOT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -76,22 +79,45 @@ def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs) * 1e3, q))
 
 
-def overhead(onnx_path: Path, port: int, x: np.ndarray, threads: int, blocks: int, per_block: int) -> dict:
+def grpc_port_of(log_path: Path) -> int:
+    import re
+
+    found = re.search(r"listening on grpc://[^ ]*:(\d+) ", log_path.read_text(errors="replace"))
+    if not found:
+        raise SystemExit(f"no gRPC port in the server log {log_path}")
+    return int(found.group(1))
+
+
+def overhead(onnx_path: Path, port: int, grpc_port: int, x: np.ndarray, threads: int, blocks: int, per_block: int) -> dict:
     body, headers = encode_request({"input": x}, binary=True)
-    runner_t, http_t, tc_t = [], [], []
+    runner_t, http_t, tc_t, grpc_t, tcg_t = [], [], [], [], []
+    import grpc
+    import tritonclient.grpc as tg
     import tritonclient.http as th
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
 
     tc = th.InferenceServerClient(f"127.0.0.1:{port}")
     tin = th.InferInput("input", list(x.shape), "FP32")
     tin.set_data_from_numpy(x, binary_data=True)
     tout = [th.InferRequestedOutput("logits", binary_data=True)]
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    # gRPC at the same level as http.client: one channel, the request message built once.
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    greq = service_pb2.ModelInferRequest(model_name="resnet20")
+    greq.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    greq.raw_input_contents.append(x.tobytes())
+    tcg = tg.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    tgin = tg.InferInput("input", list(x.shape), "FP32")
+    tgin.set_data_from_numpy(x)
     with open_runner(str(onnx_path), backend="onnxruntime", provider="cpu", threads=threads) as r:
         for _ in range(20):  # warm every path
             r.infer({"input": x})
             conn.request("POST", "/v2/models/resnet20/infer", body=body, headers=headers)
             conn.getresponse().read()
             tc.infer("resnet20", [tin], outputs=tout)
+            stub.ModelInfer(greq, timeout=30)
+            tcg.infer("resnet20", [tgin])
         for _ in range(blocks):
             for _ in range(per_block):
                 t = time.perf_counter()
@@ -108,13 +134,29 @@ def overhead(onnx_path: Path, port: int, x: np.ndarray, threads: int, blocks: in
                 t = time.perf_counter()
                 tc.infer("resnet20", [tin], outputs=tout)
                 tc_t.append(time.perf_counter() - t)
+            for _ in range(per_block):
+                t = time.perf_counter()
+                resp = stub.ModelInfer(greq, timeout=30)
+                grpc_t.append(time.perf_counter() - t)
+                assert len(resp.raw_output_contents[0]) == 40
+            for _ in range(per_block):
+                t = time.perf_counter()
+                tcg.infer("resnet20", [tgin])
+                tcg_t.append(time.perf_counter() - t)
     conn.close()
     tc.close()
+    channel.close()
+    tcg.close()
     out = {"runner_p50_ms": pct(runner_t, 50), "runner_p90_ms": pct(runner_t, 90),
            "roundtrip_p50_ms": pct(http_t, 50), "roundtrip_p90_ms": pct(http_t, 90), "roundtrip_p99_ms": pct(http_t, 99),
-           "tritonclient_p50_ms": pct(tc_t, 50), "tritonclient_p99_ms": pct(tc_t, 99), "samples_each": len(runner_t)}
+           "tritonclient_p50_ms": pct(tc_t, 50), "tritonclient_p99_ms": pct(tc_t, 99),
+           "grpc_roundtrip_p50_ms": pct(grpc_t, 50), "grpc_roundtrip_p90_ms": pct(grpc_t, 90),
+           "grpc_roundtrip_p99_ms": pct(grpc_t, 99), "tritonclient_grpc_p50_ms": pct(tcg_t, 50),
+           "tritonclient_grpc_p99_ms": pct(tcg_t, 99), "samples_each": len(runner_t)}
     out["overhead_p50_ms"] = out["roundtrip_p50_ms"] - out["runner_p50_ms"]
     out["overhead_tritonclient_p50_ms"] = out["tritonclient_p50_ms"] - out["runner_p50_ms"]
+    out["overhead_grpc_p50_ms"] = out["grpc_roundtrip_p50_ms"] - out["runner_p50_ms"]
+    out["overhead_tritonclient_grpc_p50_ms"] = out["tritonclient_grpc_p50_ms"] - out["runner_p50_ms"]
     return out
 
 
@@ -163,17 +205,31 @@ def runner_batch_curve(onnx_path: Path, threads: int) -> dict[int, float]:
     return out
 
 
+def overhead_rows(o: dict, threads: int) -> list[str]:
+    return [
+        f"| runner p50, batch 1 (ORT CPU, {threads} thread) | {o['runner_p50_ms']:.3f} ms | |",
+        f"| HTTP round trip p50, batch 1, binary tensors (http.client keep-alive) | {o['roundtrip_p50_ms']:.3f} ms | |",
+        f"| **HTTP protocol overhead p50** (round trip - runner) | **{o['overhead_p50_ms']:.3f} ms** | <= 1 ms |",
+        f"| gRPC round trip p50, batch 1, raw_input_contents (grpc stub, one channel) | {o['grpc_roundtrip_p50_ms']:.3f} ms | |",
+        f"| **gRPC protocol overhead p50** (round trip - runner) | **{o['overhead_grpc_p50_ms']:.3f} ms** | |",
+        f"| tritonclient.http round trip p50 (overhead) | {o['tritonclient_p50_ms']:.3f} ms ({o['overhead_tritonclient_p50_ms']:.3f} ms) | |",
+        f"| tritonclient.grpc round trip p50 (overhead) | {o['tritonclient_grpc_p50_ms']:.3f} ms "
+        f"({o['overhead_tritonclient_grpc_p50_ms']:.3f} ms) | |",
+        f"| HTTP round trip p90 / p99 | {o['roundtrip_p90_ms']:.3f} / {o['roundtrip_p99_ms']:.3f} ms | |",
+        f"| gRPC round trip p90 / p99 | {o['grpc_roundtrip_p90_ms']:.3f} / {o['grpc_roundtrip_p99_ms']:.3f} ms | |"]
+
+
 def markdown(res: dict) -> str:
     o, t = res["overhead"], res["throughput"]
     curve = " | ".join(f"b{b}: {v:.3f}" for b, v in res["runner_ms_per_sample"].items())
+    if t is None:
+        return "\n".join([f"# resdeploy serve benchmark, batch-1 overhead ({res['machine']})", "",
+                          "| metric | value | target |", "| --- | --- | --- |", *overhead_rows(o, res["threads"]), "",
+                          f"Samples each: {o['samples_each']}, in alternating blocks.", ""])
     return "\n".join([
         f"# resdeploy serve benchmark ({res['machine']})", "",
         "| metric | value | target |", "| --- | --- | --- |",
-        f"| runner p50, batch 1 (ORT CPU, {res['threads']} thread) | {o['runner_p50_ms']:.3f} ms | |",
-        f"| server round trip p50, batch 1, binary tensors (http.client keep-alive) | {o['roundtrip_p50_ms']:.3f} ms | |",
-        f"| **protocol overhead p50** (round trip - runner) | **{o['overhead_p50_ms']:.3f} ms** | <= 1 ms |",
-        f"| tritonclient.http round trip p50 (overhead) | {o['tritonclient_p50_ms']:.3f} ms ({o['overhead_tritonclient_p50_ms']:.3f} ms) | |",
-        f"| round trip p90 / p99 | {o['roundtrip_p90_ms']:.3f} / {o['roundtrip_p99_ms']:.3f} ms | |",
+        *overhead_rows(o, res["threads"]),
         f"| throughput, {t['clients']} clients, batching off | {t['unbatched_rps']:.0f} req/s (p99 {t['unbatched_p99_ms']:.1f} ms) | |",
         f"| throughput, {t['clients']} clients, dynamic batching (max 32, preferred {res['preferred'] or '-'}, "
         f"delay {res['max_queue_delay_us']} us) | {t['batched_rps']:.0f} req/s (p99 {t['batched_p99_ms']:.1f} ms) | |",
@@ -197,6 +253,7 @@ def main() -> int:
     ap.add_argument("--max-queue-delay-us", type=int, default=0, help="dynamic batcher delay of the batched model")
     ap.add_argument("--blocks", type=int, default=10, help="alternating latency blocks")
     ap.add_argument("--per-block", type=int, default=50, help="requests per latency block")
+    ap.add_argument("--overhead-only", action="store_true", help="only the batch-1 overhead (HTTP and gRPC), no throughput")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -209,14 +266,16 @@ def main() -> int:
         make_model_repository(onnx_path, repo, "resnet20_nobatch", max_batch_size=32, dynamic_batching=False)
         x = np.random.default_rng(0).standard_normal((1, 1, 28, 28)).astype(np.float32)
         print("runner ms/sample by batch size ...", flush=True)
-        curve = runner_batch_curve(onnx_path, args.threads)
+        curve = runner_batch_curve(onnx_path, args.threads) if not args.overhead_only else {}
         proc, port = start_server(repo, args.threads, out / "server.log")
         try:
             print("batch-1 latency: runner vs round trip ...", flush=True)
-            ov = overhead(onnx_path, port, x, args.threads, args.blocks, args.per_block)
+            ov = overhead(onnx_path, port, grpc_port_of(out / "server.log"), x, args.threads, args.blocks, args.per_block)
             print(f"  {ov}", flush=True)
-            print(f"throughput at {args.clients} clients ...", flush=True)
-            tp = throughput(port, x, args.clients, args.seconds, args.rounds)
+            tp = None
+            if not args.overhead_only:
+                print(f"throughput at {args.clients} clients ...", flush=True)
+                tp = throughput(port, x, args.clients, args.seconds, args.rounds)
         finally:
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(60)

@@ -79,6 +79,16 @@ def cuda_device_status() -> tuple[bool, str]:
     return True, ""
 
 
+def cuda_device_count() -> int:
+    """How many CUDA devices the driver reports (0 without a driver or a GPU). Asks the driver only."""
+    present, _ = cuda_device_status()
+    if not present:
+        return 0
+    count = ctypes.c_int(0)
+    lib = _libcuda()
+    return count.value if lib is not None and lib.cuDeviceGetCount(ctypes.byref(count)) == 0 else 0
+
+
 @dataclass(frozen=True)
 class GpuInfo:
     name: str
@@ -253,5 +263,5 @@ def verify_plan(plan_path: str | os.PathLike[str], sidecar: "Sidecar | str | os.
     return sidecar
 
 
-__all__ = ["GpuInfo", "INSTALL_HINT", "Sidecar", "TRT_DTYPE_TO_NUMPY", "cuda_device_status", "gpu_info", "import_cudart",
+__all__ = ["GpuInfo", "INSTALL_HINT", "Sidecar", "TRT_DTYPE_TO_NUMPY", "cuda_device_count", "cuda_device_status", "gpu_info", "import_cudart",
            "require_tensorrt", "sidecar_path", "trt_dtype_to_numpy", "verify_plan"]

@@ -370,6 +370,35 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
     return InferRequest(id=rid, inputs=feeds, outputs=outputs, binary_data_output=bdo, parameters=params)
 
 
+def parse_raw_request(body: bytes, spec: IOSpec, model: str, max_batch_size: int) -> InferRequest:
+    """Triton's raw binary request (``Inference-Header-Content-Length: 0``): the whole body is the model's one
+    input, its shape taken from the config (batch 1 when the model batches; one -1 dim deduced from the size),
+    every output returned as binary tensors."""
+    dims = list(spec.shape[1:] if max_batch_size > 0 else spec.shape)
+    shape = ([1] if max_batch_size > 0 else []) + dims
+    wild = [i for i, d in enumerate(shape) if d < 0]
+    if len(wild) > 1:
+        raise BadRequest(f"model '{model}': the shape of the raw input '{spec.name}' can not be deduced because there "
+                         f"are more than one variable-sized dimension ({spec}); send a JSON header with its shape")
+    dtype = DATATYPES[spec.datatype]
+    known = math.prod(d for d in shape if d >= 0)
+    if spec.datatype == "BYTES":
+        if wild or known != 1:
+            raise BadRequest(f"model '{model}': for BYTES raw input '{spec.name}' the model must have input shape [1] "
+                             f"(it has {spec}); send a JSON header")
+        arr = np.empty(1, dtype=np.object_)
+        arr[0] = bytes(body)
+        return InferRequest(None, {spec.name: arr.reshape(shape)}, None, binary_data_output=True)
+    if wild:
+        shape[wild[0]] = len(body) // dtype.itemsize // known if known else 0
+    want = math.prod(shape) * dtype.itemsize
+    if want != len(body):
+        raise BadRequest(f"model '{model}': raw input '{spec.name}' (Inference-Header-Content-Length: 0, the body is "
+                         f"the whole input) has {len(body)} bytes; expected {want} for shape {shape} {spec.datatype}")
+    arr = np.frombuffer(body, dtype=dtype).reshape(shape)
+    return InferRequest(None, {spec.name: arr}, None, binary_data_output=True)
+
+
 def check_inputs(request: InferRequest, specs: list[IOSpec], model: str, max_batch_size: int) -> int:
     """Check the request's inputs against the model's; returns the request's batch size (1 for non-batching models)."""
     expected = {s.name: s for s in specs}
@@ -473,4 +502,4 @@ __all__ = ["BadRequest", "DATATYPES", "EncodedResponse", "IOSpec", "InferRequest
            "NotFound", "PayloadTooLarge", "RequestTimeout", "RequestedOutput", "ServeError", "Unavailable",
            "UnsupportedMediaType", "check_inputs", "check_outputs", "classify",
            "config_dtype_to_triton", "encode_bytes_tensor", "encode_infer_response", "parse_header_length",
-           "parse_infer_request", "triton_dtype", "triton_to_config_dtype"]
+           "parse_infer_request", "parse_raw_request", "triton_dtype", "triton_to_config_dtype"]

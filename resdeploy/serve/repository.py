@@ -201,15 +201,46 @@ def scan_repository(repo: str | Path, *, follow_symlinks: bool = False) -> list[
     return entries
 
 
-def _scan_model(repo: Path, model_dir: Path, follow: bool) -> list[ModelEntry]:
+def scan_model(repo: str | Path, name: str, *, follow_symlinks: bool = False, config: Any = None) -> list[ModelEntry]:
+    """The servable versions of one model (``load`` in explicit model control); ``config`` replaces its config.pbtxt.
+
+    A name that is not a model folder of ``repo`` raises InputError; anything wrong inside the folder is the
+    entries' ``error``, as in :func:`scan_repository`.
+    """
+    repo = Path(repo)
+    if not name or name.startswith(".") or "/" in name or "\\" in name or "\0" in name or name in ("..",) \
+            or not (repo / name).is_dir():
+        raise InputError(f"failed to load '{name[:200]}': no model folder of that name in the repository {repo}; "
+                         "expected REPO/<model>/config.pbtxt (POST /v2/repository/index lists the models)")
+    model_dir = repo / name
+    try:
+        return _scan_model(repo, model_dir, follow_symlinks, config)
+    except Exception as exc:  # as in scan_repository: the model's error, never the server's
+        reason = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
+        return [ModelEntry(name, "1", model_dir, None, _pb().ModelConfig(name=name), error=reason[:2000],
+                           follow_symlinks=follow_symlinks)]
+
+
+def repository_models(repo: str | Path) -> list[str]:
+    """The model folder names in ``repo`` (what Triton's repository index lists in explicit model control)."""
+    try:
+        return sorted(p.name for p in Path(repo).iterdir() if not p.name.startswith(".") and p.is_dir())
+    except OSError as exc:
+        raise InputError(f"cannot list model repository {repo}: {exc}; check its permissions") from None
+
+
+def _scan_model(repo: Path, model_dir: Path, follow: bool, override: Any = None) -> list[ModelEntry]:
     name = model_dir.name
     where = f"model '{name}'"
     contained(model_dir, repo, "model folder", where, follow)
     cfg_path = model_dir / CONFIG_NAME
-    if not cfg_path.exists():  # a FIFO or device is not "missing": read_config says what it is
-        raise InputError(f"{cfg_path} is missing; every model folder needs a config.pbtxt")
-    contained(cfg_path, model_dir, CONFIG_NAME, where, follow)
-    config = read_config(cfg_path)
+    if override is not None:  # a load request's "config" parameter replaces config.pbtxt, as on Triton
+        config = override
+    else:
+        if not cfg_path.exists():  # a FIFO or device is not "missing": read_config says what it is
+            raise InputError(f"{cfg_path} is missing; every model folder needs a config.pbtxt")
+        contained(cfg_path, model_dir, CONFIG_NAME, where, follow)
+        config = read_config(cfg_path)
     if config.name and config.name != name:
         return [ModelEntry(name, "1", model_dir, None, config, follow_symlinks=follow,
                            error=f"{cfg_path} says name '{config.name}' but the folder is '{name}'; "
@@ -390,5 +421,170 @@ def read_labels(entry: ModelEntry, artifact_labels: Sequence[str] = ()) -> dict[
     return labels
 
 
+# -- Triton's config rules: what it refuses and what it fills in -------------------------------------------
+MAX_WARMUP_BYTES = 256 << 20  # one warm-up sample's input; a config cannot make the server allocate more
+
+
+def check_config(config: Any, gpu_count: int) -> None:
+    """Refuse what Triton refuses before loading (InputError naming the field and the fix), and give a config
+    without instance groups Triton's default one (named after the model), and groups without a count Triton's
+    default count (2 instances on the CPU, 1 per GPU)."""
+    pb = _pb()
+    where = f"model '{config.name}' (config.pbtxt)"
+    mbs = config.max_batch_size
+    if config.HasField("dynamic_batching"):
+        over = [b for b in config.dynamic_batching.preferred_batch_size if b > mbs or b < 1]
+        if over and mbs > 0:
+            raise InputError(f"{where}: dynamic_batching preferred_batch_size {list(over)} must be 1..max_batch_size "
+                             f"({mbs}); Triton refuses it too. Lower them or raise max_batch_size")
+    if not len(config.instance_group):
+        g = config.instance_group.add(name=config.name, count=1 if gpu_count else 2)
+        g.kind = pb.ModelInstanceGroup.KIND_AUTO  # resolved once a runner says where it runs
+    for i, g in enumerate(config.instance_group):
+        label = g.name or f"{config.name}_{i}"
+        if g.kind == pb.ModelInstanceGroup.KIND_GPU:
+            if not gpu_count:
+                raise InputError(f"{where}: instance group '{label}' is KIND_GPU but this machine has no CUDA GPU; "
+                                 "Triton refuses it too. Use KIND_CPU or KIND_AUTO, or serve on a machine with a GPU")
+            bad = [d for d in g.gpus if not 0 <= d < gpu_count]
+            if bad:
+                raise InputError(f"{where}: instance group '{label}' names GPUs {bad} but this machine has GPUs "
+                                 f"0..{gpu_count - 1}; fix gpus in config.pbtxt")
+        elif len(g.gpus) and g.kind == pb.ModelInstanceGroup.KIND_CPU:
+            raise InputError(f"{where}: instance group '{label}' is KIND_CPU but names GPUs {list(g.gpus)}; "
+                             "drop gpus or use KIND_GPU")
+        if g.count < 0:
+            raise InputError(f"{where}: instance group '{label}' has count {g.count}; expected at least 1")
+        if g.count == 0:  # Triton's default count: 2 instances on the CPU, 1 per GPU
+            on_cpu = g.kind == pb.ModelInstanceGroup.KIND_CPU or (g.kind == pb.ModelInstanceGroup.KIND_AUTO and not gpu_count)
+            g.count = 2 if on_cpu else 1
+
+
+def normalize_config(config: Any, artifact: Path, on_gpu: bool, gpu_count: int) -> None:
+    """Fill the defaults Triton's auto-complete fills, so ``/config`` reads as it does on Triton: platform and
+    backend, runtime, version_policy, default_model_filename, pinned-memory optimization, preferred_batch_size,
+    instance group names, kinds and counts. Idempotent (the versions of a model share one config)."""
+    pb = _pb()
+    fname, platform, backend = PLATFORMS.get(artifact.suffix, (artifact.name, "", ""))
+    if not config.platform and config.backend in ("", backend):
+        config.platform = platform
+    if not config.backend:
+        config.backend = backend
+    if not config.runtime and config.backend:
+        config.runtime = f"libtriton_{config.backend}.so"
+    if config.version_policy.WhichOneof("policy_choice") is None:
+        config.version_policy.latest.num_versions = 1
+    if not config.default_model_filename:
+        config.default_model_filename = fname
+    opt = config.optimization
+    if not opt.HasField("input_pinned_memory"):
+        opt.input_pinned_memory.enable = True
+    if not opt.HasField("output_pinned_memory"):
+        opt.output_pinned_memory.enable = True
+    if config.HasField("dynamic_batching") and config.max_batch_size > 0 and not len(config.dynamic_batching.preferred_batch_size):
+        config.dynamic_batching.preferred_batch_size.append(config.max_batch_size)
+    if not len(config.instance_group):
+        config.instance_group.add(name=config.name, count=1 if on_gpu else 2)
+    for i, g in enumerate(config.instance_group):
+        g.count = max(1, g.count)
+        if not g.name:
+            g.name = f"{config.name}_{i}"
+        if g.kind == pb.ModelInstanceGroup.KIND_AUTO:
+            g.kind = pb.ModelInstanceGroup.KIND_GPU if on_gpu else pb.ModelInstanceGroup.KIND_CPU
+        if g.kind == pb.ModelInstanceGroup.KIND_GPU and not len(g.gpus):
+            g.gpus.extend(range(max(1, gpu_count)))
+
+
+def warmup_samples(entry: ModelEntry, inputs: list[IOSpec]) -> list[tuple[str, dict[str, Any], int]]:
+    """The config's ``model_warmup`` as (name, feed, times to run), each checked like a request against the
+    model's inputs. A sample Triton would refuse (unknown or missing input, wrong datatype or dims, batch over
+    max_batch_size, no data, a data file of the wrong size or outside ``<model>/warmup/``) raises InputError,
+    and the model is not served, as on Triton."""
+    import numpy as np
+
+    from resdeploy.serve.protocol import DATATYPES, InferRequest, check_inputs
+
+    config = entry.config
+    pb = _pb()
+    mbs = config.max_batch_size
+    out = []
+    for k, w in enumerate(config.model_warmup):
+        where = f"model '{entry.name}' model_warmup '{w.name or k}'"
+        batch = w.batch_size
+        if batch < 1 or (mbs == 0 and batch != 1) or (mbs > 0 and batch > mbs):
+            raise InputError(f"{where}: batch_size is {batch}; expected 1..{max(1, mbs)} (max_batch_size {mbs})")
+        feed: dict[str, Any] = {}
+        rng = np.random.default_rng(k)
+        for name, inp in w.inputs.items():
+            datatype = config_dtype_to_triton(pb.DataType.Name(inp.data_type))
+            if datatype not in DATATYPES:
+                raise InputError(f"{where}: input '{name}' has data_type {pb.DataType.Name(inp.data_type)}, which "
+                                 "resdeploy cannot make data for; use one of the model's datatypes")
+            dims = [int(d) for d in inp.dims]
+            if any(d < 0 for d in dims):
+                raise InputError(f"{where}: input '{name}' dims {dims} must all be given (no -1) for warm-up data")
+            shape = ((batch,) if mbs > 0 else ()) + tuple(dims)
+            count = int(np.prod(shape, dtype=np.int64))
+            dtype = DATATYPES[datatype]
+            size = count * (4 if datatype == "BYTES" else dtype.itemsize)
+            if size > MAX_WARMUP_BYTES:
+                raise InputError(f"{where}: input '{name}' of shape {list(shape)} needs {size} bytes; warm-up samples "
+                                 f"are limited to {MAX_WARMUP_BYTES}")
+            kind = inp.WhichOneof("input_data_type")
+            if kind == "zero_data":
+                arr = np.full(shape, b"", dtype=object) if datatype == "BYTES" else np.zeros(shape, dtype)
+            elif kind == "random_data":
+                if datatype == "BYTES":
+                    arr = np.full(shape, b"", dtype=object)
+                elif dtype.kind == "f":
+                    arr = rng.standard_normal(shape).astype(dtype)
+                elif dtype.kind == "b":
+                    arr = rng.integers(0, 2, shape).astype(dtype)
+                else:
+                    info = np.iinfo(dtype)
+                    arr = rng.integers(max(info.min, -128), min(info.max, 127), shape, endpoint=True).astype(dtype)
+            elif kind == "input_data_file":
+                arr = _warmup_file(entry, inp.input_data_file, dims, dtype, datatype, where, name)
+                if mbs > 0:
+                    arr = np.repeat(arr[None], batch, axis=0)  # Triton sends the sample batch_size times
+            else:
+                raise InputError(f"{where}: input '{name}' has no data; set zero_data, random_data or input_data_file")
+            feed[name] = arr
+        try:
+            check_inputs(InferRequest(None, feed, None), inputs, entry.name, mbs)
+        except InputError as exc:
+            raise InputError(f"{where} is not a valid request for the model: {exc}; fix model_warmup in config.pbtxt "
+                             "(Triton refuses the model too)") from None
+        out.append((w.name or str(k), feed, max(1, w.count)))
+    return out
+
+
+def _warmup_file(entry: ModelEntry, fname: str, dims: list[int], dtype: Any, datatype: str, where: str, name: str) -> Any:
+    import numpy as np
+
+    from resdeploy.serve.protocol import _decode_bytes_tensor
+
+    folder = entry.dir / "warmup"
+    path = folder / _plain_name(fname, "input_data_file", where)
+    contained(path, folder, "input_data_file", where, entry.follow_symlinks)
+    if not path.is_file():
+        raise InputError(f"{where}: input '{name}' data file {path} is missing; put it in {folder}")
+    count = int(np.prod(dims, dtype=np.int64))
+    want = None if datatype == "BYTES" else count * dtype.itemsize
+    limit = MAX_WARMUP_BYTES if want is None else want
+    size = path.stat().st_size
+    if size > limit or (want is not None and size != want):
+        raise InputError(f"{where}: input '{name}' data file {path} has {size} bytes; expected "
+                         f"{want if want is not None else f'at most {limit}'} for dims {dims} of {datatype}")
+    data = path.read_bytes()
+    if datatype == "BYTES":
+        try:
+            return _decode_bytes_tensor(memoryview(data), count, name).reshape(dims)
+        except InputError as exc:
+            raise InputError(f"{where}: data file {path}: {exc}") from None
+    return np.frombuffer(data, dtype).reshape(dims).copy()
+
+
 __all__ = ["CONFIG_NAME", "ModelEntry", "PLATFORMS", "check_artifact", "complete_config", "config_to_json", "contained", "instance_count",
-           "io_specs", "read_config", "read_labels", "scan_repository", "wants_cpu"]
+           "io_specs", "check_config", "normalize_config", "read_config", "read_labels", "repository_models", "scan_model",
+           "scan_repository", "wants_cpu", "warmup_samples"]

@@ -22,6 +22,7 @@ inflates them itself, to at most ``max_inflate_ratio`` times the bytes received 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -38,16 +39,20 @@ import resdeploy
 from resdeploy.errors import InputError, ResdeployError
 from resdeploy.serve.batching import BatcherConfig, DynamicBatcher
 from resdeploy.serve.metrics import ModelStats, prometheus_text, stats_json
-from resdeploy.serve.protocol import (BadRequest, IOSpec, NotFound, PayloadTooLarge, RequestTimeout, ServeError,
-                                      Unavailable, UnsupportedMediaType, check_inputs, check_outputs, encode_infer_response,
-                                      parse_header_length, parse_infer_request)
-from resdeploy.serve.repository import (ModelEntry, check_artifact, complete_config, config_to_json, instance_count,
-                                        io_specs, read_labels, scan_repository, wants_cpu)
+from resdeploy.serve.protocol import (BadRequest, InferRequest, IOSpec, NotFound, PayloadTooLarge, RequestTimeout,
+                                      ServeError, Unavailable, UnsupportedMediaType, check_inputs, check_outputs,
+                                      encode_infer_response, parse_header_length, parse_infer_request, parse_raw_request)
+from resdeploy.serve.repository import (ModelEntry, check_artifact, check_config, complete_config, config_to_json,
+                                        instance_count, io_specs, normalize_config, read_labels, repository_models,
+                                        scan_model, scan_repository, wants_cpu, warmup_samples)
 
 log = logging.getLogger("resdeploy.serve")
 
 DRAIN_GRACE_S = 0.3  # after SIGTERM, the listener stays open at least this long, answering 503 (not refusing)
 EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration", "statistics", "model_repository"]
+MODEL_CONTROL_MODES = ("none", "explicit")
+CONTROL_OFF = ("explicit model load / unload is not allowed in model control mode none; start the server with "
+               "--model-control-mode explicit to load and unload models")
 
 
 @dataclass
@@ -67,6 +72,16 @@ class ServerConfig:
     max_connections: int = 1024  # open connections; more are answered 503 and closed
     max_inflate_ratio: float = 32.0  # a gzip/deflate body may inflate to at most this many times its size
     follow_symlinks: bool = False  # True: repository symlinks that leave a model's folder are followed (logged)
+    grpc_port: int | None = 8001  # Triton's gRPC port (0 = any free port, printed in the log); None = no gRPC
+    model_control_mode: str = "none"  # none: every model at start, no load/unload (503); explicit: load/unload work
+    load_models: tuple[str, ...] = ()  # explicit mode: the models loaded at start ("*" = all), like --load-model
+
+    def __post_init__(self) -> None:
+        if self.model_control_mode not in MODEL_CONTROL_MODES:
+            raise InputError(f"model control mode {self.model_control_mode!r} is unknown; expected one of "
+                             f"{', '.join(MODEL_CONTROL_MODES)}")
+        if self.load_models and self.model_control_mode != "explicit":
+            raise InputError("--load-model needs --model-control-mode explicit (in mode none every model loads at start)")
 
 
 @dataclass
@@ -81,6 +96,16 @@ class LoadedModel:
     description: str = ""
     ready: bool = False
     error: str | None = None
+    unloaded: bool = False  # explicit model control: unloaded (kept for the repository index)
+
+    @property
+    def state(self) -> str:
+        """Triton's repository-index state: READY, UNAVAILABLE (failed or unloaded) or LOADING."""
+        return "READY" if self.ready else "UNAVAILABLE" if self.error or self.unloaded else "LOADING"
+
+    @property
+    def reason(self) -> str:
+        return self.error or ("unloaded" if self.unloaded else "")
 
     @property
     def name(self) -> str:
@@ -118,7 +143,12 @@ class ModelServer:
         self.inflight = 0
         self._stop = asyncio.Event()
         self.port: int | None = None
+        self.grpc_port: int | None = None
         self.guard: Any = None  # the ConnectionGuard, once run() listens
+        self.grpc: Any = None  # the GrpcService, once run() listens (grpc_port not None)
+        self._gpu_count: int | None = None
+        self._control = asyncio.Lock()  # one load/unload at a time
+        self._unloading: set[asyncio.Task] = set()
 
     # -- loading ---------------------------------------------------------------------------------------
     def _threads(self, entries: list[ModelEntry]) -> int:
@@ -148,30 +178,33 @@ class ModelServer:
         model.labels = read_labels(entry, r0.labels)
         model.description = r0.description
         self._complete_instance_groups(entry, r0)
-        if self.config.warmup:
-            self._warmup(model)
+        self._warmup(model)
 
-    @staticmethod
-    def _complete_instance_groups(entry: ModelEntry, runner: Any) -> None:
-        """Like Triton's auto-complete: a group per model by default, named after it, with the kind that runs."""
-        from tritonclient.grpc import model_config_pb2 as pb
+    @property
+    def gpu_count(self) -> int:
+        if self._gpu_count is None:
+            from resdeploy.device import cuda_device_count
 
-        cfg = entry.config
-        if not len(cfg.instance_group):
-            cfg.instance_group.add(count=1)
-        on_gpu = runner.on_gpu
-        for i, g in enumerate(cfg.instance_group):
-            g.count = max(1, g.count)
-            if not g.name:
-                g.name = entry.name if len(cfg.instance_group) == 1 else f"{entry.name}_{i}"
-            if g.kind == pb.ModelInstanceGroup.KIND_AUTO:
-                g.kind = pb.ModelInstanceGroup.KIND_GPU if on_gpu else pb.ModelInstanceGroup.KIND_CPU
-            if g.kind == pb.ModelInstanceGroup.KIND_GPU and not len(g.gpus):
-                g.gpus.append(0)
+            self._gpu_count = cuda_device_count()
+        return self._gpu_count
+
+    def _complete_instance_groups(self, entry: ModelEntry, runner: Any) -> None:
+        """Triton's auto-complete of the config (names, kinds, counts and the other defaults /config shows)."""
+        assert entry.artifact is not None
+        normalize_config(entry.config, entry.artifact, bool(runner.on_gpu), self.gpu_count)
 
     def _warmup(self, model: LoadedModel) -> None:
+        """The config's model_warmup samples (checked first: an invalid one fails the load, as on Triton), run on
+        every instance; without them (and unless --no-warmup) one zero batch of 1 and of max_batch_size."""
         from resdeploy.serve.protocol import DATATYPES
 
+        samples = warmup_samples(model.entry, model.inputs)
+        for name, feed, times in samples:
+            for r in model.runners:
+                for _ in range(times):
+                    r.infer(feed)
+        if samples or not self.config.warmup:
+            return
         mbs = model.max_batch_size
         if any(d < 0 for s in model.inputs for d in (s.shape[1:] if mbs else s.shape)) or any(s.datatype == "BYTES" for s in model.inputs):
             log.info("model '%s': dynamic non-batch dims or BYTES inputs; skipping warm-up", model.name)
@@ -185,11 +218,31 @@ class ModelServer:
     async def load_models(self) -> None:
         loop = asyncio.get_running_loop()
         entries = await loop.run_in_executor(None, lambda: scan_repository(self.repo, follow_symlinks=self.config.follow_symlinks))
+        if self.config.model_control_mode == "explicit":
+            wanted = set(self.config.load_models)
+            if "*" not in wanted:
+                found = {e.name for e in entries}
+                for name in sorted(wanted - found):
+                    log.error("--load-model %s: the repository %s has no model folder of that name", name, self.repo)
+                entries = [e for e in entries if e.name in wanted]
+        await self._load_entries(entries)
+        self.loading = False
+
+    async def _load_entries(self, entries: list[ModelEntry], into: dict[str, dict[str, LoadedModel]] | None = None) -> None:
+        """Load ``entries`` (one model's versions, or the whole repository) into ``into`` (default: the served set)."""
+        loop = asyncio.get_running_loop()
+        into = self.models if into is None else into
+        for e in entries:
+            if e.error is None:
+                try:
+                    check_config(e.config, self.gpu_count)
+                except InputError as exc:
+                    e.error = str(exc)
         threads = self._threads(entries)
         for e in entries:
-            self.models.setdefault(e.name, {})[e.version] = LoadedModel(e, ModelStats(e.name, e.version))
+            into.setdefault(e.name, {})[e.version] = LoadedModel(e, ModelStats(e.name, e.version))
         for e in entries:
-            m = self.models[e.name][e.version]
+            m = into[e.name][e.version]
             if e.error:
                 m.error = e.error
             else:
@@ -212,27 +265,199 @@ class ModelServer:
                              e.version, time.perf_counter() - t0, m.description, len(m.runners), threads, m.batcher.config)
             if m.error:
                 log.error("model '%s' version %s failed to load: %s", e.name, e.version, m.error)
-        self.loading = False
 
     @property
     def ready(self) -> bool:
         if self.loading or self.draining:
             return False
-        all_models = [m for vs in self.models.values() for m in vs.values()]
+        all_models = [m for vs in self.models.values() for m in vs.values() if not m.unloaded]
         return all(m.ready for m in all_models) if self.config.strict_readiness else True
 
     # -- lookup ----------------------------------------------------------------------------------------
     def lookup(self, name: str, version: str | None) -> LoadedModel:
+        """The model version (any state); NotFound for an unknown model or version."""
         versions = self.models.get(name)
         if not versions:
             known = ", ".join(sorted(self.models)) or "none"
-            raise NotFound(f"unknown model '{name}'; this server has: {known}")
+            raise NotFound(f"unknown model '{name[:200]}'; this server has: {known}")
         if version in (None, ""):  # like Triton: the highest version that is ready, else the highest
             ready = [v for v, m in versions.items() if m.ready]
             return versions[max(ready or versions, key=int)]
         if version not in versions:
-            raise NotFound(f"model '{name}' has no version '{version}'; loaded versions: {', '.join(sorted(versions, key=int))}")
+            raise NotFound(f"model '{name}' has no version '{version[:40]}'; versions: {', '.join(sorted(versions, key=int))}")
         return versions[version]
+
+    def available(self, name: str, version: str | None) -> LoadedModel:
+        """A version that serves (metadata, config, infer). Like Triton, a model that failed to load or was unloaded
+        is unknown (NotFound, with the reason); one still loading at start is Unavailable (retry)."""
+        m = self.lookup(name, version)
+        if m.ready:
+            return m
+        if m.state == "LOADING":
+            raise Unavailable(f"model '{m.name}' version {m.version} is not ready yet: loading; retry shortly")
+        if version in (None, ""):
+            reasons = "; ".join(f"version {v}: {x.reason}" for v, x in sorted(self.models[name].items(), key=lambda kv: int(kv[0])))
+            raise NotFound(f"unknown model: '{name}' has no available versions ({reasons})")
+        raise NotFound(f"unknown model: '{name}' version {version} is not available ({m.reason})")
+
+    # -- the protocol, transport-neutral (HTTP handlers below; gRPC in resdeploy.serve.grpc_service) -------
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "resdeploy", "version": resdeploy.__version__, "extensions": EXTENSIONS}
+
+    def model_ready(self, name: str, version: str | None) -> tuple[bool, str]:
+        """(ready, why not). Unknown models and versions are simply not ready, as on Triton."""
+        try:
+            m = self.lookup(name, version)
+        except NotFound as exc:
+            return False, str(exc)
+        if self.draining:
+            return False, "server is shutting down"
+        return m.ready, "" if m.ready else (m.reason or "loading")
+
+    def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
+        m = self.available(name, version)
+        return {"name": m.name, "versions": [v for v in m.entry.versions_available or [m.version]
+                                             if self.models[m.name].get(v) is not None and self.models[m.name][v].ready],
+                "platform": m.entry.config.platform or m.entry.config.backend,
+                "inputs": [s.to_json() for s in m.inputs], "outputs": [s.to_json() for s in m.outputs]}
+
+    def stats(self, name: str | None, version: str | None) -> list[ModelStats]:
+        """Statistics of the available versions. Like Triton, an unknown or unavailable model or version is a
+        BadRequest (400 / INVALID_ARGUMENT), and the all-models form lists available versions only."""
+        if not name:
+            return [m.stats for vs in self.models.values() for m in vs.values() if m.ready]
+        versions = self.models.get(name, {})
+        if version:
+            m = versions.get(version)
+            if m is None or not m.ready:
+                raise BadRequest(f"requested model version is not available for model '{name[:200]}' (version "
+                                 f"{version[:40]} {'is ' + m.state if m else 'is unknown'}); see the repository index")
+            return [m.stats]
+        ready = [m.stats for _, m in sorted(versions.items(), key=lambda kv: int(kv[0])) if m.ready]
+        if not ready:
+            raise BadRequest(f"requested model '{name[:200]}' is not available "
+                             f"({'no version is ready' if versions else 'unknown model'}); see the repository index")
+        return ready
+
+    def index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        rows: list[dict[str, str]] = []
+        names = set(self.models)
+        if self.config.model_control_mode == "explicit":
+            try:
+                names |= set(repository_models(self.repo))
+            except InputError:
+                pass
+        for name in sorted(names):
+            vs = self.models.get(name)
+            if not vs:
+                if not ready_only:
+                    rows.append({"name": name})  # in the repository, never loaded (explicit model control)
+                continue
+            for v, m in sorted(vs.items(), key=lambda kv: int(kv[0])):
+                if ready_only and not m.ready:
+                    continue
+                row = {"name": m.name, "version": m.version, "state": m.state}
+                if m.reason:
+                    row["reason"] = m.reason
+                rows.append(row)
+        return rows
+
+    def infer_target(self, name: str, version: str | None) -> LoadedModel:
+        m = self.available(name, version)
+        if self.draining:
+            raise Unavailable("server is shutting down; retry on another replica")
+        if m.batcher is None:
+            raise Unavailable(f"model '{m.name}' version {m.version} is not ready: {m.error or 'loading'}")
+        return m
+
+    async def execute(self, m: LoadedModel, req: InferRequest, t0_ns: int, encode: Any, deadline_us: int | None = None) -> Any:
+        """Validate ``req`` against ``m``, run it through the batcher, return ``encode(outputs)``.
+
+        Like Triton, only requests past validation count in the statistics: a request refused here for its
+        inputs or outputs is neither a success nor a failure of the model."""
+        batch = check_inputs(req, m.inputs, m.name, m.max_batch_size)
+        check_outputs(req, [s.name for s in m.outputs], m.name)
+        assert m.batcher is not None
+        timeout_us = req.timeout_us or m.batcher.config.default_timeout_us or int(self.config.request_timeout_s * 1e6)
+        if deadline_us is not None:
+            timeout_us = max(1, min(timeout_us, deadline_us))
+        try:
+            outputs = await m.batcher.infer(req.inputs, batch, timeout_us)
+            result = encode(outputs)
+        except ServeError as exc:
+            m.stats.record_failure(time.perf_counter_ns() - t0_ns,
+                                   "REJECTED" if isinstance(exc, Unavailable) else "BACKEND" if exc.status >= 500 else "OTHER")
+            raise
+        m.stats.record_success(time.perf_counter_ns() - t0_ns)
+        return result
+
+    # -- model control (explicit mode) -----------------------------------------------------------------
+    async def load(self, name: str, parameters: dict[str, Any] | None = None) -> None:
+        """Load (or reload) one model from the repository, as Triton's explicit model control: the versions its
+        policy selects replace the ones served once they are ready; on failure a served model keeps serving."""
+        if self.config.model_control_mode != "explicit":
+            raise Unavailable(CONTROL_OFF)
+        if self.draining:
+            raise Unavailable("server is shutting down; load the model on another replica")
+        override = _config_override(name, parameters or {})
+        async with self._control:
+            loop = asyncio.get_running_loop()
+            try:
+                entries = await loop.run_in_executor(None, lambda: scan_model(
+                    self.repo, name, follow_symlinks=self.config.follow_symlinks, config=override))
+            except InputError as exc:
+                raise BadRequest(str(exc)) from None
+            staged: dict[str, dict[str, LoadedModel]] = {}
+            await self._load_entries(entries, staged)
+            new = staged.get(name, {})
+            failed = [m for m in new.values() if not m.ready]
+            old = self.models.get(name, {})
+            if failed and any(m.ready for m in old.values()):
+                for m in new.values():
+                    self._retire(m)
+                raise BadRequest(f"failed to load '{name}': {failed[0].reason}; the versions already served stay")
+            self.models[name] = new
+            for m in old.values():
+                self._retire(m)
+            if failed:
+                raise BadRequest(f"failed to load '{name}': {failed[0].reason}")
+            log.info("model '%s' loaded (versions %s)", name, ", ".join(sorted(new, key=int)))
+
+    async def unload(self, name: str) -> None:
+        """Unload every version of ``name``: new requests get 'unknown model'; those already accepted finish first.
+        Unloading a model that is not loaded succeeds, as on Triton."""
+        if self.config.model_control_mode != "explicit":
+            raise Unavailable(CONTROL_OFF)
+        if self.draining:
+            raise Unavailable("server is shutting down")
+        async with self._control:
+            for m in self.models.get(name, {}).values():
+                if not m.unloaded:
+                    self._retire(m)
+                    m.ready, m.unloaded, m.error = False, True, None
+            if name in self.models:
+                log.info("model '%s' unloaded", name)
+
+    def _retire(self, m: LoadedModel) -> None:
+        """Stop serving ``m`` and release it once its accepted requests are done (in the background)."""
+        m.ready = False
+        batcher, runners = m.batcher, m.runners
+        m.batcher, m.runners = None, []
+
+        async def release() -> None:
+            loop = asyncio.get_running_loop()
+            if batcher is not None:
+                await batcher.drain(self.config.shutdown_timeout_s)
+                await loop.run_in_executor(None, batcher.close)
+            for r in runners:
+                try:
+                    await loop.run_in_executor(None, r.deactivate)
+                except Exception:  # noqa: BLE001 - one runner must not keep the others open
+                    log.exception("model '%s': closing a runner on unload", m.name)
+
+        task = asyncio.ensure_future(release())
+        self._unloading.add(task)
+        task.add_done_callback(self._unloading.discard)
 
     # -- handlers --------------------------------------------------------------------------------------
     def app(self) -> Any:
@@ -280,6 +505,8 @@ class ModelServer:
         r.add_get("/v2/health/ready", self.h_ready)
         r.add_get("/v2/models/stats", self.h_stats)
         r.add_post("/v2/repository/index", self.h_index)
+        r.add_post("/v2/repository/models/{model}/load", self.h_load)
+        r.add_post("/v2/repository/models/{model}/unload", self.h_unload)
         r.add_get("/metrics", self.h_metrics)
         for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
             r.add_get(prefix, self.h_model_metadata)
@@ -290,58 +517,69 @@ class ModelServer:
         return app
 
     async def h_server_metadata(self, request: Any) -> Any:
-        return _json({"name": "resdeploy", "version": resdeploy.__version__, "extensions": EXTENSIONS})
+        return _json(self.server_metadata())
 
     async def h_live(self, request: Any) -> Any:
         return _json({"live": True})
 
     async def h_ready(self, request: Any) -> Any:
+        # Triton answers 400 when not ready; while draining, 503 (retry elsewhere), as every request then gets.
         ready = self.ready
-        return _json({"ready": ready}, status=200 if ready else 503)
-
-    def _model(self, request: Any) -> LoadedModel:
-        return self.lookup(request.match_info["model"], request.match_info.get("version"))
+        return _json({"ready": ready}, status=200 if ready else 503 if self.draining else 400)
 
     async def h_model_metadata(self, request: Any) -> Any:
-        m = self._model(request)
-        if not m.ready:
-            raise Unavailable(f"model '{m.name}' version {m.version} is not ready: {m.error or 'loading'}")
-        return _json({"name": m.name, "versions": m.entry.versions_available or [m.version],
-                      "platform": m.entry.config.platform or m.entry.config.backend,
-                      "inputs": [s.to_json() for s in m.inputs], "outputs": [s.to_json() for s in m.outputs]})
+        return _json(self.model_metadata(request.match_info["model"], request.match_info.get("version")))
 
     async def h_model_ready(self, request: Any) -> Any:
-        m = self._model(request)
-        ready = m.ready and not self.draining
-        body: dict[str, Any] = {"name": m.name, "version": m.version, "ready": ready}
-        if m.error:
-            body["error"] = m.error
-        return _json(body, status=200 if ready else 503)
+        name, version = request.match_info["model"], request.match_info.get("version")
+        ready, why = self.model_ready(name, version)
+        body: dict[str, Any] = {"name": name, "version": version or "", "ready": ready}
+        if not ready:
+            body["error"] = why
+        return _json(body, status=200 if ready else 503 if self.draining else 400)
 
     async def h_model_config(self, request: Any) -> Any:
-        m = self._model(request)
+        m = self.available(request.match_info["model"], request.match_info.get("version"))
         return _json(config_to_json(m.entry.config))
 
     async def h_stats(self, request: Any) -> Any:
-        name = request.match_info.get("model")
-        if name is None:
-            stats = [m.stats for vs in self.models.values() for m in vs.values()]
-        elif request.match_info.get("version"):
-            stats = [self._model(request).stats]
-        else:
-            self.lookup(name, None)
-            stats = [m.stats for m in self.models[name].values()]
-        return _json(stats_json(stats))
+        return _json(stats_json(self.stats(request.match_info.get("model"), request.match_info.get("version"))))
 
     async def h_index(self, request: Any) -> Any:
-        rows = []
-        for vs in self.models.values():
-            for m in vs.values():
-                row = {"name": m.name, "version": m.version, "state": "READY" if m.ready else "UNAVAILABLE"}
-                if m.error:
-                    row["reason"] = m.error
-                rows.append(row)
-        return _json(rows)
+        body = await self._read_body(request)
+        ready_only = False
+        if body.strip():
+            try:
+                obj = json.loads(body)
+            except ValueError as exc:
+                raise BadRequest(f"repository index request is not JSON ({exc}); send {{}} or {{\"ready\": true}}") from None
+            ready_only = isinstance(obj, dict) and obj.get("ready") is True
+        return _json(self.index(ready_only))
+
+    async def h_load(self, request: Any) -> Any:
+        params = await self._control_params(request)
+        await self.load(request.match_info["model"], params)
+        return _json({})
+
+    async def h_unload(self, request: Any) -> Any:
+        await self._control_params(request)
+        await self.unload(request.match_info["model"])
+        return _json({})
+
+    async def _control_params(self, request: Any) -> dict[str, Any]:
+        if self.config.model_control_mode != "explicit":
+            raise Unavailable(CONTROL_OFF)
+        body = await self._read_body(request)
+        if not body.strip():
+            return {}
+        try:
+            obj = json.loads(body)
+        except ValueError as exc:
+            raise BadRequest(f"load/unload request is not JSON ({exc}); send {{}} or {{\"parameters\": {{...}}}}") from None
+        params = obj.get("parameters") if isinstance(obj, dict) else None
+        if not isinstance(obj, dict) or not isinstance(params if params is not None else {}, dict):
+            raise BadRequest("load/unload request must be a JSON object with an optional 'parameters' object")
+        return params or {}
 
     async def h_metrics(self, request: Any) -> Any:
         from aiohttp import web
@@ -353,11 +591,7 @@ class ModelServer:
         from aiohttp import web
 
         t0 = time.perf_counter_ns()
-        m = self._model(request)
-        if self.draining:
-            raise Unavailable("server is shutting down; retry on another replica")
-        if not m.ready or m.batcher is None:
-            raise Unavailable(f"model '{m.name}' version {m.version} is not ready: {m.error or 'loading'}")
+        m = self.infer_target(request.match_info["model"], request.match_info.get("version"))
         self.inflight += 1
         try:
             if request.content_length is not None and request.content_length > self.config.max_body_bytes:
@@ -365,19 +599,17 @@ class ModelServer:
                                       f"{self.config.max_body_bytes} (--max-body-mb); send smaller batches")
             body = await self._read_body(request)
             hlen = parse_header_length(request.headers.get("Inference-Header-Content-Length"), len(body))
-            req = parse_infer_request(body, hlen)
-            batch = check_inputs(req, m.inputs, m.name, m.max_batch_size)
-            check_outputs(req, [s.name for s in m.outputs], m.name)
-            timeout_us = req.timeout_us or m.batcher.config.default_timeout_us or int(self.config.request_timeout_s * 1e6)
-            outputs = await m.batcher.infer(req.inputs, batch, timeout_us)
-            enc = encode_infer_response(m.name, m.version, req, outputs, m.labels, batched=m.max_batch_size > 0)
-        except ServeError as exc:
-            m.stats.record_failure(time.perf_counter_ns() - t0,
-                                   "REJECTED" if isinstance(exc, Unavailable) else "BACKEND" if exc.status >= 500 else "OTHER")
-            raise
+            if hlen == 0:  # Triton's raw binary request: the body is the model's one input
+                if len(m.inputs) != 1:
+                    raise BadRequest(f"model '{m.name}' has {len(m.inputs)} inputs; a raw binary request "
+                                     "(Inference-Header-Content-Length: 0) needs a model with exactly one. Send a JSON header")
+                req = parse_raw_request(body, m.inputs[0], m.name, m.max_batch_size)
+            else:
+                req = parse_infer_request(body, hlen)
+            enc = await self.execute(m, req, t0, lambda outputs: encode_infer_response(
+                m.name, m.version, req, outputs, m.labels, batched=m.max_batch_size > 0))
         finally:
             self.inflight -= 1
-        m.stats.record_success(time.perf_counter_ns() - t0)
         if enc.header_length is None:
             resp = web.Response(body=enc.body, content_type="application/json")
         else:
@@ -454,6 +686,19 @@ class ModelServer:
                  self.port, self.repo, c.header_timeout_s, c.body_timeout_s, c.keepalive_timeout_s, c.max_connections,
                  c.max_body_bytes, c.max_inflate_ratio,
                  "FOLLOWED outside model folders (--follow-symlinks)" if c.follow_symlinks else "kept inside model folders")
+        if c.grpc_port is not None:
+            from resdeploy.serve.grpc_service import GrpcService  # grpc is imported only when gRPC is served
+
+            self.grpc = GrpcService(self)
+            try:
+                self.grpc_port = await self.grpc.start(c.host, c.grpc_port)
+            except InputError:
+                await runner.cleanup()
+                raise
+            log.info("listening on grpc://%s:%d (KServe v2 GRPCInferenceService; messages up to %d bytes, %d RPCs at once)",
+                     c.host, self.grpc_port, c.max_body_bytes, c.max_connections)
+        log.info("model control mode %s%s", c.model_control_mode,
+                 f" (loading at start: {', '.join(c.load_models) or 'none'})" if c.model_control_mode == "explicit" else "")
         load = asyncio.ensure_future(self.load_models())
         stop = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait([load, stop], return_when=asyncio.FIRST_COMPLETED)
@@ -468,8 +713,13 @@ class ModelServer:
         await stop
         # The drain: requests in progress finish; what arrives meanwhile gets 503 + Connection: close; then the
         # listener closes, connections accepted up to then are answered, and the rest are closed.
-        report = await self.guard.drain(time.monotonic() + c.shutdown_timeout_s, DRAIN_GRACE_S)
+        deadline = time.monotonic() + c.shutdown_timeout_s
+        grpc_drain = asyncio.ensure_future(self.grpc.drain(deadline)) if self.grpc is not None else None
+        report = await self.guard.drain(deadline, DRAIN_GRACE_S)
+        grpc_abandoned = await grpc_drain if grpc_drain is not None else 0
         await runner.cleanup()
+        if self._unloading:
+            await asyncio.wait(list(self._unloading), timeout=max(0.1, deadline - time.monotonic()))
         if not load.done():
             load.cancel()
         for vs in self.models.values():
@@ -482,12 +732,34 @@ class ModelServer:
                  "arrived after it began); %d abandoned at the %gs deadline; %d idle connection(s) closed; listener "
                  "closed after %.2f s; exiting after %.2f s", report.in_progress_at_signal, report.answered_during_drain,
                  report.abandoned, c.shutdown_timeout_s, report.idle_closed, report.listening_s, report.seconds)
-        return 0 if report.abandoned == 0 else 1
+        if self.grpc is not None:
+            log.info("shutdown: gRPC stopped; %d RPC(s) abandoned at the deadline", grpc_abandoned)
+        return 0 if report.abandoned == 0 and grpc_abandoned == 0 else 1
+
+
+def _config_override(name: str, params: dict[str, Any]) -> Any:
+    """A load request's ``config`` parameter (ModelConfig JSON, as Triton takes it) as a ModelConfig, or None."""
+    from google.protobuf import json_format
+
+    files = sorted(k for k in params if isinstance(k, str) and k.startswith("file:"))
+    if files:
+        raise BadRequest(f"load parameters {files[:3]} carry model files in the request; resdeploy loads models only "
+                         "from the repository folder. Put the files in the repository and load the model by name")
+    text = params.get("config")
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise BadRequest(f"load parameter 'config' of '{name}' must be a string of ModelConfig JSON")
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    try:
+        return json_format.Parse(text, pb.ModelConfig())
+    except (json_format.ParseError, ValueError, RecursionError) as exc:
+        raise BadRequest(f"load parameter 'config' of '{name}' is not ModelConfig JSON: {str(exc)[:300]}; "
+                         "send the model configuration as /v2/models/<m>/config prints it") from None
 
 
 def _json(obj: Any, status: int = 200) -> Any:
-    import json
-
     from aiohttp import web
 
     # allow_nan=False: responses are RFC 8259 JSON; a NaN reaching here is a bug that must not reach clients.

@@ -66,6 +66,15 @@ class Resdeploy:
     def url(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def grpc_url(self) -> str:
+        """The gRPC address: the server takes a free port (--grpc-port 0) and logs it."""
+        import re
+
+        found = re.search(r"listening on grpc://[^ ]*:(\d+) ", self.log())
+        assert found, f"no gRPC port in the log:\n{self.log()}"
+        return f"127.0.0.1:{found.group(1)}"
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -83,7 +92,7 @@ def start_resdeploy(repo: Path, log_dir: Path, *extra: str, timeout: float = 120
     """`python -m resdeploy serve REPO --port P`; returns once every model has loaded or failed."""
     port = th.free_port()
     log_path = log_dir / f"resdeploy-{port}.log"
-    cmd = [sys.executable, "-m", "resdeploy", "serve", str(repo), "--port", str(port), *extra]
+    cmd = [sys.executable, "-m", "resdeploy", "serve", str(repo), "--port", str(port), "--grpc-port", "0", *extra]
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
@@ -99,12 +108,29 @@ def start_resdeploy(repo: Path, log_dir: Path, *extra: str, timeout: float = 120
     raise RuntimeError(f"resdeploy serve did not finish loading within {timeout} s:\n{server.log()}")
 
 
+def _grpc(url: str, call) -> tuple[str, object]:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        return "OK", call(client)
+    except InferenceServerException as exc:
+        return str(exc.status()).removeprefix("StatusCode."), exc.message()
+    finally:
+        client.close()
+
+
 @dataclass
 class Pair:
     """The same repository on real Triton and on `resdeploy serve`."""
 
     triton: th.TritonServer
     resdeploy: Resdeploy
+
+    def grpc_both(self, call):
+        """(triton's, resdeploy's) answer to ``call(tritonclient.grpc client)``: ("OK", result) or (status code, message)."""
+        return _grpc(self.triton.grpc_url, call), _grpc(self.resdeploy.grpc_url, call)
 
     def both(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
         """((triton status, body, headers), (resdeploy status, body, headers))."""

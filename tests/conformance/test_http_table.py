@@ -4,8 +4,8 @@ Each row is (id, method, path, body, headers). Exceptions, each with its reason:
 
 * ``TRITON_500``: Triton answers 500 for some malformed input (it treats those as its own bugs, since they are
   the client's fault); resdeploy answers 400. The row checks exactly that pair.
-* strict xfails: the differences issue 11 lists as known (and one this suite found). They fail today; when the
-  server is fixed they pass, and strict xfail turns that into a failure that says to drop the mark.
+* Nothing else: the differences issue 11 listed (statistics and readiness statuses, raw binary requests,
+  load/unload) are closed, and their rows compare plainly.
 """
 
 from __future__ import annotations
@@ -39,19 +39,12 @@ BIN_GOOD = binary({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "dataty
 BIN_SHORT = binary({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
                                 "parameters": {"binary_data_size": 3000}}]}, X.tobytes())
 
-STATS_UNKNOWN = "known difference (issue 11): statistics for an unknown model or version: Triton 400, resdeploy 404"
-RAW_BINARY = ("known difference (issue 11): a raw binary request (Inference-Header-Content-Length: 0, the whole body is "
-              "the one input) is refused by resdeploy (400); Triton serves it")
-LOAD_UNLOAD = ("known difference (issue 11): /v2/repository/models/<m>/load and /unload are missing (resdeploy 404); "
-               "Triton answers 503 when model control is not explicit (add --model-control-mode none|explicit)")
-READY_CODES = ("difference NOT in issue 11's list, found by this suite: Triton answers 400 for the readiness of a model "
-               "that is unknown or not ready; resdeploy answers 404 (unknown) or 503 (not ready)")
 TRITON_500 = "triton-500"  # Triton 500 for bad input (a Triton bug by its own rules), resdeploy 400: allowed
 
 
-def row(id, method, path, body=None, headers=None, xfail=None):
-    marks = [pytest.mark.xfail(strict=True, reason=xfail)] if xfail and xfail != TRITON_500 else []
-    return pytest.param(method, path, body, headers, xfail == TRITON_500, id=id, marks=marks)
+def row(id, method, path, body=None, headers=None, exception=None):
+    assert exception in (None, TRITON_500), "the only exception allowed is Triton's 500 for bad input"
+    return pytest.param(method, path, body, headers, exception == TRITON_500, id=id)
 
 
 M = "/v2/models/resnet20"
@@ -71,9 +64,9 @@ ROWS = [
     row("metadata-unknown-model", "GET", "/v2/models/nope"),
     row("model-ready", "GET", f"{M}/ready"),
     row("model-ready-version", "GET", f"{M}/versions/1/ready"),
-    row("model-ready-unknown-version", "GET", f"{M}/versions/9/ready", xfail=READY_CODES),
-    row("model-ready-unknown-model", "GET", "/v2/models/nope/ready", xfail=READY_CODES),
-    row("model-ready-policy-excluded", "GET", "/v2/models/specific/versions/2/ready", xfail=READY_CODES),
+    row("model-ready-unknown-version", "GET", f"{M}/versions/9/ready"),
+    row("model-ready-unknown-model", "GET", "/v2/models/nope/ready"),
+    row("model-ready-policy-excluded", "GET", "/v2/models/specific/versions/2/ready"),
     row("config", "GET", f"{M}/config"),
     row("config-version", "GET", f"{M}/versions/1/config"),
     row("config-unknown-model", "GET", "/v2/models/nope/config"),
@@ -82,14 +75,16 @@ ROWS = [
     row("stats-all", "GET", "/v2/models/stats"),
     row("stats-model", "GET", f"{M}/stats"),
     row("stats-version", "GET", f"{M}/versions/1/stats"),
-    row("stats-unknown-model", "GET", "/v2/models/nope/stats", xfail=STATS_UNKNOWN),
-    row("stats-unknown-version", "GET", f"{M}/versions/9/stats", xfail=STATS_UNKNOWN),
+    row("stats-unknown-model", "GET", "/v2/models/nope/stats"),
+    row("stats-unknown-version", "GET", f"{M}/versions/9/stats"),
+    row("stats-policy-excluded", "GET", "/v2/models/specific/versions/2/stats"),
     # repository
     row("index", "POST", "/v2/repository/index", b"{}"),
     row("index-empty-body", "POST", "/v2/repository/index", b""),
     row("index-ready-only", "POST", "/v2/repository/index", js({"ready": True})),
-    row("load", "POST", "/v2/repository/models/resnet20/load", b"{}", xfail=LOAD_UNLOAD),
-    row("unload", "POST", "/v2/repository/models/resnet20/unload", b"{}", xfail=LOAD_UNLOAD),
+    row("load", "POST", "/v2/repository/models/resnet20/load", b"{}"),  # model control mode none: 503
+    row("unload", "POST", "/v2/repository/models/resnet20/unload", b"{}"),
+    row("load-unknown", "POST", "/v2/repository/models/nope/load", b"{}"),
     # inference that works
     row("infer-json", "POST", f"{M}/infer", js({"inputs": [GOOD]})),
     row("infer-json-nested-data", "POST", f"{M}/infer", js({"inputs": [{**GOOD, "data": [[[[0.0] * 28] * 28]]}]})),
@@ -100,25 +95,28 @@ ROWS = [
     row("infer-request-id", "POST", f"{M}/infer", js({"id": "abc", "inputs": [GOOD]})),
     row("infer-version", "POST", f"{M}/versions/1/infer", js({"inputs": [GOOD]})),
     row("infer-no-batching-model", "POST", "/v2/models/nobatch/infer", js({"inputs": [GOOD]})),
-    row("infer-raw-binary", "POST", f"{M}/infer", X.tobytes(), {"Inference-Header-Content-Length": "0"}, xfail=RAW_BINARY),
+    row("infer-raw-binary", "POST", f"{M}/infer", X.tobytes(), {"Inference-Header-Content-Length": "0"}),
+    row("infer-raw-binary-mbs0", "POST", "/v2/models/mbs0/infer", X.tobytes(), {"Inference-Header-Content-Length": "0"}),
+    row("infer-raw-binary-short", "POST", f"{M}/infer", X.tobytes()[:100], {"Inference-Header-Content-Length": "0"}),
+    row("infer-raw-binary-empty", "POST", f"{M}/infer", b"", {"Inference-Header-Content-Length": "0"}),
     # bad requests
     row("unknown-model", "POST", "/v2/models/nope/infer", js({"inputs": [GOOD]})),
     row("unknown-version", "POST", f"{M}/versions/9/infer", js({"inputs": [GOOD]})),
     row("policy-excluded-version", "POST", "/v2/models/specific/versions/2/infer", js({"inputs": [GOOD]})),
     row("empty-body", "POST", f"{M}/infer", b""),
-    row("not-json", "POST", f"{M}/infer", b"{not json", xfail=TRITON_500),
-    row("no-inputs-key", "POST", f"{M}/infer", js({"outputs": []}), xfail=TRITON_500),
+    row("not-json", "POST", f"{M}/infer", b"{not json", exception=TRITON_500),
+    row("no-inputs-key", "POST", f"{M}/infer", js({"outputs": []}), exception=TRITON_500),
     row("unknown-input", "POST", f"{M}/infer", js({"inputs": [{**GOOD, "name": "x"}]})),
     row("input-twice", "POST", f"{M}/infer", js({"inputs": [GOOD, GOOD]})),
     row("wrong-datatype", "POST", f"{M}/infer", js({"inputs": [{**GOOD, "datatype": "INT32", "data": [0] * 784}]})),
     row("unknown-datatype", "POST", f"{M}/infer", js({"inputs": [{**GOOD, "datatype": "FOO"}]})),
     row("wrong-shape", "POST", f"{M}/infer", js({"inputs": [{**GOOD, "shape": [1, 1, 28, 27], "data": [0.0] * 756}]})),
-    row("data-count", "POST", f"{M}/infer", js({"inputs": [{**GOOD, "data": [0.0] * 10}]}), xfail=TRITON_500),
-    row("data-strings", "POST", f"{M}/infer", js({"inputs": [{**GOOD, "data": ["a"] * 784}]}), xfail=TRITON_500),
+    row("data-count", "POST", f"{M}/infer", js({"inputs": [{**GOOD, "data": [0.0] * 10}]}), exception=TRITON_500),
+    row("data-strings", "POST", f"{M}/infer", js({"inputs": [{**GOOD, "data": ["a"] * 784}]}), exception=TRITON_500),
     row("batch-over-max", "POST", f"{M}/infer", js({"inputs": [{**GOOD, "shape": [33, 1, 28, 28], "data": [0.0] * 784 * 33}]})),
     row("unknown-output", "POST", f"{M}/infer", js({"inputs": [GOOD], "outputs": [{"name": "nope"}]})),
     row("negative-classification", "POST", f"{M}/infer",
-        js({"inputs": [GOOD], "outputs": [{"name": "logits", "parameters": {"classification": -1}}]}), xfail=TRITON_500),
+        js({"inputs": [GOOD], "outputs": [{"name": "logits", "parameters": {"classification": -1}}]}), exception=TRITON_500),
     row("binary-size-mismatch", "POST", f"{M}/infer", *BIN_SHORT),
     row("header-length-over-body", "POST", f"{M}/infer", *binary({"inputs": [GOOD]}, b"", hlen="99999")),
     row("header-length-not-a-number", "POST", f"{M}/infer", *binary({"inputs": [GOOD]}, b"", hlen="abc")),
@@ -138,8 +136,9 @@ def test_same_status(pair, method, path, body, headers, triton_500):
 
 
 def test_infer_bodies_agree(pair):
-    """JSON and binary answers carry the same outputs (names, datatypes, shapes, values)."""
-    for body, headers in (infer({"inputs": [GOOD]}), BIN_GOOD):
+    """JSON, binary and raw binary answers carry the same outputs (names, datatypes, shapes, values)."""
+    raw = (X.tobytes(), {"Inference-Header-Content-Length": "0"})
+    for body, headers in (infer({"inputs": [GOOD]}), BIN_GOOD, raw):
         (ts, tb, th), (rs, rb, rh) = pair.both("POST", f"{M}/infer", body, headers)
         assert ts == rs == 200
         if headers:

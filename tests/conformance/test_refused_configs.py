@@ -17,12 +17,14 @@ IO = ('input { name: "input" data_type: TYPE_FP32 dims: [1, 28, 28] } '
 WARMUP_BAD = ('model_warmup { name: "w" batch_size: 1 inputs { key: "input" value { data_type: TYPE_FP32 '
               'dims: [1, 28, 27] zero_data: true } } }')
 
-KNOWN_GPU = "known difference (issue 11): KIND_GPU on a machine without a GPU loads on resdeploy; Triton refuses it"
-KNOWN_PREFERRED = "known difference (issue 11): preferred_batch_size above max_batch_size loads on resdeploy; Triton refuses it"
-KNOWN_WARMUP = ("known difference (issue 11): model_warmup is ignored by resdeploy; Triton runs it and refuses the model "
-                "when a sample is invalid")
+WARMUP_UNKNOWN_INPUT = ('model_warmup { name: "w" batch_size: 1 inputs { key: "image" value { data_type: TYPE_FP32 '
+                        'dims: [1, 28, 28] zero_data: true } } }')
+WARMUP_OVER_MAX = ('model_warmup { name: "w" batch_size: 9 inputs { key: "input" value { data_type: TYPE_FP32 '
+                   'dims: [1, 28, 28] random_data: true } } }')
+WARMUP_GOOD = ('model_warmup { name: "w" batch_size: 4 count: 2 inputs { key: "input" value { data_type: TYPE_FP32 '
+               'dims: [1, 28, 28] random_data: true } } }')
 
-# name -> (config.pbtxt text, how the version folder is made, loads?, xfail reason or None)
+# name -> (config.pbtxt text, how the version folder is made, loads?, known difference or None: none are left)
 CASES: dict[str, tuple[str, str, bool, str | None]] = {
     "minimal": (f"max_batch_size: 8 {IO}", "onnx", True, None),  # no platform/backend: Triton completes them
     "backend_only": (f'backend: "onnxruntime" max_batch_size: 8 {IO}', "onnx", True, None),
@@ -41,10 +43,14 @@ CASES: dict[str, tuple[str, str, bool, str | None]] = {
     "no_model_file": (f"max_batch_size: 8 {IO}", "empty", False, None),
     "broken_onnx": (f"max_batch_size: 8 {IO}", "garbage", False, None),
     "policy_selects_nothing": (f"max_batch_size: 8 {IO} version_policy {{ specific {{ versions: [5] }} }}", "onnx", False, None),
-    "kind_gpu": (f"max_batch_size: 8 {IO} instance_group {{ kind: KIND_GPU count: 1 }}", "onnx", False, KNOWN_GPU),
-    "preferred_over_max": (f"max_batch_size: 8 {IO} dynamic_batching {{ preferred_batch_size: [16] }}", "onnx", False,
-                           KNOWN_PREFERRED),
-    "invalid_warmup": (f"max_batch_size: 8 {IO} {WARMUP_BAD}", "onnx", False, KNOWN_WARMUP),
+    "kind_gpu": (f"max_batch_size: 8 {IO} instance_group {{ kind: KIND_GPU count: 1 }}", "onnx", False, None),
+    "preferred_over_max": (f"max_batch_size: 8 {IO} dynamic_batching {{ preferred_batch_size: [16] }}", "onnx", False, None),
+    "invalid_warmup": (f"max_batch_size: 8 {IO} {WARMUP_BAD}", "onnx", False, None),
+    "warmup_unknown_input": (f"max_batch_size: 8 {IO} {WARMUP_UNKNOWN_INPUT}", "onnx", False, None),
+    "warmup_batch_over_max": (f"max_batch_size: 8 {IO} {WARMUP_OVER_MAX}", "onnx", False, None),
+    "warmup_good": (f"max_batch_size: 8 {IO} {WARMUP_GOOD}", "onnx", True, None),
+    "named_groups": (f"max_batch_size: 8 {IO} instance_group [{{ kind: KIND_CPU }}, {{ name: \"g\" count: 2 kind: KIND_AUTO }}] "
+                     "version_policy { all {} } dynamic_batching { preferred_batch_size: [2, 4] }", "onnx", True, None),
 }
 
 
@@ -70,8 +76,8 @@ def refused_pair(start_pair, refused_repo):
 
 def _case(name):
     text, files, loads, reason = CASES[name]
-    marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-    return pytest.param(name, loads, id=name, marks=marks)
+    assert reason is None, f"{name}: a known difference must be fixed or listed in the README with its reason"
+    return pytest.param(name, loads, id=name)
 
 
 @pytest.mark.parametrize("model", list(CASES))
@@ -98,24 +104,14 @@ def test_loaded_hand_written_configs_infer_on_both(refused_pair, digits, ort_ref
             np.testing.assert_allclose(got, ort_reference(digits[:2]), rtol=1e-5, atol=1e-5)
 
 
-FAILED_MODEL = ("known difference (issue 11): a model that failed to load is unknown to Triton (404), while resdeploy "
-                "answers 503 on metadata/infer and returns a partial config")
-FAILED_STATS = ("known difference (issue 11): statistics of a model that is not available: Triton 400, resdeploy 200 "
-                "(an empty record)")
-READY_CODES = ("difference NOT in issue 11's list, found by this suite: Triton answers 400 for the readiness of a model "
-               "(or server) that is not ready or unknown; resdeploy answers 503 (not ready) or 404 (unknown)")
-
-
-def _failed(method, path, body, reason, id):
-    return pytest.param(method, path, body, id=id, marks=[pytest.mark.xfail(strict=True, reason=reason)])
-
-
 @pytest.mark.parametrize(("method", "path", "body"), [
-    _failed("GET", "/v2/models/{m}", None, FAILED_MODEL, "metadata"),
-    _failed("GET", "/v2/models/{m}/config", None, FAILED_MODEL, "config"),
-    _failed("POST", "/v2/models/{m}/infer", b'{"inputs": []}', FAILED_MODEL, "infer"),
-    _failed("GET", "/v2/models/{m}/stats", None, FAILED_STATS, "stats"),
-    _failed("GET", "/v2/models/{m}/ready", None, READY_CODES, "ready"),
+    pytest.param("GET", "/v2/models/{m}", None, id="metadata"),
+    pytest.param("GET", "/v2/models/{m}/config", None, id="config"),
+    pytest.param("POST", "/v2/models/{m}/infer", b'{"inputs": []}', id="infer"),
+    pytest.param("GET", "/v2/models/{m}/stats", None, id="stats"),
+    pytest.param("GET", "/v2/models/{m}/ready", None, id="ready"),
+    pytest.param("GET", "/v2/models/{m}/versions/1/ready", None, id="version-ready"),
+    pytest.param("GET", "/v2/models/{m}/versions/1/stats", None, id="version-stats"),
 ])
 @pytest.mark.parametrize("model", ["broken_onnx", "syntax_error"])  # failed in the backend / in the config
 def test_failed_model_answers(refused_pair, model, method, path, body):
@@ -129,11 +125,10 @@ def test_failed_model_answers(refused_pair, model, method, path, body):
     ("GET", "/v2/models/{m}/ready", None, 400)], ids=["metadata", "config", "infer", "stats", "ready"])
 @pytest.mark.parametrize("model", ["broken_onnx", "syntax_error"])
 def test_failed_model_triton_answers(refused_pair, model, method, path, body, status):
-    """What the strict xfails above compare against: Triton treats a failed model as unavailable."""
+    """What the comparisons above hold resdeploy to: Triton treats a failed model as unknown (404), 400 for the rest."""
     assert refused_pair.triton.request(method, path.format(m=model), body)[0] == status
 
 
-@pytest.mark.xfail(strict=True, reason=READY_CODES)
 def test_server_not_ready_status(refused_pair):
     (ts, _, _), (rs, _, _) = refused_pair.both("GET", "/v2/health/ready")
     assert rs == ts  # Triton: 400 (strict readiness and a model failed)
@@ -144,11 +139,6 @@ def test_server_not_ready_on_triton(refused_pair):
     assert refused_pair.triton.request("GET", "/v2/health/live")[0] == 200
 
 
-CONFIG_DEFAULTS = ("known difference (issue 11): /config lacks version_policy and optimization and does not fill "
-                   "defaults the way Triton does (preferred_batch_size, default_model_filename, instance group names)")
-
-
-@pytest.mark.xfail(strict=True, reason=CONFIG_DEFAULTS)
 @pytest.mark.parametrize("key", ["version_policy", "optimization", "default_model_filename", "instance_group"])
 def test_config_defaults_triton_fills(refused_pair, key):
     (ts, tb, _), (rs, rb, _) = refused_pair.both("GET", "/v2/models/minimal/config")
@@ -157,8 +147,52 @@ def test_config_defaults_triton_fills(refused_pair, key):
     assert t.get(key) == r.get(key), f"triton {t.get(key)} / resdeploy {r.get(key)}"
 
 
-@pytest.mark.xfail(strict=True, reason=CONFIG_DEFAULTS)
 def test_config_default_preferred_batch_size(refused_pair):
     (_, tb, _), (_, rb, _) = refused_pair.both("GET", "/v2/models/queue_and_instances/config")
     t, r = json.loads(tb), json.loads(rb)
     assert t["dynamic_batching"]["preferred_batch_size"] == r["dynamic_batching"]["preferred_batch_size"]
+
+
+# The one field of Triton's auto-complete that differs by construction: Triton names the library that runs the
+# model, and here that is the harness's Python stand-in ("model.py"); resdeploy reports what real Triton's
+# onnxruntime backend would ("libtriton_onnxruntime.so").
+STAND_IN_FIELDS = ("runtime",)
+
+
+@pytest.mark.parametrize("model", [n for n, case in CASES.items() if case[2]])
+def test_whole_config_is_tritons(refused_pair, model):
+    """Every field of the auto-completed config reads the same from both servers (hand-written configs)."""
+    (ts, tb, _), (rs, rb, _) = refused_pair.both("GET", f"/v2/models/{model}/config")
+    assert ts == rs == 200
+    t, r = json.loads(tb), json.loads(rb)
+    assert t.pop("runtime") == "model.py" and r.pop("runtime") == "libtriton_onnxruntime.so"
+    assert t == r
+
+
+@pytest.mark.parametrize("model", ["warmup_unknown_input", "warmup_batch_over_max", "invalid_warmup"])
+def test_refused_warmup_is_reported(refused_pair, model):
+    (ts, _, _), (rs, rb, _) = refused_pair.both("GET", f"/v2/models/{model}/versions/1/ready")
+    assert ts == rs == 400 and "model_warmup" in json.loads(rb)["error"], rb
+
+
+def _grpc_infer(model):
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    def call(c):
+        inp = grpcclient.InferInput("input", [1, 1, 28, 28], "FP32")
+        inp.set_data_from_numpy(np.zeros((1, 1, 28, 28), np.float32))
+        return c.infer(model, [inp])
+    return call
+
+
+def test_grpc_failed_model(refused_pair):
+    for call, code in ((lambda c: c.is_model_ready("broken_onnx"), "OK"), (lambda c: c.is_server_ready(), "OK"),
+                       (lambda c: c.get_model_metadata("broken_onnx"), "NOT_FOUND"),
+                       (lambda c: c.get_model_config("broken_onnx"), "NOT_FOUND"),
+                       (lambda c: c.get_inference_statistics("broken_onnx"), "INVALID_ARGUMENT"),
+                       (_grpc_infer("broken_onnx"), "NOT_FOUND")):
+        (ts, tv), (rs, rv) = refused_pair.grpc_both(call)
+        assert ts == rs == code, (ts, tv, rs, rv)
+        if code == "OK":
+            assert tv is False and rv is False

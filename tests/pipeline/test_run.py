@@ -76,7 +76,7 @@ def _serve(repo: Path, log: Path) -> tuple[subprocess.Popen, int]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with open(log, "wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "resdeploy", "serve", str(repo), "--port", str(port), "--threads", "1"],
+        proc = subprocess.Popen([sys.executable, "-m", "resdeploy", "serve", str(repo), "--port", str(port), "--no-grpc", "--threads", "1"],
                                 stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

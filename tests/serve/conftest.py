@@ -106,6 +106,15 @@ class ServerProcess:
     def url(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def grpc_url(self) -> str:
+        """The gRPC address (the server picks a free port with --grpc-port 0 and logs it)."""
+        import re
+
+        found = re.search(r"listening on grpc://[^ ]*:(\d+) ", self.log())
+        assert found, f"no gRPC port in the log:\n{self.log()}"
+        return f"127.0.0.1:{found.group(1)}"
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -126,7 +135,8 @@ def start_server(repo: Path, log_dir: Path, *extra: str, ready_path: str = "/v2/
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "resdeploy", "serve", str(repo), "--port", str(port), "--threads", "1", *extra]
+    cmd = [sys.executable, "-m", "resdeploy", "serve", str(repo), "--port", str(port), "--grpc-port", "0", "--threads", "1",
+           *extra]
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     sp = ServerProcess(proc, port, log_path)

@@ -217,9 +217,9 @@ def test_server_serves_the_good_models_and_reports_each_bad_one(tmp_path, resnet
         log = sp.log()
         for name, reason in bad.items():
             status, raw = sp.get(f"/v2/models/{name}/ready")
-            assert status == 503 and reason in json.loads(raw)["error"], (name, raw)
-            status, raw = sp.get(f"/v2/models/{name}")
-            assert status == 503 and reason in json.loads(raw)["error"], (name, raw)
+            assert status == 400 and reason in json.loads(raw)["error"], (name, raw)
+            status, raw = sp.get(f"/v2/models/{name}")  # unknown to clients, as on Triton, but with the reason
+            assert status == 404 and reason in json.loads(raw)["error"], (name, raw)
             assert f"model '{name}'" in log and reason in log
         assert "API_KEY" not in log  # the secret's contents never reach the log or a client
         assert "repository symlinks kept inside model folders" in log

@@ -84,7 +84,10 @@ def test_unknown_model_version_or_route_get_404(server, good):
     status, resp = post(server, "/v2/models/resnet20/versions/7/infer", body)
     assert status == 404 and "no version '7'" in resp["error"]
     status, raw = server.get("/v2/models/nope/ready")
-    assert status == 404
+    assert status == 400 and json.loads(raw)["ready"] is False  # Triton: readiness of an unknown model is a 400
+    for path in ("/v2/models/nope/stats", "/v2/models/resnet20/versions/7/stats"):  # Triton: 400, not 404
+        status, raw = server.get(path)
+        assert status == 400 and "not available" in json.loads(raw)["error"], path
     status, raw = server.get("/v2/nothing/here")
     assert status == 404 and "no route" in json.loads(raw)["error"]
     good()
@@ -103,9 +106,14 @@ def test_body_over_the_limit_gets_413(server, good):
     good()
 
 
-def test_model_that_failed_to_load_gets_503(server, good):
+def test_model_that_failed_to_load_is_unknown_like_on_triton(server, good):
     status, resp = post(server, "/v2/models/broken/infer", _json_req([1, 1, 28, 28], ONE))
-    assert status == 503 and "not ready" in resp["error"] and "could not load" in resp["error"]
+    assert status == 404 and "no available versions" in resp["error"] and "could not load" in resp["error"]
+    for path in ("/v2/models/broken", "/v2/models/broken/config", "/v2/models/broken/versions/1/config"):
+        status, raw = server.get(path)
+        assert status == 404 and "could not load" in json.loads(raw)["error"], path
+    status, raw = server.get("/v2/models/broken/stats")
+    assert status == 400 and "not available" in json.loads(raw)["error"]
     good()
 
 
@@ -140,13 +148,13 @@ def test_request_timeout_gets_503(server, good, mnist_images):
     good()
 
 
-def test_strict_readiness_and_sigterm_turn_health_ready_503(model_repo, tmp_path, spawn_server):
+def test_strict_readiness_turns_health_ready_400(model_repo, tmp_path, spawn_server):
     # Triton's default: with a model that failed to load, the server is live but never ready.
     start_server, stop_server = spawn_server
     sp = start_server(model_repo, tmp_path, ready_path="/v2/models/resnet20/ready")
     try:
         assert sp.get("/v2/health/live")[0] == 200
         status, raw = sp.get("/v2/health/ready")
-        assert status == 503 and json.loads(raw) == {"ready": False}
+        assert status == 400 and json.loads(raw) == {"ready": False}  # Triton's status for not ready
     finally:
         assert stop_server(sp) == 0

@@ -23,5 +23,5 @@ class LeakyServer(ModelServer):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    cfg = ServerConfig(port=int(sys.argv[2]), threads=1, strict_readiness=False)
+    cfg = ServerConfig(port=int(sys.argv[2]), threads=1, strict_readiness=False, grpc_port=None)
     sys.exit(asyncio.run(LeakyServer(sys.argv[1], cfg).run()))

@@ -4,11 +4,20 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve a Triton model repository over the KServe v2 / Triton HTTP protocol")
+    p = sub.add_parser("serve", help="serve a Triton model repository over the KServe v2 / Triton HTTP and gRPC protocols")
     p.add_argument("repo", help="model repository: REPO/<model>/config.pbtxt + REPO/<model>/<version>/model.onnx|model.plan")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (0 = any free port, printed in the log)")
-    p.add_argument("--max-body-mb", type=float, default=64, help="request bodies above this get 413")
+    p.add_argument("--grpc-port", type=int, default=8001,
+                   help="gRPC port (KServe v2 GRPCInferenceService, as Triton's; 0 = any free port, printed in the log)")
+    p.add_argument("--no-grpc", action="store_true", help="serve HTTP only")
+    p.add_argument("--model-control-mode", choices=("none", "explicit"), default="none",
+                   help="none: every model loads at start and load/unload answer 503 (Triton's default); "
+                        "explicit: /v2/repository/models/<m>/load and /unload work, --load-model picks what loads at start")
+    p.add_argument("--load-model", action="append", default=[], metavar="MODEL",
+                   help="with --model-control-mode explicit: load MODEL at start (repeat it; '*' = every model)")
+    p.add_argument("--max-body-mb", type=float, default=64,
+                   help="request bodies (and gRPC messages) above this get 413 (RESOURCE_EXHAUSTED)")
     p.add_argument("--request-timeout", type=float, default=30.0, help="seconds a request may take when it sets no timeout")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds SIGTERM waits for accepted requests")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per instance (default: cores / instances)")
@@ -36,5 +45,6 @@ def run(args: argparse.Namespace) -> int:
                           warmup=not args.no_warmup, header_timeout_s=args.header_timeout,
                           body_timeout_s=args.body_timeout, keepalive_timeout_s=args.keepalive_timeout,
                           max_connections=args.max_connections, max_inflate_ratio=args.max_inflate_ratio,
-                          follow_symlinks=args.follow_symlinks)
+                          follow_symlinks=args.follow_symlinks, grpc_port=None if args.no_grpc else args.grpc_port,
+                          model_control_mode=args.model_control_mode, load_models=tuple(args.load_model))
     return serve(args.repo, config)
