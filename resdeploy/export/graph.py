@@ -49,6 +49,13 @@ class DNode:
     selection: bool = False  # a conv whose weight is a fixed 0/1 selection (an exact subsample/pad)
     scope: str = ""  # module path the front-end knows for this node ("" if none)
     raw_op: str = ""  # the op as written (ONNX op_type or aten target), for messages
+    # Scalar constant operands of an elementwise op: (operand position, value). The residual rule ignores
+    # them; the short-path rules read them (the 1 of a Highway gate's 1 - T, a stochastic-depth scale p, the
+    # n of a mean join's division).
+    consts: tuple[tuple[int, float], ...] = ()
+    # A conv that only scales each channel (a depthwise 1x1 conv: ORT's NCHWc pass rewrites a per-channel Mul,
+    # e.g. a BatchNorm before a conv, that way). The short-path rules do not count it as a learned conv.
+    channel_scale: bool = False
 
 
 @dataclass

@@ -116,7 +116,9 @@ def to_datagraph(program: Any) -> DataGraph:
             op = _CLASS.get(name, "other")
         stack = n.meta.get("nn_module_stack") or {}
         scope = str(list(stack.values())[-1][0]) if stack else ""
-        nodes.append(DNode(n.name, op, [resolve(d) for d in data], [n.name], False, scope, name))
+        consts = tuple((k, float(a)) for k, a in enumerate(n.args[:2])
+                       if isinstance(a, (int, float)) and not isinstance(a, bool))
+        nodes.append(DNode(n.name, op, [resolve(d) for d in data], [n.name], False, scope, name, consts))
     return DataGraph(nodes, inputs, shapes)
 
 
