@@ -115,8 +115,11 @@ def _same_shape(a: tuple[object, ...] | None, b: tuple[object, ...] | None) -> b
     return all(x is None or y is None or x == y for x, y in zip(a, b))
 
 
-def analyse(graph: DataGraph) -> list[Merge]:
-    """Find every merge and derive fork, shortcut, branch, kind and position per the module docstring."""
+def analyse(graph: DataGraph, exclude: frozenset[int] | set[int] = frozenset()) -> list[Merge]:
+    """Find every merge and derive fork, shortcut, branch, kind and position per the module docstring.
+
+    ``exclude``: node indices that belong to another kind of short path (a Highway gate's Muls and Add, a
+    FractalNet join's Adds; see :mod:`resdeploy.export.shortpath`), which are not residual merges."""
     nodes = graph.nodes
     prod = graph.producer_index()
     n_in = len(graph.inputs)
@@ -138,7 +141,7 @@ def analyse(graph: DataGraph) -> list[Merge]:
 
     candidates: list[tuple[int, DNode]] = []
     for i, n in enumerate(nodes):
-        if n.op not in MERGE_OPS or len(n.inputs) != 2 or n.inputs[0] == n.inputs[1]:
+        if n.op not in MERGE_OPS or len(n.inputs) != 2 or n.inputs[0] == n.inputs[1] or i in exclude:
             continue
         sa, sb = graph.shapes.get(n.inputs[0]), graph.shapes.get(n.inputs[1])
         if (sa is not None and len(sa) < 3) or (sb is not None and len(sb) < 3):

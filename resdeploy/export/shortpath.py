@@ -91,8 +91,18 @@ def _bits(mask: int) -> list[int]:
     return out
 
 
+def other_short_path_nodes(graph: DataGraph) -> frozenset[int]:
+    """Node indices of gated adds and mean joins (their Adds and Muls): merges the residual rule must not take
+    for residual adds. Empty for ResNets, so the skip-add check sees them exactly as before."""
+    return frozenset(_analyse(graph)[1])
+
+
 def analyse_short_paths(graph: DataGraph) -> list[ShortPath]:
     """Every short path of ``graph`` in topological order, per the rules in the module docstring."""
+    return _analyse(graph)[0]
+
+
+def _analyse(graph: DataGraph) -> tuple[list[ShortPath], set[int]]:
     nodes = graph.nodes
     n_in = len(graph.inputs)
     prod: dict[str, int] = {}
@@ -233,8 +243,9 @@ def analyse_short_paths(graph: DataGraph) -> list[ShortPath]:
             found[i] = dict(kind="concat", operands=tuple(n.inputs), scale=None, problems=())
             claimed.add(i)
 
+    other = set(claimed)  # gated adds and mean joins (concats are never residual merges)
     # Residual adds (and any other merge the residual rule finds) not claimed above.
-    for m in analyse(graph):
+    for m in analyse(graph, frozenset(claimed)):
         if m.index in claimed:
             continue
         problems = list(m.problems)
@@ -281,7 +292,7 @@ def analyse_short_paths(graph: DataGraph) -> list[ShortPath]:
             position = (-1, bin(fork_anc & learned).count("1"))
         out.append(ShortPath(f["kind"], n.name, n.outputs[0], tuple(operands), fork, out_shape(n.outputs[0]), convs,
                              position, n.scope, n.raw_op or n.op, f.get("shortcut", ""), f["scale"], tuple(problems)))
-    return out
+    return out, other
 
 
 # --------------------------------------------------------------------------------------------------- ONNX side

@@ -126,7 +126,9 @@ def _trace(module: nn.Module, example: torch.Tensor) -> TorchTrace:
     program = _capture(module, example)
     graph = to_datagraph(program)
     scopes = {n.outputs[0]: n.scope for n in graph.nodes}
-    merges: list[Merge] = analyse(graph)
+    from resdeploy.export.shortpath import other_short_path_nodes  # shortpath imports this module
+
+    merges: list[Merge] = analyse(graph, other_short_path_nodes(graph))
     adds = [TorchResidualAdd(block=scopes.get(m.output, ""), node=m.output, kind=m.kind,
                              shape=tuple(int(d) for d in m.shape) if m.shape else (), fork=m.fork,
                              branch_input=m.branch, shortcut_input=m.shortcut, op=m.op, branch_convs=m.branch_convs,
