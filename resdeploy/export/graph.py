@@ -49,6 +49,13 @@ class DNode:
     selection: bool = False  # a conv whose weight is a fixed 0/1 selection (an exact subsample/pad)
     scope: str = ""  # module path the front-end knows for this node ("" if none)
     raw_op: str = ""  # the op as written (ONNX op_type or aten target), for messages
+    # Scalar constant operands of an elementwise op: (operand position, value). The residual rule ignores
+    # them; the short-path rules read them (the 1 of a Highway gate's 1 - T, a stochastic-depth scale p, the
+    # n of a mean join's division).
+    consts: tuple[tuple[int, float], ...] = ()
+    # A conv that only scales each channel (a depthwise 1x1 conv: ORT's NCHWc pass rewrites a per-channel Mul,
+    # e.g. a BatchNorm before a conv, that way). The short-path rules do not count it as a learned conv.
+    channel_scale: bool = False
 
 
 @dataclass
@@ -108,8 +115,11 @@ def _same_shape(a: tuple[object, ...] | None, b: tuple[object, ...] | None) -> b
     return all(x is None or y is None or x == y for x, y in zip(a, b))
 
 
-def analyse(graph: DataGraph) -> list[Merge]:
-    """Find every merge and derive fork, shortcut, branch, kind and position per the module docstring."""
+def analyse(graph: DataGraph, exclude: frozenset[int] | set[int] = frozenset()) -> list[Merge]:
+    """Find every merge and derive fork, shortcut, branch, kind and position per the module docstring.
+
+    ``exclude``: node indices that belong to another kind of short path (a Highway gate's Muls and Add, a
+    FractalNet join's Adds; see :mod:`resdeploy.export.shortpath`), which are not residual merges."""
     nodes = graph.nodes
     prod = graph.producer_index()
     n_in = len(graph.inputs)
@@ -131,7 +141,7 @@ def analyse(graph: DataGraph) -> list[Merge]:
 
     candidates: list[tuple[int, DNode]] = []
     for i, n in enumerate(nodes):
-        if n.op not in MERGE_OPS or len(n.inputs) != 2 or n.inputs[0] == n.inputs[1]:
+        if n.op not in MERGE_OPS or len(n.inputs) != 2 or n.inputs[0] == n.inputs[1] or i in exclude:
             continue
         sa, sb = graph.shapes.get(n.inputs[0]), graph.shapes.get(n.inputs[1])
         if (sa is not None and len(sa) < 3) or (sb is not None and len(sb) < 3):

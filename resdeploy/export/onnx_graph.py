@@ -29,6 +29,7 @@ OP_CLASS = {
     "Gemm": "linear", "MatMul": "linear", "MatMulInteger": "linear", "QLinearMatMul": "linear",
 }
 METADATA_OPS = {"Shape", "Size", "Constant", "ConstantOfShape", "Range", "EyeLike"}
+SCALAR_OPERAND_OPS = {"Add", "Sub", "Mul", "Div"}  # elementwise ops whose scalar constants the short-path rules read
 
 
 def _dims(vi: onnx.ValueInfoProto) -> tuple[object, ...] | None:
@@ -173,6 +174,22 @@ def _weight(name: str, consts: dict[str, onnx.TensorProto], producers: dict[str,
     return None
 
 
+def _scalar(name: str, consts: dict[str, onnx.TensorProto], producers: dict[str, onnx.NodeProto]) -> float | None:
+    """The value of a one-element constant (an initializer, a Constant, or a DequantizeLinear of one), else None."""
+    v = _weight(name, consts, producers)
+    return float(v.reshape(-1)[0]) if v is not None and v.size == 1 else None
+
+
+def _is_channel_scale(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto],
+                      producers: dict[str, onnx.NodeProto]) -> bool:
+    """A depthwise 1x1 conv (weight C x 1 x 1 x 1, group C): a per-channel multiply, not a learned conv."""
+    if len(node.input) < 2:
+        return False
+    w = _weight(node.input[1], consts, producers)
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    return w is not None and w.ndim == 4 and w.shape[1:] == (1, 1, 1) and group == w.shape[0] > 1
+
+
 def is_selection_conv(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto],
                       producers: dict[str, onnx.NodeProto]) -> bool:
     """A 1x1 Conv whose weight is 0/1 with at most one 1 per output channel and no bias: an exact subsample/pad."""
@@ -262,13 +279,18 @@ def to_datagraph(model: onnx.ModelProto) -> tuple[DataGraph, dict[str, onnx.Node
             by_name[name] = n
             continue
         op = "conv" if is_conv else OP_CLASS.get(n.op_type, "other")
+        channel_scale = is_conv and _is_channel_scale(n, consts, producers)
         ins = [resolve(x) for x in data_in]
         if n.op_type in ("QLinearConv", "QLinearMatMul"):
             ins = [resolve(n.input[0])]
         if n.op_type == "Sum" and len(ins) != 2:
             op = "other"
+        scalars: tuple[tuple[int, float], ...] = ()
+        if n.op_type in SCALAR_OPERAND_OPS:
+            scalars = tuple((k, v) for k, x in enumerate(n.input[:2]) if x in const_like
+                            and (v := _scalar(x, consts, producers)) is not None)
         dnodes.append(DNode(name, op, ins, [o for o in n.output if o], is_selection_conv(n, consts, producers),
-                            _namespace(n), n.op_type))
+                            _namespace(n), n.op_type, scalars, channel_scale))
         by_name[name] = n
     inputs = [i.name for i in g.input if i.name not in consts]
     kinds = {n.output[0]: n.op_type for n in nodes if n.output}

@@ -147,8 +147,10 @@ def _analyse_onnx(model: onnx.ModelProto) -> tuple[list[Merge], list[ResidualAdd
 def _analyse_onnx_graph(model: onnx.ModelProto) -> tuple[list[Merge], list[ResidualAdd], set[str], dict[str, str]]:
     """Also returns the tensors fed only to ReLUs, and per merge output the tensor its consumers read (the
     DequantizeLinear after it in a Q/DQ graph, where the quantizer may have folded the ReLU into the Q)."""
+    from resdeploy.export.shortpath import other_short_path_nodes  # imported here: shortpath builds on this module
+
     dg, _ = onnx_graph.to_datagraph(model)
-    merges = analyse(dg)
+    merges = analyse(dg, other_short_path_nodes(dg))
     names = {n.outputs[0]: n for n in dg.nodes}
     adds = []
     for m in merges:

@@ -116,7 +116,9 @@ def to_datagraph(program: Any) -> DataGraph:
             op = _CLASS.get(name, "other")
         stack = n.meta.get("nn_module_stack") or {}
         scope = str(list(stack.values())[-1][0]) if stack else ""
-        nodes.append(DNode(n.name, op, [resolve(d) for d in data], [n.name], False, scope, name))
+        consts = tuple((k, float(a)) for k, a in enumerate(n.args[:2])
+                       if isinstance(a, (int, float)) and not isinstance(a, bool))
+        nodes.append(DNode(n.name, op, [resolve(d) for d in data], [n.name], False, scope, name, consts))
     return DataGraph(nodes, inputs, shapes)
 
 
@@ -124,7 +126,9 @@ def _trace(module: nn.Module, example: torch.Tensor) -> TorchTrace:
     program = _capture(module, example)
     graph = to_datagraph(program)
     scopes = {n.outputs[0]: n.scope for n in graph.nodes}
-    merges: list[Merge] = analyse(graph)
+    from resdeploy.export.shortpath import other_short_path_nodes  # shortpath imports this module
+
+    merges: list[Merge] = analyse(graph, other_short_path_nodes(graph))
     adds = [TorchResidualAdd(block=scopes.get(m.output, ""), node=m.output, kind=m.kind,
                              shape=tuple(int(d) for d in m.shape) if m.shape else (), fork=m.fork,
                              branch_input=m.branch, shortcut_input=m.shortcut, op=m.op, branch_convs=m.branch_convs,

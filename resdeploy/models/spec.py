@@ -9,6 +9,14 @@ from resdeploy.errors import InputError
 from resdeploy.artifact import CIFAR_MEAN, CIFAR_STD, InputSpec  # noqa: F401 - re-exported; the input contract lives with the artifact
 
 ShortcutKind = Literal["identity", "projection", "option_a"]
+# The short paths the seed's families create (He et al.'s residual add and its relatives):
+#   add         x + f(x)                       ResNets (the residual blocks below)
+#   concat      cat([x, f(x)], channels)       DenseNet
+#   gated_add   H(x)*T(x) + x*(1 - T(x))       Highway networks (T = sigmoid gate)
+#   scaled_add  x + p*f(x)                     stochastic depth at inference (p = survival probability)
+#   mean_join   (f1(x) + ... + fn(x)) / n      FractalNet joins
+ShortPathKind = Literal["add", "concat", "gated_add", "scaled_add", "mean_join"]
+SHORT_PATH_KINDS: tuple[str, ...] = ("add", "concat", "gated_add", "scaled_add", "mean_join")
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -32,6 +40,16 @@ class ResidualBlockInfo:
     path: str  # module path of the block, e.g. "layer2.0"
     kind: ShortcutKind  # how the shortcut reaches the add
     shortcut_path: str | None = None  # module path of the shortcut module (projection/option-A), if any
+
+
+@dataclass(frozen=True)
+class ShortPathInfo:
+    """One short path of a model, as the architecture declares it."""
+
+    path: str  # module path of the module whose forward makes the path, e.g. "features.denseblock1.denselayer1"
+    kind: ShortPathKind
+    inputs: int = 2  # tensors merged (a mean join of three columns: 3)
+    shortcut: ShortcutKind | None = None  # for add / scaled_add: how the skip reaches the add
 
 
 @dataclass(frozen=True)

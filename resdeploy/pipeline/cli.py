@@ -15,7 +15,7 @@ from resdeploy import __version__
 from resdeploy.errors import ResdeployError
 
 # Order here is the order in `resdeploy --help`: the pipeline's stages, first to last.
-COMMANDS = ("run", "models", "train", "export", "check", "quantize", "build", "fusion", "repo", "serve", "parity", "bench")
+COMMANDS = ("run", "models", "train", "export", "check", "quantize", "build", "fusion", "repo", "serve", "parity", "bench", "experiment")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,14 +18,15 @@ import resdeploy
 from resdeploy import atomic
 from resdeploy.errors import InputError
 from resdeploy.artifact import ArtifactMetadata, open_artifact
-from resdeploy.export import ExportConfig, ExportReport, SkipAddReport, check_skip_adds, export_onnx, require_pass
+from resdeploy.export import ExportConfig, ExportReport, SkipAddReport, export_onnx
+from resdeploy.export.shortpath import ShortPathReport, check_short_paths, require_short_paths_pass
 
 
 
 @dataclass(frozen=True)
 class ExportResult:
     export: ExportReport
-    check: SkipAddReport | None
+    check: SkipAddReport | ShortPathReport | None  # the skip-add report; the short-path report for other families
 
     def __bool__(self) -> bool:
         return bool(self.export) and (self.check is None or bool(self.check))
@@ -87,12 +88,13 @@ def export_model(
     check: bool = True,
     check_images: int = 2,
 ) -> ExportResult:
-    """Export an in-memory resdeploy model, then run the skip-add check against it (raises CheckFailed on a defect)."""
+    """Export an in-memory resdeploy model, then run the skip-add check against it (the short-path check for
+    families with other short paths; raises CheckFailed on a defect)."""
     report = export_onnx(model, out, input_shape=tuple(model.input_spec.shape), metadata=metadata, sample=images,
                          config=config)
     skip = None
     if check:
-        skip = require_pass(check_skip_adds(report.path, model, images[:check_images]))
+        skip = require_short_paths_pass(check_short_paths(report.path, model, images[:check_images]))
     return ExportResult(report, skip)
 
 
@@ -118,11 +120,11 @@ def check_onnx(
     *,
     arch: str | None = None,
     images: int = 2,
-) -> SkipAddReport:
-    """``resdeploy check``: the skip-add report of an ONNX file, against a checkpoint when given."""
+) -> SkipAddReport | ShortPathReport:
+    """``resdeploy check``: the skip-add (short-path) report of an ONNX file, against a checkpoint when given."""
     art = open_artifact(onnx_path)
     if reference is None:
-        return check_skip_adds(onnx_path)
+        return check_short_paths(onnx_path)
     model, info = load_reference(reference, arch)
     sample, _ = held_out_images(model.input_spec, images, info.metrics.get("data"))
     if art.inputs:
@@ -130,4 +132,4 @@ def check_onnx(
         if len(dims) == 4 and all(dims[1:]) and tuple(dims[1:]) != tuple(model.input_spec.shape):
             raise InputError(f"{onnx_path} takes input {tuple(dims[1:])} but {reference} is a model for "
                              f"{tuple(model.input_spec.shape)}; give the checkpoint this ONNX file was exported from")
-    return check_skip_adds(onnx_path, model, sample)
+    return check_short_paths(onnx_path, model, sample)

@@ -516,11 +516,11 @@ class ParityReport:
 def _localize(onnx_path: Path, model: Any, sample: np.ndarray) -> dict[str, Any]:
     """The skip-add check's numeric localisation, reduced to what the parity report prints."""
     try:
-        from resdeploy.export.skipadd import check_skip_adds
+        from resdeploy.export.shortpath import check_short_paths
     except ImportError as exc:
         return {"error": f"skip-add check unavailable: {exc}"}
     try:
-        rep = check_skip_adds(str(onnx_path), reference=model, sample=sample)
+        rep = check_short_paths(str(onnx_path), reference=model, sample=sample)
     except Exception as exc:  # the localisation is a diagnosis aid: never let it hide the gate result
         return {"error": f"skip-add check failed to run: {type(exc).__name__}: {exc}"}
     rows = [dict(r.__dict__) for r in rep.rows]

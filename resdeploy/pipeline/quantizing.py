@@ -187,7 +187,7 @@ def quantize_model(model_path: str | Path, out: str | Path, *, config: QuantizeC
 def _write_variant(src: Path, variant_src: Path, out: Path, config: QuantizeConfig, data: Any, spec: Any,
                    source_name: str, flavour: str | None, reason: str, ref_model: Any,
                    extra_meta: dict[str, Any]) -> QuantizeResult:
-    from resdeploy.export.skipadd import check_skip_adds
+    from resdeploy.export.shortpath import check_short_paths
     from resdeploy.models import normalize
     from resdeploy.models.data import fit_images
 
@@ -201,7 +201,7 @@ def _write_variant(src: Path, variant_src: Path, out: Path, config: QuantizeConf
             cal = CalibrationSet(normalize(cal_x, spec.mean, spec.std), source_name, "val", data.fingerprint)
             report = quantize_int8(variant_src, tmp, cal, flavour=flavour, config=config.int8, metadata=extra_meta)
         sample = test_x[: config.check_images] if ref_model is not None and config.check_images > 0 else None
-        skip = check_skip_adds(tmp, ref_model, sample)
+        skip = check_short_paths(tmp, ref_model, sample)  # the skip-add check for ResNets, unchanged
         skip = dataclasses.replace(skip, model=str(out))  # name the file being accepted, not its staging path
         if not skip:
             raise CheckFailed(f"the {config.precision} variant of {src} fails the skip-add check; nothing written:\n{skip}")

@@ -10,6 +10,9 @@ EXPECTED_BLOCKS = {
     "plain20": 0, "plain32": 0, "plain44": 0, "plain56": 0, "plain110": 0,
     "resnet18": 8, "resnet34": 16, "resnet50": 16, "resnet101": 33, "resnet152": 50,
     "preact_resnet18": 8, "preact_resnet34": 16,
+    # The seed's other short paths: only stochastic depth's blocks are residual (scaled) adds.
+    "densenet40": 0, "densenet121": 0, "highway": 0, "sd_resnet20": 9, "sd_resnet56": 27, "fractalnet": 0,
+    "lenet5": 0, "vgg9": 0,
 }
 
 
