@@ -119,7 +119,7 @@ def _pickle_calls(weights: Path) -> list[str]:
                 found.append(".".join(strings[-2:]))
         # torch's own rebuild helpers are what weights_only allows; any other import is foreign code.
         return [f for f in dict.fromkeys(found) if f not in _CODE_OPS and not f.startswith("torch.") and f != "collections.OrderedDict"]
-    except (ValueError, EOFError, KeyError, OSError, zipfile.BadZipFile):
+    except Exception:  # noqa: BLE001 - a corrupt pickle can fail anywhere in the disassembler: then it names nothing
         return []
 
 
@@ -149,8 +149,9 @@ def read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
             ) from None
         detail = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
         raise InputError(f"{weights} is not a readable PyTorch state_dict ({detail}); it may be truncated or corrupt") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise InputError(f"{weights} is not a readable PyTorch state_dict ({exc}); it may be truncated or corrupt") from None
+    except Exception as exc:  # noqa: BLE001 - garbage bytes reach the unpickler's internals (IndexError, KeyError...)
+        raise InputError(f"{weights} is not a readable PyTorch state_dict ({type(exc).__name__}: {exc}); it may be "
+                         "truncated or corrupt") from None
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
