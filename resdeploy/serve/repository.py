@@ -21,6 +21,24 @@ from resdeploy.errors import InputError
 from resdeploy.serve.protocol import IOSpec, config_dtype_to_triton, triton_dtype, triton_to_config_dtype
 
 CONFIG_NAME = "config.pbtxt"
+# config.pbtxt ``parameters`` key naming the engine resdeploy serve runs an ONNX model with (written by
+# `resdeploy repo`/`run` from the engine chosen by measurement); Triton ignores it.
+BACKEND_PARAMETER = "resdeploy_backend"
+PARAMETER_BACKENDS = ("onnxruntime", "openvino")
+
+
+def backend_parameter(config: Any) -> str | None:
+    """The CPU engine a config's ``parameters`` ask resdeploy serve to use; ``None`` when it names none or an instance
+    group asks for a GPU (the engine was chosen among CPU engines)."""
+    p = config.parameters.get(BACKEND_PARAMETER) if hasattr(config, "parameters") else None
+    if p is None or not p.string_value:
+        return None
+    if any(_pb().ModelInstanceGroup.Kind.Name(g.kind) == "KIND_GPU" for g in config.instance_group):
+        return None
+    if p.string_value not in PARAMETER_BACKENDS:
+        raise InputError(f"config parameter {BACKEND_PARAMETER} = {p.string_value!r}; use one of "
+                         f"{', '.join(PARAMETER_BACKENDS)} (or remove it for the automatic choice)")
+    return p.string_value
 # Triton's default file name and platform per backend.
 PLATFORMS = {".onnx": ("model.onnx", "onnxruntime_onnx", "onnxruntime"),
              ".plan": ("model.plan", "tensorrt_plan", "tensorrt")}
