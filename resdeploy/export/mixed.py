@@ -148,6 +148,9 @@ def regions(model: onnx.ModelProto) -> list[Region]:
         names = ancestors(a.output, a.fork) - taken
         # Data nodes only: constants (shape helpers) shared with other blocks stay where they are.
         names = {x for x in names if nodes[order[x]].op_type not in ("Constant", "Shape")}
+        # the activation right after the Add (Add -> Relu) is the block's too: it is its output
+        after = [n.name for n in nodes if n.op_type == "Relu" and a.output in n.input]
+        names |= set(after) - taken
         block = a.block or f"block{k}"
         if k == 0:
             stem = ancestors(a.fork, "") - names

@@ -417,6 +417,9 @@ def model_macs(onnx_path: str | Path) -> int:
     model = load_onnx(onnx_path)
     shapes = shapes_of(model)
     inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for n in model.graph.node:  # Q/DQ graphs: a weight reaches its conv through DequantizeLinear
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits:
+            inits[n.output[0]] = inits[n.input[0]]
     total = 0
     for n in model.graph.node:
         if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits:

@@ -330,11 +330,16 @@ def search_int8(src: Path, out: Path, *, flavour: str, config: QuantizeConfig, s
         return reports[chosen.step], report
 
 
-def _logits(path: str | Path, images: np.ndarray, threads: int | None) -> np.ndarray:
+def _logits(path: str | Path, images: np.ndarray, threads: int | None, batch: int = 256) -> np.ndarray:
+    """Logits of ``images`` from ONNX Runtime CPU (full optimisation), in batches."""
     from resdeploy.serve.runners import open_runner
 
+    out = []
     with open_runner(str(path), backend="onnxruntime", provider="cpu", threads=threads, optimization="all") as r:
-        return np.asarray(next(iter(r.infer({r.inputs[0].name: np.ascontiguousarray(images)}).values())))
+        name = r.inputs[0].name
+        for i in range(0, len(images), batch):
+            out.append(np.asarray(next(iter(r.infer({name: np.ascontiguousarray(images[i:i + batch])}).values()))))
+    return np.concatenate(out)
 
 
 def input_spec_of(onnx_path: str | Path, reference_info: Any = None) -> Any:
@@ -349,15 +354,7 @@ def input_spec_of(onnx_path: str | Path, reference_info: Any = None) -> Any:
 
 
 def _predict(path: str | Path, images: np.ndarray, threads: int | None, batch: int = 256) -> np.ndarray:
-    from resdeploy.serve.runners import open_runner
-
-    out = []
-    with open_runner(str(path), backend="onnxruntime", provider="cpu", threads=threads, optimization="all") as r:
-        name = r.inputs[0].name
-        for i in range(0, len(images), batch):
-            logits = next(iter(r.infer({name: np.ascontiguousarray(images[i:i + batch])}).values()))
-            out.append(np.asarray(logits).argmax(axis=1))
-    return np.concatenate(out)
+    return _logits(path, images, threads, batch).argmax(axis=1)
 
 
 def evaluate(fp32_path: str | Path, variant_path: str | Path, images: np.ndarray, labels: np.ndarray,
