@@ -150,6 +150,15 @@ class BenchResult:
     skipped: tuple[str, ...]  # what the budget or the machine left out, with why
     elapsed_s: float
     outputs: dict[str, str] = field(default_factory=dict)
+    macs: int = 0  # multiply-accumulates per image (Conv + Gemm), for the fraction-of-peak column
+
+    def fraction_of_peak(self, case: CaseResult, batch: int) -> float | None:
+        """The case's p50 throughput over the CPU's theoretical peak for its precision (None for GPU cases or
+        when the peak is unknown)."""
+        if case.kind == "gpu" or batch not in case.stats:
+            return None
+        return fraction_of_peak(self.macs, batch, case.stats[batch].p50_ms, case.precision, self.machine.get("isa", {}),
+                                int(self.config.get("threads", 1)), self.machine.get("usable_cpus"))
 
     def case(self, name: str) -> CaseResult:
         for c in self.cases:
@@ -228,7 +237,9 @@ class BenchResult:
     def to_dict(self) -> dict[str, Any]:
         return {"format": "resdeploy-bench/1", "model": self.model, "data": self.data, "config": self.config,
                 "machine": self.machine, "elapsed_s": round(self.elapsed_s, 3), "reference": REFERENCE,
-                "cases": [c.to_dict() for c in self.cases],
+                "macs_per_image": self.macs,
+                "cases": [{**c.to_dict(), "fraction_of_peak": {str(b): self.fraction_of_peak(c, b) for b in sorted(c.stats)}}
+                          for c in self.cases],
                 "speedup_vs_eager_p50": {str(b): self.speedups(b) for b in self.config["batches"]},
                 "summary": self.summary(), "notes": self.notes(), "skipped": list(self.skipped), "passed": bool(self)}
 
@@ -236,13 +247,14 @@ class BenchResult:
         m = self.machine
         out = [f"# Latency: {self.model}", "",
                f"- machine: {m.get('cpu_model')} ({m.get('logical_cpus')} logical CPUs), SIMD: {' '.join(m.get('simd', []))}",
+               f"- ISA: {_isa_line(m)}",
                f"- load average at start/end: {m.get('load_average_start')} / {m.get('load_average_end')} "
                "(a busy machine makes every figure noisy; ratios within the run stay comparable)",
                f"- threads: {self.config['threads']}; versions: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()),
                f"- parity sample: {self.data}", f"- elapsed {self.elapsed_s:.1f} s of a {self.config['max_seconds']:g} s budget", "",
                "| case | kind | precision | batch | p50 ms | p90 ms | p99 ms | mean ms | min ms | img/s | speedup vs eager (p50; GPU: vs its baseline) "
-               "| top-1 vs torch | centered top-1 | max abs | parity |",
-               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+               "| % of peak | top-1 vs torch | centered top-1 | max abs | parity |",
+               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for b in self.config["batches"]:
             sp = self.speedups(b)
             for c in sorted((c for c in self.cases if b in c.stats), key=lambda c: c.stats[b].p50_ms):
@@ -252,8 +264,10 @@ class BenchResult:
                 cent = f"{100 * p['centered_top1_agreement']:.1f}%" if p.get("centered_top1_agreement") is not None else "-"
                 verdict = "-" if not p else ("pass" if p.get("passed") else f"**FAIL** ({p.get('failed', '')})")
                 ratio = f"{sp[c.name]:.2f}x" if c.name in sp else "-"
+                frac = self.fraction_of_peak(c, b)
+                pk = f"{100 * frac:.1f}%" if frac is not None else "-"
                 out.append(f"| {c.name} | {c.kind} | {c.precision} | {b} | {s.p50_ms:.3f} | {s.p90_ms:.3f} | {s.p99_ms:.3f} | "
-                           f"{s.mean_ms:.3f} | {s.min_ms:.3f} | {s.throughput:,.1f} | {ratio} | {agree} | {cent} | {mabs} | {verdict} |")
+                           f"{s.mean_ms:.3f} | {s.min_ms:.3f} | {s.throughput:,.1f} | {ratio} | {pk} | {agree} | {cent} | {mabs} | {verdict} |")
         out += [""] + [f"> {n}" for n in self.notes()]
         out += ["", "## Summary", ""] + [f"- {line}" for line in self.summary()]
         out += ["", "## What ran", ""] + [f"- **{c.name}**: {c.description or '-'}" for c in self.cases]
@@ -265,7 +279,7 @@ class BenchResult:
         lines = [f"bench of {self.model} ({self.elapsed_s:.1f} s; {self.config['threads']} threads; "
                  f"load avg {self.machine.get('load_average_start')})",
                  f"{'case':<30} {'batch':>5} {'p50 ms':>9} {'p90':>9} {'p99':>9} {'mean':>9} {'min':>9} {'img/s':>10} "
-                 f"{'vs eager':>8} {'top-1':>7} parity"]
+                 f"{'vs eager':>8} {'%peak':>6} {'top-1':>7} parity"]
         for b in self.config["batches"]:
             sp = self.speedups(b)
             for c in sorted((c for c in self.cases if b in c.stats), key=lambda c: c.stats[b].p50_ms):
@@ -273,8 +287,11 @@ class BenchResult:
                 agree = f"{100 * p['top1_agreement']:6.1f}%" if p.get("top1_agreement") is not None else f"{'-':>7}"
                 verdict = "-" if not p else ("pass" if p.get("passed") else "FAIL")
                 ratio = f"{sp[c.name]:7.2f}x" if c.name in sp else f"{'-':>8}"
+                frac = self.fraction_of_peak(c, b)
+                pk = f"{100 * frac:5.1f}%" if frac is not None else f"{'-':>6}"
                 lines.append(f"{c.name:<30} {b:>5} {s.p50_ms:9.3f} {s.p90_ms:9.3f} {s.p99_ms:9.3f} {s.mean_ms:9.3f} "
-                             f"{s.min_ms:9.3f} {s.throughput:10.1f} {ratio} {agree} {verdict}")
+                             f"{s.min_ms:9.3f} {s.throughput:10.1f} {ratio} {pk} {agree} {verdict}")
+        lines.append(f"ISA: {_isa_line(self.machine)}")
         lines += self.summary()
         lines += [f"note: {n}" for n in self.notes()[1:]]
         lines += [f"skipped: {s}" for s in self.skipped]
@@ -310,7 +327,25 @@ def machine_info() -> dict[str, Any]:
     except AttributeError:
         affinity = os.cpu_count()
     env = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "KMP_", "MKL_", "ORT_", "OV_")) or k == "GOMP_SPINCOUNT"}
+    vendor, family, model_no, mhz = "", 0, 0, 0.0
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "vendor_id" and not vendor:
+                    vendor = value
+                elif key == "cpu family" and not family:
+                    family = int(value or 0)
+                elif key == "model" and not model_no:
+                    model_no = int(value or 0) if value.isdigit() else 0
+                elif key == "cpu MHz" and not mhz:
+                    mhz = float(value or 0)
+    except (OSError, ValueError):
+        pass
+    isa = cpu_isa(flags, vendor, family, model_no, mhz)
     info = {"cpu_model": cpu_model, "logical_cpus": os.cpu_count(), "usable_cpus": affinity, "threading_env": env,
+            "isa": isa,
             "simd": [f for f in SIMD_FLAGS if f in flags], "platform": platform.platform(),
             "load_average_start": _loadavg(), "cpu_busy_start": _cpu_busy(), "versions": versions,
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -321,6 +356,106 @@ def machine_info() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+# FLOP (or int8 ops: 2 per multiply-accumulate) per cycle and core, by precision, from the vendors' instruction
+# throughputs: Intel server cores have two 512-bit FMA ports; AMD Zen 4 runs AVX-512 on 256-bit units (half);
+# AMX tiles do 1024 int8 / 512 bf16 multiply-accumulates per cycle.
+def cpu_isa(flags: set[str] | frozenset[str], vendor: str = "", family: int = 0, model: int = 0,
+            mhz: float = 0.0) -> dict[str, Any]:
+    """What the CPU offers for inference and the theoretical peak per core used for "fraction of peak"."""
+    amd = vendor == "AuthenticAMD"
+    core = ""
+    if amd and family == 25:
+        core = "AMD Zen 4" if "avx512f" in flags else "AMD Zen 3"
+    elif amd and family == 26:
+        core = "AMD Zen 5"
+    elif vendor == "GenuineIntel":
+        core = ("Intel Xeon with AMX (Sapphire Rapids or later)" if "amx_int8" in flags else
+                "Intel with AVX-512" if "avx512f" in flags else "Intel")
+    half = amd and family == 25  # Zen 4: 512-bit ops on 256-bit datapaths
+    if "avx512f" in flags:
+        fp32 = 32 if half else 64
+    elif "avx2" in flags and "fma" in flags:
+        fp32 = 32
+    elif "asimd" in flags or "neon" in flags:
+        fp32 = 16
+    else:
+        fp32 = 8
+    if "amx_int8" in flags:
+        int8, int8_isa = 2048, "AMX int8"
+    elif "avx512_vnni" in flags:
+        int8, int8_isa = (128 if half else 256), "AVX-512 VNNI"
+    elif "avx_vnni" in flags:
+        int8, int8_isa = 128, "AVX-VNNI"
+    elif "avx2" in flags:
+        int8, int8_isa = 64, "AVX2 (vpmaddubsw)"
+    else:
+        int8, int8_isa = 2 * fp32, "none"
+    if "amx_bf16" in flags:
+        bf16, bf16_isa = 1024, "AMX bf16"
+    elif "avx512_bf16" in flags:
+        bf16, bf16_isa = 2 * fp32, "AVX-512 BF16"
+    else:
+        bf16, bf16_isa = fp32, "none (emulated via fp32)"
+    fp16 = 2 * fp32 if "avx512_fp16" in flags else fp32  # without avx512_fp16 a CPU computes fp16 in fp32
+    ghz = round(mhz / 1000.0, 3) if mhz else 0.0
+    return {"core": core or vendor or platform.machine(), "int8": int8_isa, "bf16": bf16_isa,
+            "flop_per_cycle_per_core": {"fp32": fp32, "fp16": fp16, "bf16": bf16, "int8": int8},
+            "clock_ghz": ghz, "clock_source": "/proc/cpuinfo cpu MHz (nominal; turbo not counted)" if ghz else "unknown",
+            "peak_gflops_per_core": {k: round(v * ghz, 1) for k, v in
+                                     {"fp32": fp32, "fp16": fp16, "bf16": bf16, "int8": int8}.items()} if ghz else {}}
+
+
+def model_macs(onnx_path: str | Path) -> int:
+    """Multiply-accumulates of one image through the model's Conv and Gemm/MatMul nodes (from shape inference)."""
+    import onnx
+
+    from resdeploy.artifact import load_onnx
+    from resdeploy.export.onnx_graph import shapes_of
+
+    model = load_onnx(onnx_path)
+    shapes = shapes_of(model)
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for n in model.graph.node:  # Q/DQ graphs: a weight reaches its conv through DequantizeLinear
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits:
+            inits[n.output[0]] = inits[n.input[0]]
+    total = 0
+    for n in model.graph.node:
+        if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits:
+            w = inits[n.input[1]]
+            out = shapes.get(n.output[0])
+            if not out or any(not isinstance(d, int) for d in out[1:]):
+                continue
+            total += int(np.prod(out[1:])) * int(np.prod(w[1:]))
+        elif n.op_type in ("Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits:
+            w = inits[n.input[1]]
+            total += int(np.prod(w))
+    del onnx
+    return total
+
+
+def fraction_of_peak(macs: int, batch: int, p50_ms: float, precision: str, isa: dict[str, Any], threads: int,
+                     cores: int | None) -> float | None:
+    """Achieved (2 x MACs / p50) over the theoretical peak of ``precision`` on ``min(threads, cores)`` cores."""
+    peak = (isa or {}).get("peak_gflops_per_core", {}).get({"bf16": "bf16", "int8": "int8", "fp16": "fp16"}.get(precision, "fp32"))
+    if not macs or not peak or p50_ms <= 0:
+        return None
+    used = max(1, min(threads, cores or threads))
+    return (2.0 * macs * batch / (p50_ms / 1e3)) / (peak * 1e9 * used)
+
+
+def _isa_line(m: dict[str, Any]) -> str:
+    isa = m.get("isa") or {}
+    if not isa:
+        return "unknown"
+    per = isa.get("flop_per_cycle_per_core", {})
+    peak = isa.get("peak_gflops_per_core", {})
+    ghz = isa.get("clock_ghz")
+    return (f"{isa.get('core')}; int8 via {isa.get('int8')}, bf16 via {isa.get('bf16')}; theoretical peak per core at "
+            f"{ghz} GHz ({isa.get('clock_source')}): " + ", ".join(
+                f"{k} {per.get(k)} op/cycle = {peak.get(k, '?')} GOPS" for k in ("fp32", "bf16", "int8"))
+            + "; % of peak = 2 x MACs x batch / p50 over that peak x min(threads, CPUs)")
 
 
 def _cpu_busy(seconds: float = 0.5) -> float | None:
@@ -497,6 +632,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None, *, stream:
     machine = machine_info()
     old_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    macs = 0
     tmp = tempfile.TemporaryDirectory(prefix="resdeploy-bench-")
     try:
         ref = par.load_reference(cfg.checkpoint, cfg.arch, cfg.seed)
@@ -511,6 +647,11 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None, *, stream:
             ref.model(torch.from_numpy(x1))
             fwd = time.perf_counter() - t0
         paths = _prepare(cfg, ref, data, Path(tmp.name), budget, fwd, say, skipped)
+        if "fp32" in paths:  # counted now: the temp folder goes at the end
+            try:
+                macs = model_macs(paths["fp32"])
+            except Exception:  # noqa: BLE001 - the column is a courtesy; an odd graph leaves it empty
+                macs = 0
         cases = build_cases(cfg, ref, paths, skipped, Path(tmp.name), data.calibration)
         live: list[Case] = []
         for case in cases:
@@ -540,7 +681,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None, *, stream:
     cfg_dict = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("gates",)}
     cfg_dict["gates"] = dataclasses.asdict(cfg.gates)
     cfg_dict["batches"] = [int(b) for b in cfg.batches]
-    result = BenchResult(ref.name, data.description, cfg_dict, machine, results, tuple(skipped), budget.elapsed)
+    result = BenchResult(ref.name, data.description, cfg_dict, machine, results, tuple(skipped), budget.elapsed, macs=macs)
     if out_dir is not None:
         result = write_outputs(result, out_dir)
     return result

@@ -5,11 +5,15 @@
   carries its input spec, and the residual Adds from the skip-add check.
 * ``tensorrt``: :func:`resdeploy.export.tensorrt_build.build_engine`, imported only when asked for (it needs a
   CUDA device and refuses cleanly without one).
+* ``auto``: TensorRT where it is usable; on a CPU machine the ONNX Runtime build, then every CPU engine
+  (ONNX Runtime, OpenVINO when installed) that agrees with the model on real images is timed on this machine
+  at ``choice_batches`` and the fastest is recorded in ``engine-choice.json`` in the build folder
+  (:mod:`resdeploy.pipeline.engine_choice`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,7 @@ import numpy as np
 from resdeploy.artifact import open_artifact
 from resdeploy.errors import InputError
 
-BUILD_BACKENDS = ("onnxruntime", "tensorrt")
+BUILD_BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
 
 @dataclass
@@ -31,6 +35,9 @@ class BuildConfig:
     data: str = "mnist"  # where the real sample images come from
     rewrite_option_a: bool = False  # onnxruntime, FP32 models: rewrite option-A shortcuts as exact 1x1 convs first
     trt: Any = None  # TrtBuildConfig for --backend tensorrt; None = its defaults
+    choice_batches: tuple[int, ...] = (1,)  # auto on a CPU: batch sizes the engines are timed at
+    choice_seconds: float = 10.0  # auto on a CPU: time spent timing the engines
+    choice_min_agreement: float = 0.99  # auto on a CPU: top-1 agreement with the model (ONNX Runtime, unoptimised)
 
 
 def _real_sample(model_path: Path, n: int, data: str) -> dict[str, np.ndarray] | None:
@@ -76,6 +83,15 @@ def build(model_path: str | Path, out: str | Path, *, config: BuildConfig | None
     """Build ``model_path`` for ``config.backend``; returns that backend's build report (str() prints it)."""
     config = config or BuildConfig()
     path = Path(model_path)
+    if config.backend == "auto":
+        from resdeploy.device import require_tensorrt
+        from resdeploy.errors import BackendUnavailable
+
+        try:
+            require_tensorrt()
+        except BackendUnavailable:
+            return build_auto_cpu(path, out, config)
+        return build(path, out, config=replace(config, backend="tensorrt"))
     if config.backend == "onnxruntime":
         from resdeploy.export.ort_build import build_onnxruntime
 
@@ -93,3 +109,64 @@ def build(model_path: str | Path, out: str | Path, *, config: BuildConfig | None
             out_path = out_path / (path.stem + ".plan")
         return build_engine(path, out_path, config.trt)
     raise InputError(f"build backend {config.backend!r} unknown; use one of {', '.join(BUILD_BACKENDS)}")
+
+
+@dataclass(frozen=True)
+class AutoBuildReport:
+    """``build --backend auto`` on a CPU: the ONNX Runtime build plus the engine chosen by measurement."""
+
+    ort: Any  # OrtBuildReport
+    choice: Any  # EngineChoice
+    choice_path: Path
+
+    @property
+    def fusion(self) -> Any:
+        return self.ort.fusion
+
+    @property
+    def build(self) -> Any:
+        return self.ort.build
+
+    def __str__(self) -> str:
+        return f"{self.ort}\n{self.choice}\nwrote {self.choice_path}"
+
+
+def cpu_engine_candidates(model_path: Path, sample: np.ndarray | None, min_agreement: float,
+                          threads: int | None) -> list[Any]:
+    """ONNX Runtime and (when installed) OpenVINO on ``model_path``, each checked against the model run by ONNX
+    Runtime without graph optimisation on ``sample`` (top-1 agreement >= ``min_agreement``)."""
+    from resdeploy.pipeline import parity as par
+    from resdeploy.pipeline.engine_choice import EngineCandidate
+    from resdeploy.export.precision import precision_of
+    from resdeploy.artifact import load_onnx
+
+    precision = precision_of(load_onnx(model_path))
+    backends = ["onnxruntime"] + (["openvino"] if par.backend_available("openvino") is None else [])
+    if sample is None:
+        return [EngineCandidate(b, precision, model_path, True, "no real images to check on") for b in backends]
+    from resdeploy.serve.runners import open_runner
+
+    with open_runner(str(model_path), backend="onnxruntime", provider="cpu", optimization="disable", threads=threads) as r:
+        ref = par.run_batches(r, sample, 16)
+    out = []
+    for b in backends:
+        with par.open_backend(b, model_path, threads) as r:
+            m = par.compare(ref, par.run_batches(r, sample, 16))
+        ok = m.top1_agreement >= min_agreement
+        out.append(EngineCandidate(b, precision, model_path, ok,
+                                   f"top-1 agreement {m.top1_agreement:.1%} with the model on {m.n} images, max abs {m.max_abs:.2g}"))
+    return out
+
+
+def build_auto_cpu(path: Path, out: str | Path, config: BuildConfig) -> AutoBuildReport:
+    """The ONNX Runtime build of ``path`` into ``out``, then the CPU engines timed and the choice written there."""
+    from resdeploy.pipeline.engine_choice import choose_engine, write_choice
+
+    ort_cfg = replace(config, backend="onnxruntime")
+    rep = build(path, out, config=ort_cfg)
+    sample = _real_sample(path, max(config.sample_images, 32), config.data)
+    images = next(iter(sample.values())) if sample else None
+    cands = cpu_engine_candidates(path, images, config.choice_min_agreement, config.threads)
+    choice = choose_engine(cands, batches=config.choice_batches, threads=config.threads, seconds=config.choice_seconds,
+                           image=images[:1] if images is not None else None)
+    return AutoBuildReport(rep, choice, write_choice(choice, out))

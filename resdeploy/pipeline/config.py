@@ -55,6 +55,8 @@ class ExportSection:
 class VariantsSection:
     precisions: list[str] = field(default_factory=lambda: ["fp16", "int8"])  # made from the FP32 export (always made)
     int8_method: str = "minmax"  # calibration: minmax | entropy | percentile
+    int8_search: bool = True  # when INT8 fails its gate: try the other calibration methods, SmoothQuant scaling,
+    # then keep the most sensitive blocks in float one at a time (quantize --accuracy-drop); false: fail the run
     calibration_images: int = 500  # val-split images to calibrate on (never the test split)
     max_int8_drop: float = 1.0  # INT8 accuracy drop gate on the test split, points
     min_fp16_agreement: float = 0.995  # FP16 top-1 agreement gate with FP32
@@ -67,6 +69,10 @@ class EnginesSection:
     # OpenVINO joins parity and bench when installed. Or name them: onnxruntime, tensorrt, openvino
     threads: int = 0  # ONNX Runtime intra-op threads for the builds; 0 = one per physical core
     trt_max_batch: int = 32  # TensorRT optimisation profile: batch 1..this
+    choose: str = "measure"  # measure: time every CPU engine x precision that passed parity, serve the fastest
+    # (engines/engine-choice.json; the repository's config names it); off: ONNX Runtime, as before
+    choice_seconds: float = 8.0  # time spent timing the engines
+    choice_batches: list[int] = field(default_factory=list)  # batch sizes timed; [] = bench.batches
 
 
 @dataclass
@@ -88,7 +94,7 @@ class BenchSection:
 
 @dataclass
 class RepositorySection:
-    precision: str = "int8"  # the variant served: fp32 | fp16 | int8
+    precision: str = "int8"  # the variant served: fp32 | fp16 | int8 | auto (the precision the engine choice picked)
     max_batch_size: int = 32  # Triton max_batch_size (the dynamic batcher's ceiling)
     max_queue_delay_us: int = 0  # how long a batch may wait to fill
     instances: int = 1  # instance_group count
@@ -111,7 +117,14 @@ class RunConfig:
         bad = [p for p in self.variants.precisions if p not in ("fp16", "int8")]
         if bad:
             raise InputError(f"variants.precisions: {bad} unknown; use fp16 and/or int8 (fp32 is the export itself)")
-        if self.repository.precision not in ("fp32", *self.variants.precisions):
+        if self.engines.choose not in ("measure", "off"):
+            raise InputError(f"engines.choose = {self.engines.choose!r}; use measure or off")
+        if self.repository.precision == "auto" and self.engines.choose != "measure":
+            raise InputError("repository.precision = \"auto\" takes the precision the engine choice measured; "
+                             "set engines.choose = \"measure\" or name a precision")
+        if any(b < 1 for b in self.engines.choice_batches) or self.engines.choice_seconds <= 0:
+            raise InputError("engines.choice_batches must be positive sizes and engines.choice_seconds > 0")
+        if self.repository.precision not in ("fp32", "auto", *self.variants.precisions):
             raise InputError(f"repository.precision = {self.repository.precision!r} is not made by this run; use fp32 or "
                              f"one of variants.precisions {self.variants.precisions}")
         known = ("auto", "onnxruntime", "tensorrt", "openvino")

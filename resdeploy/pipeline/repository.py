@@ -27,7 +27,7 @@ What a config holds, per model:
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,9 +141,13 @@ def make_model_repository(onnx_path: str | Path, repo_dir: str | Path, model_nam
                           labels: list[str] | None = None, overwrite: bool = False, *,
                           queue_timeout_us: int = 0, gpus: Sequence[int] = (), version_policy: str | None = "latest:1",
                           warmup: str = "zero", plans: Sequence[str | Path] = (), trt_accelerator: bool | None = None,
-                          trt_workspace_mib: int = 1024) -> RepositoryResult:
+                          trt_workspace_mib: int = 1024, engine_choice: Mapping[str, Any] | None = None) -> RepositoryResult:
     """Write ``repo_dir/model_name/{config.pbtxt, labels.txt, <version>/model.onnx}`` from ``onnx_path``
-    (or ``<version>/model.plan`` + sidecar, or one plan per compute capability, when ``plans`` are given)."""
+    (or ``<version>/model.plan`` + sidecar, or one plan per compute capability, when ``plans`` are given).
+
+    ``engine_choice`` (an ``engine-choice.json`` from :mod:`resdeploy.pipeline.engine_choice`): the CPU engine chosen
+    by measurement goes into ``parameters { key: "resdeploy_backend" }`` (what resdeploy serve runs the ONNX with),
+    and a comment at the top of config.pbtxt says so and which engine Triton would use."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as pb
 
@@ -314,7 +318,24 @@ def make_model_repository(onnx_path: str | Path, repo_dir: str | Path, model_nam
         model_path = version_dir / "model.onnx"
         copy_onnx(src, model_path)  # with its external data, if any (checked to lie beside it)
         written += [model_path, *(version_dir / f.name for f in artifact.data_files)]
-    text = text_format.MessageToString(config)
+    header = ""
+    if engine_choice and not plan_list:
+        from resdeploy.serve.repository import BACKEND_PARAMETER, PARAMETER_BACKENDS
+
+        chosen = str(engine_choice.get("backend", ""))
+        if chosen not in PARAMETER_BACKENDS:
+            raise InputError(f"engine choice names backend {chosen!r}; a repository serves one of {', '.join(PARAMETER_BACKENDS)}")
+        config.parameters[BACKEND_PARAMETER].string_value = chosen
+        cpu = (engine_choice.get("machine") or {}).get("cpu_model") or "this machine"
+        header = (f"# resdeploy engine choice (measured on {cpu}): {chosen} {engine_choice.get('precision', '')}; "
+                  f"{engine_choice.get('reason', '')}\n"
+                  f"# resdeploy serve runs this model with {chosen} (parameters {BACKEND_PARAMETER}); Triton's onnxruntime "
+                  "backend runs it with ONNX Runtime" + (" (add optimization { execution_accelerators { "
+                  "cpu_execution_accelerator { name: \"openvino\" } } } where Triton's build has the OpenVINO "
+                  "execution provider)" if chosen == "openvino" else "") + "\n")
+        notes.append(f"engine chosen by measurement: {chosen} {engine_choice.get('precision', '')} "
+                     f"({engine_choice.get('reason', '')})")
+    text = header + text_format.MessageToString(config)
     atomic.write_text(model_dir / "config.pbtxt", text)
     if labels:
         atomic.write_text(model_dir / "labels.txt", "".join(f"{x}\n" for x in labels))

@@ -6,8 +6,9 @@
 Stages, each consuming the artifact the one before wrote (never a sibling copy):
 
     train (or the given checkpoint) -> export (+ skip-add check) -> variant-fp16 / variant-int8 (each re-checked
-    and gated) -> engine-<backend>-<precision> (fusion reports) -> parity (the very files of the repository) ->
-    bench -> repository -> report
+    and gated; INT8 searched until its gate passes with ``variants.int8_search``) -> engine-<backend>-<precision>
+    (fusion reports) -> parity (the very files of the repository) -> engine-choice (every CPU engine x precision
+    that passed parity timed here; ``engines.choose``) -> bench -> repository (serves the chosen engine) -> report
 
 **Cache.** A stage's key is the sha256 of its name, its config section, the sha256 of every input file and the
 library versions. After a stage has written its outputs (each atomically) it writes ``stages/<name>.json`` with
@@ -288,15 +289,26 @@ def _variant(r: _Runner, cfg: RunConfig, ckpt: Path, fp32: Path, precision: str,
                             calibration_images=v.calibration_images, max_int8_drop=v.max_int8_drop,
                             min_fp16_agreement=v.min_fp16_agreement, threads=cfg.engines.threads or None)
         qc.int8.method = v.int8_method
+        if precision == "int8" and v.int8_search:
+            from resdeploy.pipeline.quantizing import SearchConfig
+
+            # the configured method first, then the others
+            qc.search = SearchConfig(methods=tuple(dict.fromkeys((v.int8_method, "minmax", "percentile", "entropy"))))
         res = quantize_model(fp32, out, config=qc, reference=ckpt)
         acc = res.accuracy
         summary = (f"{precision}" + (f" {flavour}" if flavour else "") + f": {acc}" if acc else precision)
+        search = res.search
+        if search is not None and (len(search.steps) > 1 or search.kept):
+            kept = ", ".join(k.name for k in search.kept) or "none"
+            summary += f"; search: {len(search.steps)} steps, kept in float: {kept}"
         return (summary, {"precision": precision, "flavour": flavour, "gate": res.gate,
-                          "accuracy": dataclasses.asdict(acc) if acc else None, "skipadd": res.skipadd.to_dict()}, [out])
+                          "accuracy": dataclasses.asdict(acc) if acc else None, "skipadd": res.skipadd.to_dict(),
+                          "search": search.to_dict() if search is not None else None}, [out])
 
     # Only the options this variant reads: changing the INT8 calibration must not redo the FP16 variant.
     own = ({"min_fp16_agreement": v.min_fp16_agreement} if precision == "fp16" else
-           {"int8_method": v.int8_method, "calibration_images": v.calibration_images, "max_int8_drop": v.max_int8_drop})
+           {"int8_method": v.int8_method, "calibration_images": v.calibration_images, "max_int8_drop": v.max_int8_drop,
+            "int8_search": v.int8_search})
     r.stage(name, {**own, "precision": precision, "flavour": flavour, "threads": cfg.engines.threads},
             {"fp32": r.sha(fp32), "checkpoint": r.sha(ckpt)}, run)
     return out
@@ -351,7 +363,7 @@ def run_pipeline(cfg: RunConfig, *, say: Callable[[str], None] | None = None) ->
     engines, notes = _engine_backends(cfg)
     precisions = ["fp32", *cfg.variants.precisions]
     total = (2 + len(cfg.variants.precisions) + ("tensorrt" in engines and "int8" in precisions)  # train, export, variants
-             + len(engines) * len(precisions) + 3)  # engines; parity, bench, repository
+             + len(engines) * len(precisions) + 3 + (cfg.engines.choose == "measure"))  # engines; parity, (choice), bench, repo
     r = _Runner(cfg, root, total, say)
     for n in notes:
         say(f"note: {n}")
@@ -372,15 +384,18 @@ def run_pipeline(cfg: RunConfig, *, say: Callable[[str], None] | None = None) ->
                 built[f"{backend} {p}"] = _engine(r, cfg, ckpt, backend, p, src)
         failed = _parity(r, cfg, ckpt, variants, built, engines)
         if failed is None:
+            choice = _engine_choice(r, cfg, ckpt, variants) if cfg.engines.choose == "measure" else None
             _bench(r, cfg, ckpt, variants)
-            _repository(r, cfg, variants)
+            _repository(r, cfg, variants, choice)
         else:
+            if cfg.engines.choose == "measure":
+                r.skip("engine-choice", "not run: a parity gate failed")
             r.skip("bench", "not run: a parity gate failed")
             r.skip("repository", "not written: a parity gate failed (nothing unverified is served)")
     except _StageFailed as exc:
         failed = str(exc)
         done = {s.name for s in r.records}
-        for name in ("parity", "bench", "repository"):
+        for name in ("parity", *(["engine-choice"] if cfg.engines.choose == "measure" else []), "bench", "repository"):
             if name not in done:
                 r.skip(name, "not run: an earlier stage failed")
     wall = time.perf_counter() - t0
@@ -450,9 +465,49 @@ def _bench(r: _Runner, cfg: RunConfig, ckpt: Path, variants: dict[str, Path]) ->
             run)
 
 
-def _repository(r: _Runner, cfg: RunConfig, variants: dict[str, Path]) -> None:
+def _engine_choice(r: _Runner, cfg: RunConfig, ckpt: Path, variants: dict[str, Path]) -> dict[str, Any] | None:
+    """Time every CPU engine x precision that passed parity and record the fastest (engines/engine-choice.json).
+    With a fixed ``repository.precision`` the choice is among that precision's engines; with ``auto``, among all."""
+    from resdeploy.pipeline.engine_choice import CPU_ENGINES
+
+    parity = r.output("parity").result
+    rows = [v for v in parity.get("variants", []) if v.get("backend") in CPU_ENGINES and v.get("precision") in variants
+            and v.get("metrics") is not None]
+    want = cfg.repository.precision
+    pool = [v for v in rows if want == "auto" or v["precision"] == want]
+    if not pool:
+        r.skip("engine-choice", f"no CPU engine for the {want} variant went through parity")
+        return None
+    out = r.root / "engines" / "engine-choice.json"
+    batches = sorted(set(cfg.engines.choice_batches or cfg.bench.batches or [1]))
+
+    def run() -> tuple[str, dict[str, Any], list[Path]]:
+        from resdeploy.pipeline.engine_choice import EngineCandidate, choose_engine, write_choice
+        from resdeploy.pipeline.exporting import held_out_images
+        from resdeploy.artifact import open_artifact
+
+        spec = open_artifact(variants["fp32"]).metadata.input_spec
+        image = held_out_images(spec, 1, _data_of(ckpt))[0] if spec is not None else None
+        cands = [EngineCandidate(v["backend"], v["precision"], variants[v["precision"]], bool(v.get("passed")),
+                                 "; ".join(g.get("metric", "") for g in v.get("gates", []) if not g.get("passed", True)))
+                 for v in pool]
+        choice = choose_engine(cands, batches=batches, threads=cfg.bench.threads or cfg.engines.threads or None,
+                               seconds=cfg.engines.choice_seconds, image=image)
+        write_choice(choice, out.parent)
+        return (f"{choice.name}: {choice.reason}", choice.to_dict(), [out])
+
+    rec = r.stage("engine-choice", {"choice_seconds": cfg.engines.choice_seconds, "batches": batches, "precision": want,
+                                    "threads": [cfg.bench.threads, cfg.engines.threads]},
+                  {f"{v['backend']} {v['precision']}": f"{v.get('sha256')}:{v.get('passed')}" for v in pool}, run)
+    return rec.result or None
+
+
+def _repository(r: _Runner, cfg: RunConfig, variants: dict[str, Path], choice: dict[str, Any] | None = None) -> None:
     rc = cfg.repository
-    src = variants[rc.precision]
+    precision = rc.precision
+    if precision == "auto":
+        precision = str(choice["precision"]) if choice else "int8" if "int8" in variants else "fp32"
+    src = variants[precision]
     out = r.root / "model_repository"
     name = cfg.model.name or _arch_of(src)
 
@@ -461,12 +516,17 @@ def _repository(r: _Runner, cfg: RunConfig, variants: dict[str, Path]) -> None:
 
         shutil.rmtree(out, ignore_errors=True)  # a repository is only ever what this stage wrote
         res = make_model_repository(src, out, model_name=name, max_batch_size=rc.max_batch_size,
-                                    max_queue_delay_us=rc.max_queue_delay_us, instances=rc.instances)
-        return (f"{name}: {rc.precision} model, sha256 {atomic.sha256_file(res.model_path)[:12]}",
-                {"path": r.rel(out), "model_name": name, "precision": rc.precision,
+                                    max_queue_delay_us=rc.max_queue_delay_us, instances=rc.instances,
+                                    engine_choice=choice)
+        engine = f", served by {choice['backend']} (chosen by measurement)" if choice else ""
+        return (f"{name}: {precision} model{engine}, sha256 {atomic.sha256_file(res.model_path)[:12]}",
+                {"path": r.rel(out), "model_name": name, "precision": precision,
+                 "engine": choice["backend"] if choice else "onnxruntime",
                  "model_sha256": atomic.sha256_file(res.model_path), "config": res.config_text}, [out])
 
-    r.stage("repository", {**dataclasses.asdict(rc), "name": name}, {"model": r.sha(src)}, run)
+    key_choice = {"backend": choice.get("backend"), "precision": choice.get("precision")} if choice else None
+    r.stage("repository", {**dataclasses.asdict(rc), "name": name, "precision": precision, "engine_choice": key_choice},
+            {"model": r.sha(src)}, run)
 
 
 def _arch_of(onnx_path: Path) -> str:

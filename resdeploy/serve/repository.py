@@ -39,6 +39,24 @@ CONFIG_NAME = "config.pbtxt"
 MAX_CONFIG_BYTES = 4 << 20  # a config.pbtxt is a few KiB; a bigger one is a mistake (or /dev/zero behind a symlink)
 MAX_LABEL_BYTES = 64 << 20  # 1,000 ImageNet labels take 30 KiB
 _VERSION = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
+# config.pbtxt ``parameters`` key naming the engine resdeploy serve runs an ONNX model with (written by
+# `resdeploy repo`/`run` from the engine chosen by measurement); Triton ignores it.
+BACKEND_PARAMETER = "resdeploy_backend"
+PARAMETER_BACKENDS = ("onnxruntime", "openvino")
+
+
+def backend_parameter(config: Any) -> str | None:
+    """The CPU engine a config's ``parameters`` ask resdeploy serve to use; ``None`` when it names none or an instance
+    group asks for a GPU (the engine was chosen among CPU engines)."""
+    p = config.parameters.get(BACKEND_PARAMETER) if hasattr(config, "parameters") else None
+    if p is None or not p.string_value:
+        return None
+    if any(_pb().ModelInstanceGroup.Kind.Name(g.kind) == "KIND_GPU" for g in config.instance_group):
+        return None
+    if p.string_value not in PARAMETER_BACKENDS:
+        raise InputError(f"config parameter {BACKEND_PARAMETER} = {p.string_value!r}; use one of "
+                         f"{', '.join(PARAMETER_BACKENDS)} (or remove it for the automatic choice)")
+    return p.string_value
 # Triton's default file name and platform per backend.
 PLATFORMS = {".onnx": ("model.onnx", "onnxruntime_onnx", "onnxruntime"),
              ".plan": ("model.plan", "tensorrt_plan", "tensorrt")}

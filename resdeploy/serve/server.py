@@ -42,9 +42,9 @@ from resdeploy.serve.metrics import ModelStats, prometheus_text, stats_json
 from resdeploy.serve.protocol import (BadRequest, InferRequest, IOSpec, NotFound, PayloadTooLarge, RequestTimeout,
                                       ServeError, Unavailable, UnsupportedMediaType, check_inputs, check_outputs,
                                       encode_infer_response, parse_header_length, parse_infer_request, parse_raw_request)
-from resdeploy.serve.repository import (ModelEntry, check_artifact, check_config, complete_config, config_to_json,
-                                        instance_count, io_specs, normalize_config, read_labels, repository_models,
-                                        scan_model, scan_repository, wants_cpu, warmup_samples)
+from resdeploy.serve.repository import (ModelEntry, backend_parameter, check_artifact, check_config, complete_config,
+                                        config_to_json, instance_count, io_specs, normalize_config, read_labels,
+                                        repository_models, scan_model, scan_repository, wants_cpu, warmup_samples)
 
 log = logging.getLogger("resdeploy.serve")
 
@@ -166,8 +166,11 @@ class ModelServer:
         assert artifact is not None
         # Backend choice is the runners' (resolve_auto); the server only says where the config wants it to run.
         placement = "cpu" if wants_cpu(entry.config) or self.config.backend == "onnxruntime" else "auto"
+        backend = self.config.backend
+        if backend == "auto" and artifact.suffix == ".onnx":
+            backend = backend_parameter(entry.config) or backend  # the CPU engine `resdeploy run` chose by measurement
         for _ in range(instance_count(entry.config)):
-            r = open_runner(str(artifact), backend=self.config.backend, placement=placement, threads=threads, name=entry.name)
+            r = open_runner(str(artifact), backend=backend, placement=placement, threads=threads, name=entry.name)
             r.activate()
             model.runners.append(r)
         r0 = model.runners[0]

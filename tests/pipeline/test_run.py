@@ -106,12 +106,14 @@ def test_tiny_run_goes_from_training_to_a_served_repository(tiny_run, tmp_path):
     assert result, result
     names = [s.name for s in result.stages]
     assert names == ["train", "export", "variant-fp16", "variant-int8", "engine-onnxruntime-fp32",
-                     "engine-onnxruntime-fp16", "engine-onnxruntime-int8", "parity", "bench", "repository"], names
+                     "engine-onnxruntime-fp16", "engine-onnxruntime-int8", "parity", "engine-choice", "bench",
+                     "repository"], names
     assert all(s.status == "ran" for s in result.stages), result
     assert len(lines) >= len(names) and all("s  " in ln for ln in lines if ln.startswith("["))  # one line per stage
     for f in ("run.json", "report.md", "report.html", "parity.json", "bench/bench.json", "checkpoint/model.safetensors",
               "onnx/fp32.onnx", "onnx/int8.onnx", "engines/onnxruntime-int8/fusion_report.json",
-              "model_repository/tiny/config.pbtxt", "model_repository/tiny/1/model.onnx", "stages/parity.json"):
+              "model_repository/tiny/config.pbtxt", "model_repository/tiny/1/model.onnx", "stages/parity.json",
+              "engines/engine-choice.json"):
         assert (out / f).is_file(), f
     summary = json.loads((out / "run.json").read_text())
     assert summary["passed"] and summary["model"]["architecture"] == "resnet20"
@@ -127,7 +129,9 @@ def test_tiny_run_goes_from_training_to_a_served_repository(tiny_run, tmp_path):
         inp = http.InferInput("input", list(x.shape), "FP32")
         inp.set_data_from_numpy(x, binary_data=True)
         got = client.infer("tiny", [inp]).as_numpy("logits")
-        with open_runner(out / "onnx" / "int8.onnx", backend="onnxruntime", threads=1) as r:
+        chosen = json.loads((out / "engines" / "engine-choice.json").read_text())["backend"]  # what the repo serves
+        assert f'key: "resdeploy_backend"' in (out / "model_repository" / "tiny" / "config.pbtxt").read_text()
+        with open_runner(out / "onnx" / "int8.onnx", backend=chosen, threads=1) as r:
             want = r.infer({"input": x})["logits"]
         assert got.shape == (2, 10) and np.allclose(got, want, atol=1e-4)
     finally:
@@ -156,8 +160,8 @@ def test_second_run_redoes_nothing_then_one_option_reruns_only_what_depends_on_i
     changed = run_pipeline(load_config(None, [*TINY, f"out={json.dumps(str(out))}", "variants.calibration_images=32"]),
                            say=lines.append)
     status = {s.name: s.status for s in changed.stages}
-    assert {k for k, v in status.items() if v == "ran"} == {"variant-int8", "engine-onnxruntime-int8", "parity", "bench",
-                                                           "repository"}, status
+    assert {k for k, v in status.items() if v == "ran"} == {"variant-int8", "engine-onnxruntime-int8", "parity",
+                                                           "engine-choice", "bench", "repository"}, status
     assert status["train"] == status["export"] == status["variant-fp16"] == "cached"
 
 

@@ -7,7 +7,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build", help="build an ONNX model (any precision) into an engine artifact: ONNX Runtime "
                                      "(optimised graph + fusion report) or a TensorRT plan")
     p.add_argument("model", help="ONNX model (fp32, or a variant from `resdeploy quantize`)")
-    p.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="onnxruntime",
+                   help="auto: TensorRT where usable; on a CPU the ONNX Runtime build plus every CPU engine "
+                        "(ONNX Runtime, OpenVINO) timed here, the fastest recorded in engine-choice.json")
+    p.add_argument("--choice-batches", default="1", help="auto on a CPU: comma list of batch sizes to time (default 1)")
+    p.add_argument("--choice-seconds", type=float, default=10.0, help="auto on a CPU: seconds spent timing (default 10)")
     p.add_argument("--out", required=True, help="output folder (onnxruntime), or .plan file / folder (tensorrt)")
     p.add_argument("--optimization", choices=("disable", "basic", "extended", "all"), default="all",
                    help="onnxruntime graph optimisation level (default all)")
@@ -30,8 +34,10 @@ def run(args: argparse.Namespace) -> int:
 
     config = BuildConfig(backend=args.backend, optimization=args.optimization, threads=args.threads,
                          provider=args.provider, data=args.data,
-                         rewrite_option_a=args.rewrite_option_a)
-    if args.backend == "tensorrt":
+                         rewrite_option_a=args.rewrite_option_a,
+                         choice_batches=tuple(int(b) for b in args.choice_batches.split(",") if b.strip()),
+                         choice_seconds=args.choice_seconds)
+    if args.backend in ("tensorrt", "auto"):
         from resdeploy.export.tensorrt_build import TrtBuildConfig
 
         # Only the flags given are the user's; the defaults move inside them (e.g. --max-batch 4 alone gives opt 4).
@@ -41,8 +47,11 @@ def run(args: argparse.Namespace) -> int:
         opt = args.opt_batch or min(max(d.opt_batch, lo), hi)
         config.trt = TrtBuildConfig(min_batch=lo, opt_batch=opt, max_batch=hi)
     report = build(args.model, args.out, config=config)
-    if args.json and args.backend == "onnxruntime":
-        print(json.dumps({"build": report.build, "fusion": report.fusion.to_dict()}, indent=2))
+    if args.json and args.backend in ("onnxruntime", "auto") and hasattr(report, "fusion"):
+        doc = {"build": report.build, "fusion": report.fusion.to_dict()}
+        if hasattr(report, "choice"):
+            doc["engine_choice"] = report.choice.to_dict()
+        print(json.dumps(doc, indent=2))
     else:
         print(report)
     return 0

@@ -17,6 +17,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=("minmax", "entropy", "percentile"), default=None, help="calibration method (default minmax)")
     p.add_argument("--eval-images", type=int, default=None, help="test images for the accuracy gate (default all)")
     p.add_argument("--max-drop", type=float, default=None, help="INT8 accuracy-drop gate in points (default 1.0)")
+    p.add_argument("--accuracy-drop", type=float, default=None, metavar="POINTS",
+                   help="INT8: search until the accuracy drop on the test split is <= POINTS: calibration methods, "
+                        "SmoothQuant scaling, then the most sensitive blocks kept in float one at a time")
+    p.add_argument("--search-methods", default=None,
+                   help="with --accuracy-drop: calibration methods to try, in order (default minmax,percentile,entropy)")
+    p.add_argument("--max-kept", type=int, default=None, help="with --accuracy-drop: most regions kept in float (default 8)")
+    p.add_argument("--no-smooth", action="store_true", help="with --accuracy-drop: skip the SmoothQuant step")
     p.add_argument("--min-agreement", type=float, default=None, help="FP16 top-1 agreement gate (default 0.995)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
     p.add_argument("--rewrite-option-a", action="store_true",
@@ -28,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
     import json
+    import sys
 
     from resdeploy.pipeline.quantizing import QuantizeConfig, quantize_model
 
@@ -42,7 +50,23 @@ def run(args: argparse.Namespace) -> int:
         config.max_int8_drop = args.max_drop
     if args.min_agreement is not None:
         config.min_fp16_agreement = args.min_agreement
-    result = quantize_model(args.model, args.out, config=config, reference=args.reference)
+    if args.accuracy_drop is not None:
+        from resdeploy.errors import InputError
+        from resdeploy.pipeline.quantizing import SearchConfig
+
+        if args.precision != "int8":
+            raise InputError("--accuracy-drop searches INT8 variants; use it with --precision int8")
+        config.max_int8_drop = args.accuracy_drop
+        search = SearchConfig()
+        if args.search_methods:
+            search.methods = tuple(m.strip() for m in args.search_methods.split(",") if m.strip())
+        if args.max_kept is not None:
+            search.max_kept = args.max_kept
+        if args.no_smooth:
+            search.smooth_alpha = None
+        config.search = search
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if args.accuracy_drop is not None else None
+    result = quantize_model(args.model, args.out, config=config, reference=args.reference, say=say)
     if args.json:
         r = result.report
         print(json.dumps({"path": str(result.path), "precision": result.precision, "flavour": result.flavour,
@@ -50,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
                           "graph": dataclasses.asdict(r.graph) if r.graph else None,
                           "fp16": dataclasses.asdict(r.fp16) if r.fp16 else None,
                           "accuracy": dataclasses.asdict(result.accuracy) if result.accuracy else None,
-                          "gate": result.gate, "skipadd": result.skipadd.to_dict()}, indent=2))
+                          "gate": result.gate, "skipadd": result.skipadd.to_dict(),
+                          "search": result.search.to_dict() if result.search else None}, indent=2))
     else:
         print(result)
     return 0 if result else 1
