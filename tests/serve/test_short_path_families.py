@@ -5,6 +5,7 @@ BatchNorm statistics set from real images (so their logits are realistic), one r
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import numpy as np
 import pytest
@@ -67,8 +68,6 @@ def test_every_family_is_served(exported, tmp_path, spawn_server, mnist):
     from resdeploy.models import normalize
     from resdeploy.pipeline.repository import make_model_repository
 
-    from conftest import http  # tests/serve/conftest.py
-
     repo = tmp_path / "repo"
     for name, (_, path, _) in exported.items():
         make_model_repository(path, repo, name, max_batch_size=8)
@@ -79,8 +78,10 @@ def test_every_family_is_served(exported, tmp_path, spawn_server, mnist):
             x = normalize(mnist.test.images[:2], model.input_spec.mean, model.input_spec.std)
             body = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
                                            "data": x.ravel().tolist()}]}).encode()
-            status, raw = http("POST", f"http://{sp.url}/v2/models/{name}/infer", body,
-                               {"Content-Type": "application/json"})
+            req = urllib.request.Request(f"http://{sp.url}/v2/models/{name}/infer", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as r:  # a non-200 raises, with the server's message
+                status, raw = r.status, r.read()
             assert status == 200, (name, raw[:300])
             out = json.loads(raw)["outputs"][0]
             got = np.asarray(out["data"], np.float32).reshape(out["shape"])
