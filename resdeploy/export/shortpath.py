@@ -39,7 +39,7 @@ from resdeploy.artifact import load_onnx
 from resdeploy.errors import CheckFailed, InputError
 from resdeploy.export import onnx_graph
 from resdeploy.export.graph import LEARNED, DataGraph, DNode, analyse
-from resdeploy.export.skipadd import (FLOAT_RTOL, QUANT_MIN_COSINE, Defect, SkipAddReport, SkipAddRow,
+from resdeploy.export.skipadd import (FLOAT_RTOL, QUANT_MIN_COSINE, Defect, SkipAddReport, SkipAddRow, align_by,
                                       _dequantize_qlinear_output, _errors, _input_shape, _is_quantized,
                                       _onnx_values, _shape, _shape_matches, check_skip_adds)
 
@@ -409,31 +409,6 @@ class ShortPathReport:
         return "\n".join(lines)
 
 
-def _align_by(cost: Any, n: int, m: int) -> list[tuple[int | None, int | None]]:
-    """The skip-add check's edit-distance alignment with a cost function (ties go to pairing)."""
-    d = [[0] * (m + 1) for _ in range(n + 1)]
-    for i in range(1, n + 1):
-        d[i][0] = i
-    for j in range(1, m + 1):
-        d[0][j] = j
-    for i in range(1, n + 1):
-        for j in range(1, m + 1):
-            d[i][j] = min(d[i - 1][j - 1] + cost(i - 1, j - 1), d[i - 1][j] + 1, d[i][j - 1] + 1)
-    pairs: list[tuple[int | None, int | None]] = []
-    i, j = n, m
-    while i > 0 or j > 0:
-        if i > 0 and j > 0 and d[i][j] == d[i - 1][j - 1] + cost(i - 1, j - 1):
-            pairs.append((i - 1, j - 1))
-            i, j = i - 1, j - 1
-        elif j > 0 and d[i][j] == d[i][j - 1] + 1:
-            pairs.append((None, j - 1))
-            j -= 1
-        else:
-            pairs.append((i - 1, None))
-            i -= 1
-    return pairs[::-1]
-
-
 def _only_residual(reference: Any | None, found: list[ShortPath]) -> bool:
     """A model whose short paths are all plain residual adds keeps the skip-add check exactly as it was."""
     if reference is not None:
@@ -530,7 +505,7 @@ def check_short_paths(
             return 0 if abs(a.scale - b.scale) <= SCALE_RTOL * max(abs(b.scale), 1e-12) else 1
         return 0
 
-    pairs = _align_by(cost, len(paths), len(tpaths))
+    pairs = align_by(cost, len(paths), len(tpaths))
     o2t = {i: j for i, j in pairs if i is not None and j is not None}
     tnames = [t.block or t.node for t in tpaths]
 

@@ -184,11 +184,15 @@ def _shape_matches(onnx_shape: tuple[object, ...] | None, torch_shape: tuple[int
 
 
 def _align(o_keys: list[tuple], t_keys: list[tuple], o_shapes: list, t_shapes: list) -> list[tuple[int | None, int | None]]:
-    n, m = len(o_keys), len(t_keys)
-
     def cost(i: int, j: int) -> int:
         return 0 if o_keys[i] == t_keys[j] and _shape_matches(o_shapes[i], t_shapes[j]) else 1
 
+    return align_by(cost, len(o_keys), len(t_keys))
+
+
+def align_by(cost: Any, n: int, m: int) -> list[tuple[int | None, int | None]]:
+    """Edit-distance alignment of two ordered lists of lengths ``n`` and ``m``: ``cost(i, j)`` for pairing (0 when
+    every structural fact agrees), 1 for a missing or extra item; ties go to pairing (module docstring)."""
     d = [[0] * (m + 1) for _ in range(n + 1)]
     for i in range(1, n + 1):
         d[i][0] = i
