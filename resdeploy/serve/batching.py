@@ -135,13 +135,26 @@ class DynamicBatcher:
         timeout = timeout_us or self.config.default_timeout_us
         if not timeout:
             return await fut
+        # The queue drops expired items itself; this timer bounds a request whose execution overruns too. One
+        # TimerHandle per request (wait_for + shield cost a task and two futures: issue 15's profile).
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            if not fut.done():
+                expired = True
+                fut.cancel()
+
+        timer = asyncio.get_running_loop().call_later(timeout / 1e6 + 0.001, expire)
         try:
-            # The queue drops expired items itself; this bounds a request whose execution overruns too.
-            return await asyncio.wait_for(asyncio.shield(fut), timeout / 1e6 + 0.001)
-        except asyncio.TimeoutError:
-            fut.cancel()
+            return await fut
+        except asyncio.CancelledError:
+            if not expired:
+                raise
             raise Unavailable(f"model '{self.name}': request timed out after {timeout / 1000:.1f} ms; "
                               "raise the timeout or reduce the load") from None
+        finally:
+            timer.cancel()
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until nothing is queued or executing (True) or ``timeout_s`` passes (False)."""

@@ -463,14 +463,31 @@ class ModelServer:
     def app(self) -> Any:
         from aiohttp import web
 
+        # One middleware (not two): each aiohttp middleware layer costs a coroutine and a wrapper per request.
         @web.middleware
-        async def connection_phase(request: web.Request, handler: Any) -> web.StreamResponse:
+        async def guarded(request: web.Request, handler: Any) -> web.StreamResponse:
             # The guard reads each connection's phase: a request being handled is never closed by the drain.
             guard = self.guard
             if guard is not None:
                 guard.request_started(request.protocol)
             try:
-                resp = await handler(request)
+                try:
+                    resp = await handler(request)
+                except ServeError as exc:
+                    # 408/413: the body was not (fully) read, so the connection cannot carry another request.
+                    resp = _json_error(exc.status, str(exc), close=self.draining or exc.status in (408, 413))
+                except web.HTTPRequestEntityTooLarge:
+                    resp = _json_error(413, f"request body exceeds {self.config.max_body_bytes} bytes (--max-body-mb); "
+                                            "send smaller batches")
+                except web.HTTPException as exc:
+                    if exc.status < 400:
+                        raise
+                    msg = (f"no route for {request.method} {request.path}; see /v2 for the protocol"
+                           if exc.status in (404, 405) else exc.reason)
+                    resp = _json_error(exc.status, msg)
+                except Exception as exc:  # a bug must not take the server down; the client gets the reason
+                    log.exception("internal error on %s %s", request.method, request.path)
+                    resp = _json_error(500, f"internal server error: {type(exc).__name__}: {exc}")
                 if self.draining:  # the client must not reuse a connection that is about to close
                     resp.force_close()
                 return resp
@@ -478,27 +495,7 @@ class ModelServer:
                 if guard is not None:
                     guard.request_finished(request.protocol)
 
-        @web.middleware
-        async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
-            try:
-                return await handler(request)
-            except ServeError as exc:
-                # 408/413: the body was not (fully) read, so the connection cannot carry another request.
-                return _json_error(exc.status, str(exc), close=self.draining or exc.status in (408, 413))
-            except web.HTTPRequestEntityTooLarge:
-                return _json_error(413, f"request body exceeds {self.config.max_body_bytes} bytes (--max-body-mb); "
-                                        "send smaller batches")
-            except web.HTTPException as exc:
-                if exc.status < 400:
-                    raise
-                msg = (f"no route for {request.method} {request.path}; see /v2 for the protocol"
-                       if exc.status in (404, 405) else exc.reason)
-                return _json_error(exc.status, msg)
-            except Exception as exc:  # a bug must not take the server down; the client gets the reason
-                log.exception("internal error on %s %s", request.method, request.path)
-                return _json_error(500, f"internal server error: {type(exc).__name__}: {exc}")
-
-        app = web.Application(middlewares=[connection_phase, errors], client_max_size=self.config.max_body_bytes)
+        app = web.Application(middlewares=[guarded], client_max_size=self.config.max_body_bytes)
         r = app.router
         r.add_get("/v2", self.h_server_metadata)
         r.add_get("/v2/health/live", self.h_live)
@@ -623,8 +620,9 @@ class ModelServer:
 
         limit = self.config.max_body_bytes
         try:
-            body = await asyncio.wait_for(request.read(), self.config.body_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.config.body_timeout_s):  # no extra task, unlike wait_for
+                body = await request.read()
+        except TimeoutError:
             raise RequestTimeout(f"request body not received within {self.config.body_timeout_s} s (--body-timeout); "
                                  "send the body promptly after the headers") from None
         except web.HTTPRequestEntityTooLarge:
