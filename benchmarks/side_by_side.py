@@ -110,7 +110,8 @@ def start_resdeploy(repo: Path, log_path: Path, extra: tuple[str, ...] = ()) -> 
             stop()
             raise SystemExit(f"resdeploy serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
         text = log_path.read_text(errors="replace")
-        if "model version(s) loaded" in text:
+        workers = int(extra[extra.index("--workers") + 1]) if "--workers" in extra else 1
+        if text.count("model version(s) loaded") >= workers:
             grpc_port = int(re.search(r"listening on grpc://[^ ]*:(\d+) ", text).group(1))
             return Server("resdeploy", proc.pid, port, grpc_port, stop)
         time.sleep(0.2)
