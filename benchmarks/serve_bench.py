@@ -291,6 +291,8 @@ def vs_triton(args: argparse.Namespace) -> int:
                          Case(f"gRPC, {c} clients, dynamic batching", "grpc", "resnet20", c, shape, out_bytes),
                          Case("gRPC, 1 client", "grpc", "resnet20", 1, shape, out_bytes),
                          Case(f"HTTP, {c} clients, batching off", "http", "resnet20_nobatch", c, shape, out_bytes)]
+        if args.only:
+            cases = [c for c in cases if any(o in c.label for o in args.only)]
         servers = []
         try:
             print("starting resdeploy serve and Triton ...", flush=True)
@@ -344,6 +346,7 @@ def main() -> int:
     ap.add_argument("--server-cpus", help="--vs-triton: pin both servers to these CPUs (taskset-style list: 0 or 0,1)")
     ap.add_argument("--server-arg", dest="server_args", action="append", default=[],
                     help="--vs-triton: an extra `resdeploy serve` argument (repeatable)")
+    ap.add_argument("--only", action="append", default=[], help="--vs-triton: only the cases whose label has this text")
     args = ap.parse_args()
     if args.smoke:
         args.vs_triton, args.rounds, args.seconds = True, 1, 1.0
