@@ -11,6 +11,15 @@
     .venv/bin/python benchmarks/serve_bench.py --out runs/serve-bench --overhead-only   # batch-1 overhead only
 
 Writes OUT/serve_bench.json and OUT/serve_bench.md.
+
+Side by side with the real Triton (benchmarks/side_by_side.py; Triton from benchmarks/triton_harness.py):
+
+    .venv/bin/python benchmarks/serve_bench.py --vs-triton --out runs/vs-triton [--seconds 5 --rounds 3]
+    .venv/bin/python benchmarks/serve_bench.py --vs-triton --out runs/vs-triton-1core --server-cpus 0
+    .venv/bin/python benchmarks/serve_bench.py --vs-triton --out runs/vs-triton-r50 --resnet50
+    .venv/bin/python benchmarks/serve_bench.py --smoke --out runs/smoke     # CI: runs, every answer checked
+
+Writes OUT/vs_triton.json and OUT/vs_triton.md; exits 1 if any answer was wrong.
 """
 
 from __future__ import annotations
@@ -240,6 +249,83 @@ def markdown(res: dict) -> str:
         f"Executed batch sizes (batched runs): {t['executed_batch_sizes']}", ""])
 
 
+def resnet50_onnx(out: Path) -> Path:
+    """A resnet50 at 224x224 (random weights; compute is what matters) through resdeploy's export stage."""
+    import torch
+
+    from resdeploy.models.registry import create_model
+    from resdeploy.pipeline.parity import export_fp32
+
+    torch.manual_seed(0)
+    model = create_model("resnet50", num_classes=1000, image_size=224).eval()
+    return export_fp32(model, out)
+
+
+def vs_triton(args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.side_by_side import Case, markdown as sbs_markdown, run_side_by_side, start_resdeploy, start_triton
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cpus = {int(c) for c in args.server_cpus.split(",")} if args.server_cpus else None
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        repo = tmp / "repo"
+        if args.resnet50:
+            onnx_path = Path(args.onnx) if args.onnx else resnet50_onnx(tmp / "resnet50.onnx")
+            make_model_repository(onnx_path, repo, "resnet50", max_batch_size=32)
+            shape, out_bytes = (1, 3, 224, 224), 4000
+            cases = [Case(f"resnet50 HTTP, {args.clients} clients", "http", "resnet50", args.clients, shape, out_bytes)]
+        else:
+            onnx_path = Path(args.onnx) if args.onnx else export_checkpoint(Path(args.checkpoint), tmp / "resnet20.onnx")
+            make_model_repository(onnx_path, repo, "resnet20", max_batch_size=32)
+            shape, out_bytes = (1, 1, 28, 28), 40
+            if args.smoke:
+                cases = [Case("HTTP, 4 clients", "http", "resnet20", 4, shape, out_bytes),
+                         Case("gRPC, 4 clients", "grpc", "resnet20", 4, shape, out_bytes)]
+            else:
+                make_model_repository(onnx_path, repo, "resnet20_nobatch", max_batch_size=32, dynamic_batching=False)
+                c = args.clients
+                cases = [Case(f"HTTP, {c} clients, dynamic batching", "http", "resnet20", c, shape, out_bytes),
+                         Case("HTTP, 1 client", "http", "resnet20", 1, shape, out_bytes),
+                         Case(f"gRPC, {c} clients, dynamic batching", "grpc", "resnet20", c, shape, out_bytes),
+                         Case("gRPC, 1 client", "grpc", "resnet20", 1, shape, out_bytes),
+                         Case(f"HTTP, {c} clients, batching off", "http", "resnet20_nobatch", c, shape, out_bytes)]
+        if args.only:
+            cases = [c for c in cases if any(o in c.label for o in args.only)]
+        servers = []
+        try:
+            print("starting resdeploy serve and Triton ...", flush=True)
+            servers.append(start_resdeploy(repo, out / "resdeploy.log", tuple(args.server_args)))
+            servers.append(start_triton(repo, out))
+            res = run_side_by_side(servers, cases, args.rounds, args.seconds, cpus)
+        finally:
+            for s in servers:
+                s.stop()
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    res.update({"machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
+                "server_cpus": sorted(cpus) if cpus else "all", "rounds": args.rounds, "seconds": args.seconds,
+                "loadavg_at_end": load, "server_args": args.server_args, "model": "resnet50" if args.resnet50 else "resnet20"})
+    errors = sum(v.get("errors", 0) for row in res["summary"].values() for v in row.values() if isinstance(v, dict))
+    res["errors"] = errors
+    title = (f"resdeploy serve vs Triton 2.51, {res['model']}, {args.rounds} interleaved rounds x {args.seconds:g} s, "
+             f"server CPUs {res['server_cpus']}, load average at end {' '.join(load)}")
+    md = sbs_markdown(res["summary"], title)
+    for label, row in res["summary"].items():
+        if "batching off" in label:
+            on = next((r for k, r in res["summary"].items() if "dynamic batching" in k and k.startswith("HTTP")), None)
+            if on:
+                gains = {n: on[n]["rps"] / row[n]["rps"] for n in ("resdeploy", "triton") if n in row and n in on}
+                res["batching_gain"] = gains
+                md += "\nDynamic batching gain (HTTP, same server, batched / unbatched req/s): " + ", ".join(
+                    f"{n} {g:.2f}x" for n, g in gains.items()) + "\n"
+    md += f"\nErrors (wrong or failed answers): {errors}\n"
+    atomic.write_json(out / "vs_triton.json", res)
+    atomic.write_text(out / "vs_triton.md", md)
+    print(md)
+    return 1 if errors else 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for serve_bench.json and serve_bench.md")
@@ -254,7 +340,18 @@ def main() -> int:
     ap.add_argument("--blocks", type=int, default=10, help="alternating latency blocks")
     ap.add_argument("--per-block", type=int, default=50, help="requests per latency block")
     ap.add_argument("--overhead-only", action="store_true", help="only the batch-1 overhead (HTTP and gRPC), no throughput")
+    ap.add_argument("--vs-triton", action="store_true", help="side by side with the real Triton (benchmarks/side_by_side.py)")
+    ap.add_argument("--smoke", action="store_true", help="--vs-triton, short: 1 round x 1 s, 4 clients, HTTP and gRPC")
+    ap.add_argument("--resnet50", action="store_true", help="--vs-triton on a resnet50 at 224x224 (compute-bound)")
+    ap.add_argument("--server-cpus", help="--vs-triton: pin both servers to these CPUs (taskset-style list: 0 or 0,1)")
+    ap.add_argument("--server-arg", dest="server_args", action="append", default=[],
+                    help="--vs-triton: an extra `resdeploy serve` argument (repeatable)")
+    ap.add_argument("--only", action="append", default=[], help="--vs-triton: only the cases whose label has this text")
     args = ap.parse_args()
+    if args.smoke:
+        args.vs_triton, args.rounds, args.seconds = True, 1, 1.0
+    if args.vs_triton:
+        return vs_triton(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

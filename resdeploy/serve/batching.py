@@ -38,6 +38,10 @@ from resdeploy.serve.protocol import BadRequest, ServeError, Unavailable
 from resdeploy.serve.runners.base import RunnerError
 
 
+# A lone request runs on the event loop (no thread hand-off) while batch-1 executions take less than this.
+INLINE_MAX_NS = 1_000_000
+
+
 @dataclass(frozen=True)
 class BatcherConfig:
     max_batch_size: int = 0  # 0: the model has no batch axis; every request runs alone
@@ -99,6 +103,8 @@ class DynamicBatcher:
         self._idle.set()
         self._closed = False
         self.executions: collections.deque[ExecutionRecord] = collections.deque(maxlen=4096)
+        self._last_requests = 0  # requests in the last execution (1: nobody else was waiting)
+        self._inline_ewma_ns = INLINE_MAX_NS  # batch-1 executions' compute time, smoothed
         self.on_execution: Callable[[ExecutionRecord], None] | None = None
 
     # -- public ----------------------------------------------------------------------------------------
@@ -135,13 +141,26 @@ class DynamicBatcher:
         timeout = timeout_us or self.config.default_timeout_us
         if not timeout:
             return await fut
+        # The queue drops expired items itself; this timer bounds a request whose execution overruns too. One
+        # TimerHandle per request (wait_for + shield cost a task and two futures: issue 15's profile).
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            if not fut.done():
+                expired = True
+                fut.cancel()
+
+        timer = asyncio.get_running_loop().call_later(timeout / 1e6 + 0.001, expire)
         try:
-            # The queue drops expired items itself; this bounds a request whose execution overruns too.
-            return await asyncio.wait_for(asyncio.shield(fut), timeout / 1e6 + 0.001)
-        except asyncio.TimeoutError:
-            fut.cancel()
+            return await fut
+        except asyncio.CancelledError:
+            if not expired:
+                raise
             raise Unavailable(f"model '{self.name}': request timed out after {timeout / 1000:.1f} ms; "
                               "raise the timeout or reduce the load") from None
+        finally:
+            timer.cancel()
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until nothing is queued or executing (True) or ``timeout_s`` passes (False)."""
@@ -213,6 +232,10 @@ class DynamicBatcher:
             self._timer = None
         now = time.perf_counter_ns()
         self._expire(now)
+        if (len(self._queue) == 1 and self._executing == 0 and self._last_requests == 1 and self._free
+                and self._inline_ewma_ns < INLINE_MAX_NS and self._n_instances == 1):
+            self._run_inline(now)
+            return
         while self._free and self._queue:
             items, wake_at = self._take(now)
             if items is None:
@@ -227,6 +250,20 @@ class DynamicBatcher:
     def _check_idle(self) -> None:
         if not self._queue and self._executing == 0:
             self._idle.set()
+
+    def _run_inline(self, now: int) -> None:
+        """A lone request on an idle model whose executions take microseconds runs right here on the loop: the two
+        thread hand-offs (pool submit, call_soon_threadsafe) cost about as much as the model itself (issue 15's
+        1-client profile). Only when the last execution also held a single request (nobody else is waiting, so the
+        loop has nothing to overlap with) and batch-1 compute stays under INLINE_MAX_NS."""
+        items = [self._queue.popleft()]
+        runner = self._free.pop()
+        self._executing += 1
+        try:
+            result, exc = self._execute(runner, items), None
+        except Exception as e:  # delivered to the request, as from the thread
+            result, exc = None, e
+        self._finished(result, exc, runner, items, now)
 
     # -- execution (worker thread) ---------------------------------------------------------------------
     def _run(self, loop: asyncio.AbstractEventLoop, runner: Any, items: list[_Item], start_ns: int) -> None:
@@ -265,9 +302,12 @@ class DynamicBatcher:
         self._free.append(runner)
         self._executing -= 1
         self.stats.pending -= len(items)
+        self._last_requests = len(items)
         if exc is None:
             results, in_ns, infer_ns, out_ns = result
             size = sum(it.batch for it in items)
+            if len(items) == 1:
+                self._inline_ewma_ns = (self._inline_ewma_ns * 7 + in_ns + infer_ns + out_ns) // 8
             self.stats.record_execution(size, in_ns, infer_ns, out_ns)
             rec = ExecutionRecord(len(items), size, in_ns, infer_ns, out_ns)
             self.executions.append(rec)

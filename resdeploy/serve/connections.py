@@ -153,7 +153,7 @@ class ConnectionGuard:
         return sum(1 for h in self.conns if h.phase in phases)
 
     # -- listening ---------------------------------------------------------------------------------------
-    async def listen(self, runner: web.AppRunner, host: str, port: int, backlog: int = 1024) -> int:
+    async def listen(self, runner: web.AppRunner, host: str, port: int, backlog: int = 1024, reuse_port: bool = False) -> int:
         """Start accepting on host:port (0 = any free port) with ``runner``'s application; returns the port."""
         loop = asyncio.get_running_loop()
         manager = runner.server
@@ -175,7 +175,7 @@ class ConnectionGuard:
                 return _Refuse(over_cap)
             return GuardedHandler(self, manager, **kwargs)
 
-        self._server = await loop.create_server(factory, host, port, backlog=backlog, reuse_address=True,
+        self._server = await loop.create_server(factory, host, port, backlog=backlog, reuse_address=True, reuse_port=reuse_port or None,
                                                 family=socket.AF_INET if host and ":" not in host else socket.AF_UNSPEC)
         self._sweeper = asyncio.ensure_future(self._sweep())
         return self._server.sockets[0].getsockname()[1]

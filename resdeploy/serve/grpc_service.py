@@ -194,7 +194,7 @@ class GrpcService(pb_grpc.GRPCInferenceServiceServicer):
         options = [("grpc.max_receive_message_length", c.max_body_bytes),
                    ("grpc.max_send_message_length", -1),
                    ("grpc.max_connection_idle_ms", int(c.keepalive_timeout_s * 1000)),
-                   ("grpc.so_reuseport", 0)]
+                   ("grpc.so_reuseport", 1 if c.reuse_port else 0)]  # shared only by --workers processes
         self.grpc_server = grpc.aio.server(options=options, maximum_concurrent_rpcs=c.max_connections)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self, self.grpc_server)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

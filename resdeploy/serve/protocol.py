@@ -75,6 +75,7 @@ DATATYPES: dict[str, np.dtype] = {
     "BYTES": np.dtype(np.object_),
 }
 _NP_TO_TRITON = {v.name: k for k, v in DATATYPES.items() if k != "BYTES"}
+_DTYPE_NAMES = {v: k for k, v in DATATYPES.items() if k != "BYTES"}  # np.dtype -> wire name (native byte order)
 
 # Request limits. numpy 1.x allows 32 dims (2.x: 64); no model here has more than a handful, so 32 is the
 # portable ceiling and a deeper claim is a 400 instead of numpy's ValueError deep inside reshape.
@@ -85,6 +86,10 @@ MAX_TIMEOUT_US = 24 * 3600 * 10**6  # a day: larger deadlines overflow asyncio t
 
 def triton_dtype(numpy_dtype: str | np.dtype) -> str:
     """'float32' -> 'FP32'. Object/bytes/str arrays are BYTES."""
+    if numpy_dtype.__class__ is not str:  # a dtype: a dict hit per tensor on the hot path
+        hit = _DTYPE_NAMES.get(numpy_dtype)
+        if hit is not None:
+            return hit
     dt = np.dtype(numpy_dtype)
     if dt.kind in "OSU":
         return "BYTES"

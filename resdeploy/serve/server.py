@@ -75,6 +75,8 @@ class ServerConfig:
     grpc_port: int | None = 8001  # Triton's gRPC port (0 = any free port, printed in the log); None = no gRPC
     model_control_mode: str = "none"  # none: every model at start, no load/unload (503); explicit: load/unload work
     load_models: tuple[str, ...] = ()  # explicit mode: the models loaded at start ("*" = all), like --load-model
+    workers: int = 1  # server processes sharing the ports (SO_REUSEPORT), each with its own models and batchers
+    reuse_port: bool = False  # set in each worker of --workers N (not a user setting)
 
     def __post_init__(self) -> None:
         if self.model_control_mode not in MODEL_CONTROL_MODES:
@@ -82,6 +84,11 @@ class ServerConfig:
                              f"{', '.join(MODEL_CONTROL_MODES)}")
         if self.load_models and self.model_control_mode != "explicit":
             raise InputError("--load-model needs --model-control-mode explicit (in mode none every model loads at start)")
+        if self.workers < 1:
+            raise InputError(f"--workers is {self.workers}; give at least 1")
+        if self.workers > 1 and self.model_control_mode == "explicit":
+            raise InputError("--workers > 1 needs --model-control-mode none: a load/unload request reaches one worker "
+                             "process only, so the workers would serve different models")
 
 
 @dataclass
@@ -155,7 +162,7 @@ class ModelServer:
         if self.config.threads:
             return self.config.threads
         total = sum(instance_count(e.config) for e in entries if e.error is None) or 1
-        return max(1, (os.cpu_count() or 1) // total)
+        return max(1, (os.cpu_count() or 1) // (total * self.config.workers))
 
     def _load_one(self, model: LoadedModel, threads: int) -> None:
         """Open one runner per instance, complete/check the config, read labels, warm up. Runs in a thread."""
@@ -466,14 +473,31 @@ class ModelServer:
     def app(self) -> Any:
         from aiohttp import web
 
+        # One middleware (not two): each aiohttp middleware layer costs a coroutine and a wrapper per request.
         @web.middleware
-        async def connection_phase(request: web.Request, handler: Any) -> web.StreamResponse:
+        async def guarded(request: web.Request, handler: Any) -> web.StreamResponse:
             # The guard reads each connection's phase: a request being handled is never closed by the drain.
             guard = self.guard
             if guard is not None:
                 guard.request_started(request.protocol)
             try:
-                resp = await handler(request)
+                try:
+                    resp = await handler(request)
+                except ServeError as exc:
+                    # 408/413: the body was not (fully) read, so the connection cannot carry another request.
+                    resp = _json_error(exc.status, str(exc), close=self.draining or exc.status in (408, 413))
+                except web.HTTPRequestEntityTooLarge:
+                    resp = _json_error(413, f"request body exceeds {self.config.max_body_bytes} bytes (--max-body-mb); "
+                                            "send smaller batches")
+                except web.HTTPException as exc:
+                    if exc.status < 400:
+                        raise
+                    msg = (f"no route for {request.method} {request.path}; see /v2 for the protocol"
+                           if exc.status in (404, 405) else exc.reason)
+                    resp = _json_error(exc.status, msg)
+                except Exception as exc:  # a bug must not take the server down; the client gets the reason
+                    log.exception("internal error on %s %s", request.method, request.path)
+                    resp = _json_error(500, f"internal server error: {type(exc).__name__}: {exc}")
                 if self.draining:  # the client must not reuse a connection that is about to close
                     resp.force_close()
                 return resp
@@ -481,27 +505,7 @@ class ModelServer:
                 if guard is not None:
                     guard.request_finished(request.protocol)
 
-        @web.middleware
-        async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
-            try:
-                return await handler(request)
-            except ServeError as exc:
-                # 408/413: the body was not (fully) read, so the connection cannot carry another request.
-                return _json_error(exc.status, str(exc), close=self.draining or exc.status in (408, 413))
-            except web.HTTPRequestEntityTooLarge:
-                return _json_error(413, f"request body exceeds {self.config.max_body_bytes} bytes (--max-body-mb); "
-                                        "send smaller batches")
-            except web.HTTPException as exc:
-                if exc.status < 400:
-                    raise
-                msg = (f"no route for {request.method} {request.path}; see /v2 for the protocol"
-                       if exc.status in (404, 405) else exc.reason)
-                return _json_error(exc.status, msg)
-            except Exception as exc:  # a bug must not take the server down; the client gets the reason
-                log.exception("internal error on %s %s", request.method, request.path)
-                return _json_error(500, f"internal server error: {type(exc).__name__}: {exc}")
-
-        app = web.Application(middlewares=[connection_phase, errors], client_max_size=self.config.max_body_bytes)
+        app = web.Application(middlewares=[guarded], client_max_size=self.config.max_body_bytes)
         r = app.router
         r.add_get("/v2", self.h_server_metadata)
         r.add_get("/v2/health/live", self.h_live)
@@ -626,8 +630,9 @@ class ModelServer:
 
         limit = self.config.max_body_bytes
         try:
-            body = await asyncio.wait_for(request.read(), self.config.body_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.config.body_timeout_s):  # no extra task, unlike wait_for
+                body = await request.read()
+        except TimeoutError:
             raise RequestTimeout(f"request body not received within {self.config.body_timeout_s} s (--body-timeout); "
                                  "send the body promptly after the headers") from None
         except web.HTTPRequestEntityTooLarge:
@@ -677,10 +682,14 @@ class ModelServer:
         c = self.config
         self.guard = ConnectionGuard(ConnectionLimits(c.header_timeout_s, c.body_timeout_s, c.keepalive_timeout_s,
                                                       c.max_connections))
+        if c.reuse_port:
+            # A worker of --workers N opens the shared ports only once its models are loaded: a connection the
+            # kernel hands to it must not find it still loading while another worker already answers ready.
+            await self.load_models()
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         try:
-            self.port = await self.guard.listen(runner, c.host, c.port)
+            self.port = await self.guard.listen(runner, c.host, c.port, reuse_port=c.reuse_port)
         except OSError as exc:
             await runner.cleanup()
             raise InputError(f"cannot listen on {c.host}:{c.port}: {exc}; pick a free port with --port") from None
@@ -702,7 +711,7 @@ class ModelServer:
                      c.host, self.grpc_port, c.max_body_bytes, c.max_connections)
         log.info("model control mode %s%s", c.model_control_mode,
                  f" (loading at start: {', '.join(c.load_models) or 'none'})" if c.model_control_mode == "explicit" else "")
-        load = asyncio.ensure_future(self.load_models())
+        load = asyncio.ensure_future(self.load_models() if not c.reuse_port else asyncio.sleep(0))
         stop = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait([load, stop], return_when=asyncio.FIRST_COMPLETED)
         if load.done():
@@ -784,7 +793,91 @@ def serve(repo: str | Path, config: ServerConfig | None = None) -> int:
         raise InputError(f"model repository {repo} is not a folder; make one with `resdeploy repo MODEL.onnx --out {repo}`")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.workers > 1:
+        return _serve_workers(Path(repo), config)
     return asyncio.run(ModelServer(repo, config).run())
+
+
+# -- several worker processes on one port ---------------------------------------------------------------------
+WORKER_ENV = "RESDEPLOY_SERVE_WORKER"
+
+
+def _port_for(host: str, port: int, what: str) -> int:
+    """``port`` checked free on ``host`` (0: a free one picked), bound without SO_REUSEPORT so a port in use by any
+    other process is refused here, before the workers share it."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            flag = "--port" if what == "HTTP" else "--grpc-port"
+            raise InputError(f"cannot listen for {what} on {host}:{port}: {exc}; pick a free port with {flag}") from None
+        return s.getsockname()[1]
+
+
+def _serve_workers(repo: Path, config: ServerConfig) -> int:
+    """``--workers N``: N ``resdeploy serve`` processes on the same HTTP and gRPC ports (SO_REUSEPORT: the kernel
+    spreads connections across them), each with its own models, batchers and event loop, so Python's per-request
+    work runs on N cores instead of one. SIGTERM/SIGINT are forwarded to every worker, each drains as a single
+    server does, and the exit code is the worst of theirs; if one worker dies the others are stopped (exit 1), so a
+    supervisor restarts the whole server. The connection cap is split across the workers (the total stays
+    ``max_connections``); statistics and metrics are per worker (each connection sees its worker's)."""
+    import dataclasses
+    import math
+    import subprocess
+
+    n = config.workers
+    http_port = _port_for(config.host, config.port, "HTTP")
+    grpc_port = _port_for(config.host, config.grpc_port, "gRPC") if config.grpc_port is not None else None
+    wcfg = dataclasses.replace(config, port=http_port, grpc_port=grpc_port, reuse_port=True,
+                               max_connections=max(1, math.ceil(config.max_connections / n)))
+    spec = json.dumps({"repo": str(repo), "config": dataclasses.asdict(wcfg)})
+    code = "from resdeploy.serve.server import _worker_main; raise SystemExit(_worker_main())"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env={**os.environ, WORKER_ENV: spec, "RESDEPLOY_WORKER_INDEX": str(i)})
+             for i in range(n)]
+    log.info("serving with %d worker processes on http %s:%d%s (SO_REUSEPORT); pids %s", n, config.host, http_port,
+             f", grpc {grpc_port}" if grpc_port is not None else "", ", ".join(str(p.pid) for p in procs))
+    stopping = False
+
+    def forward(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(0.2)
+            died = [p for p in procs if p.returncode is not None and p.returncode != 0]
+            if died and not stopping:
+                log.error("worker pid %d exited with %s; stopping the other workers", died[0].pid, died[0].returncode)
+                forward(signal.SIGTERM, None)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    codes = [p.returncode for p in procs]
+    log.info("all %d workers exited (codes %s)", n, codes)
+    return 0 if all(c == 0 for c in codes) else 1
+
+
+def _worker_main() -> int:
+    """Entry of one ``--workers`` process: the parent's config (as JSON in the environment), then serve."""
+    spec = json.loads(os.environ.pop(WORKER_ENV))
+    index = os.environ.pop("RESDEPLOY_WORKER_INDEX", "?")
+    cfg = spec["config"]
+    cfg["load_models"] = tuple(cfg["load_models"])
+    config = ServerConfig(**cfg)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s")
+    try:
+        return asyncio.run(ModelServer(spec["repo"], config).run())
+    except ResdeployError as exc:
+        log.error("%s", exc)
+        return 2
 
 
 __all__ = ["LoadedModel", "ModelServer", "ServerConfig", "serve"]

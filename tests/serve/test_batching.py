@@ -230,3 +230,35 @@ def test_two_instances_run_concurrently_and_drain_waits_for_them():
             b.submit(x(3.0), 1)
 
     run(main())
+
+
+class WhereRunner:
+    """Records which thread ran each execution; ``sleep_s`` makes the model slow."""
+
+    def __init__(self, sleep_s: float = 0.0) -> None:
+        self.threads: list[int] = []
+        self.sleep_s = sleep_s
+
+    def infer(self, feed):
+        import time
+
+        self.threads.append(threading.get_ident())
+        time.sleep(self.sleep_s)
+        return {"y": feed["x"] * 2}
+
+
+def test_a_lone_request_on_a_fast_idle_model_runs_on_the_loop_a_slow_model_never_does():
+    async def main(sleep_s: float) -> tuple[list[int], int, DynamicBatcher]:
+        r = WhereRunner(sleep_s)
+        b = DynamicBatcher([r], BatcherConfig(max_batch_size=8))
+        for i in range(4):
+            out = await b.infer(x(float(i)))
+            np.testing.assert_array_equal(out["y"], x(float(i))["x"] * 2)
+        return r.threads, threading.get_ident(), b
+
+    threads, loop_thread, b = run(main(0.0))
+    assert threads[0] != loop_thread  # the first execution (compute time unknown) goes to the instance's thread
+    assert threads[-1] == loop_thread  # then lone fast requests skip the two thread hand-offs
+    assert len(b.executions) == 4 and b.stats.pending == 0  # recorded exactly as from the thread
+    threads, loop_thread, _ = run(main(0.003))  # 3 ms per execution: above INLINE_MAX_NS, always in the thread
+    assert loop_thread not in threads
