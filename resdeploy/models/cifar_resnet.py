@@ -15,7 +15,7 @@ from torch import nn
 
 from resdeploy.errors import InputError
 from resdeploy.models.base import ResidualNet
-from resdeploy.models.spec import CIFAR_MEAN, CIFAR_STD, InputSpec, default_stats
+from resdeploy.models.spec import CIFAR_MEAN, CIFAR_STD, square_input
 
 Shortcut = Literal["A", "B"]
 
@@ -99,7 +99,7 @@ class CifarResNet(ResidualNet):
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
         self._set_card(
-            InputSpec(in_channels, image_size, image_size, tuple(mean or default_stats(CIFAR_MEAN, in_channels)), tuple(std or default_stats(CIFAR_STD, in_channels))),
+            square_input(in_channels, image_size, mean, std, CIFAR_MEAN, CIFAR_STD),
             num_classes,
             labels,
         )

@@ -18,7 +18,7 @@ from torch import nn
 
 from resdeploy.errors import InputError
 from resdeploy.models.base import ResidualNet
-from resdeploy.models.spec import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, InputSpec, default_stats
+from resdeploy.models.spec import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, square_input
 
 
 class DenseLayer(nn.Module):
@@ -102,9 +102,8 @@ class DenseNet(ResidualNet):
                 nn.init.zeros_(m.bias)
         cifar = stem == "cifar"
         self._set_card(
-            InputSpec(in_channels, image_size, image_size,
-                      tuple(mean or default_stats(CIFAR_MEAN if cifar else IMAGENET_MEAN, in_channels)),
-                      tuple(std or default_stats(CIFAR_STD if cifar else IMAGENET_STD, in_channels))),
+            square_input(in_channels, image_size, mean, std, CIFAR_MEAN if cifar else IMAGENET_MEAN,
+                         CIFAR_STD if cifar else IMAGENET_STD),
             num_classes, labels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

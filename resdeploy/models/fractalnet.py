@@ -17,7 +17,7 @@ from torch import nn
 
 from resdeploy.errors import InputError
 from resdeploy.models.base import ResidualNet
-from resdeploy.models.spec import CIFAR_MEAN, CIFAR_STD, InputSpec, default_stats
+from resdeploy.models.spec import CIFAR_MEAN, CIFAR_STD, square_input
 
 
 class ConvUnit(nn.Sequential):
@@ -107,8 +107,7 @@ class FractalNet(ResidualNet):
             cin = w
         self.blocks = nn.ModuleList(blocks)
         self.fc = nn.Linear(widths[-1], num_classes)
-        self._set_card(InputSpec(in_channels, image_size, image_size, tuple(mean or default_stats(CIFAR_MEAN, in_channels)),
-                                 tuple(std or default_stats(CIFAR_STD, in_channels))), num_classes, labels)
+        self._set_card(square_input(in_channels, image_size, mean, std, CIFAR_MEAN, CIFAR_STD), num_classes, labels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:

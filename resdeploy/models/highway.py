@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from resdeploy.models.base import ResidualNet
-from resdeploy.models.spec import CIFAR_MEAN, CIFAR_STD, InputSpec, default_stats
+from resdeploy.models.spec import CIFAR_MEAN, CIFAR_STD, square_input
 
 
 class HighwayBlock(nn.Module):
@@ -58,8 +58,7 @@ class HighwayNet(ResidualNet):
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
         self.fc = nn.Linear(widths[-1], num_classes)
-        self._set_card(InputSpec(in_channels, image_size, image_size, tuple(mean or default_stats(CIFAR_MEAN, in_channels)),
-                                 tuple(std or default_stats(CIFAR_STD, in_channels))), num_classes, labels)
+        self._set_card(square_input(in_channels, image_size, mean, std, CIFAR_MEAN, CIFAR_STD), num_classes, labels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(F.relu(self.bn1(self.conv1(x))))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from resdeploy.models.base import ResidualNet
-from resdeploy.models.spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec, default_stats
+from resdeploy.models.spec import IMAGENET_MEAN, IMAGENET_STD, square_input
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -104,7 +104,7 @@ class ResNet(ResidualNet):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         self._set_card(
-            InputSpec(in_channels, image_size, image_size, tuple(mean or default_stats(IMAGENET_MEAN, in_channels)), tuple(std or default_stats(IMAGENET_STD, in_channels))),
+            square_input(in_channels, image_size, mean, std, IMAGENET_MEAN, IMAGENET_STD),
             num_classes,
             labels,
         )

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from resdeploy.models.base import ResidualNet
-from resdeploy.models.spec import CIFAR_MEAN, CIFAR_STD, MNIST_MEAN, MNIST_STD, InputSpec, default_stats
+from resdeploy.models.spec import CIFAR_MEAN, CIFAR_STD, MNIST_MEAN, MNIST_STD, square_input
 
 
 class LeNet5(ResidualNet):
@@ -26,8 +26,7 @@ class LeNet5(ResidualNet):
         self.fc1 = nn.Linear(16 * side * side, 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, num_classes)
-        self._set_card(InputSpec(in_channels, image_size, image_size, tuple(mean or default_stats(MNIST_MEAN, in_channels)),
-                                 tuple(std or default_stats(MNIST_STD, in_channels))), num_classes, labels)
+        self._set_card(square_input(in_channels, image_size, mean, std, MNIST_MEAN, MNIST_STD), num_classes, labels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
@@ -55,8 +54,7 @@ class VGG(ResidualNet):
                 cin = int(v)
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.Linear(cin, 256), nn.ReLU(), nn.Linear(256, num_classes))
-        self._set_card(InputSpec(in_channels, image_size, image_size, tuple(mean or default_stats(CIFAR_MEAN, in_channels)),
-                                 tuple(std or default_stats(CIFAR_STD, in_channels))), num_classes, labels)
+        self._set_card(square_input(in_channels, image_size, mean, std, CIFAR_MEAN, CIFAR_STD), num_classes, labels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from resdeploy.models.base import ResidualNet
-from resdeploy.models.spec import CIFAR_MEAN, CIFAR_STD, InputSpec, default_stats
+from resdeploy.models.spec import CIFAR_MEAN, CIFAR_STD, square_input
 
 
 class PreActBlock(nn.Module):
@@ -63,7 +63,7 @@ class PreActResNet(ResidualNet):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
         self._set_card(
-            InputSpec(in_channels, image_size, image_size, tuple(mean or default_stats(CIFAR_MEAN, in_channels)), tuple(std or default_stats(CIFAR_STD, in_channels))),
+            square_input(in_channels, image_size, mean, std, CIFAR_MEAN, CIFAR_STD),
             num_classes,
             labels,
         )

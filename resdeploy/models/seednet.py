@@ -9,7 +9,7 @@ from torch import nn
 
 from resdeploy.models.base import ResidualNet
 from resdeploy.models.blocks import ResBlock, conv_layer
-from resdeploy.models.spec import MNIST_MEAN, MNIST_STD, InputSpec, default_stats
+from resdeploy.models.spec import MNIST_MEAN, MNIST_STD, square_input
 
 
 class SeedNet(ResidualNet):
@@ -35,7 +35,7 @@ class SeedNet(ResidualNet):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(ni, num_classes)
         self._set_card(
-            InputSpec(in_channels, image_size, image_size, tuple(mean or default_stats(MNIST_MEAN, in_channels)), tuple(std or default_stats(MNIST_STD, in_channels))),
+            square_input(in_channels, image_size, mean, std, MNIST_MEAN, MNIST_STD),
             num_classes,
             labels,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -31,6 +32,14 @@ def default_stats(values: tuple[float, ...], channels: int) -> tuple[float, ...]
     if len(values) == 1:
         return tuple(values) * channels
     raise InputError(f"no default normalisation for {channels} channels from {len(values)} values; pass mean= and std=")
+
+
+def square_input(channels: int, size: int, mean: Sequence[float] | None, std: Sequence[float] | None,
+                 default_mean: tuple[float, ...], default_std: tuple[float, ...]) -> InputSpec:
+    """A ``channels`` x ``size`` x ``size`` input normalised with ``mean``/``std``, else the dataset's defaults
+    fitted to ``channels`` (what every architecture's constructor needs)."""
+    return InputSpec(channels, size, size, tuple(mean or default_stats(default_mean, channels)),
+                     tuple(std or default_stats(default_std, channels)))
 
 
 @dataclass(frozen=True)

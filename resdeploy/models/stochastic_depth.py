@@ -17,7 +17,7 @@ from torch import nn
 from resdeploy.errors import InputError
 from resdeploy.models.base import ResidualNet
 from resdeploy.models.cifar_resnet import OptionAShortcut
-from resdeploy.models.spec import CIFAR_MEAN, CIFAR_STD, InputSpec, default_stats
+from resdeploy.models.spec import CIFAR_MEAN, CIFAR_STD, square_input
 
 
 class StochasticDepthBlock(nn.Module):
@@ -81,8 +81,7 @@ class StochasticDepthResNet(ResidualNet):
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
-        self._set_card(InputSpec(in_channels, image_size, image_size, tuple(mean or default_stats(CIFAR_MEAN, in_channels)),
-                                 tuple(std or default_stats(CIFAR_STD, in_channels))), num_classes, labels)
+        self._set_card(square_input(in_channels, image_size, mean, std, CIFAR_MEAN, CIFAR_STD), num_classes, labels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
