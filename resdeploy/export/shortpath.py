@@ -82,15 +82,6 @@ class ShortPath:
         return (self.kind, self.inputs, convs, self.shortcut, self.position[1], self.well_formed)
 
 
-def _bits(mask: int) -> list[int]:
-    out = []
-    while mask:
-        low = mask & -mask
-        out.append(low.bit_length() - 1)
-        mask ^= low
-    return out
-
-
 def other_short_path_nodes(graph: DataGraph) -> frozenset[int]:
     """Node indices of gated adds and mean joins (their Adds and Muls): merges the residual rule must not take
     for residual adds. Empty for ResNets, so the skip-add check sees them exactly as before."""
