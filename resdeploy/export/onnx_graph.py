@@ -25,7 +25,7 @@ CONV_OPS = {"Conv", "ConvInteger", "QLinearConv", "FusedConv", "NhwcConv", "Nhwc
 OP_CLASS = {
     "Add": "add", "Sum": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Max": "max", "Min": "min",
     "Slice": "slice", "Pad": "pad", "Concat": "concat", "Relu": "relu", "BatchNormalization": "bn",
-    "QLinearAdd": "add", "QLinearMul": "mul",  # QOperator-format quantized graphs (com.microsoft)
+    "QLinearAdd": "add", "QLinearMul": "mul", "QLinearConcat": "concat",  # QOperator-format graphs (com.microsoft)
     "Gemm": "linear", "MatMul": "linear", "MatMulInteger": "linear", "QLinearMatMul": "linear",
 }
 METADATA_OPS = {"Shape", "Size", "Constant", "ConstantOfShape", "Range", "EyeLike"}

@@ -39,7 +39,7 @@ from resdeploy.artifact import load_onnx
 from resdeploy.errors import CheckFailed, InputError
 from resdeploy.export import onnx_graph
 from resdeploy.export.graph import LEARNED, DataGraph, DNode, analyse
-from resdeploy.export.skipadd import (FLOAT_RTOL, QUANT_MIN_COSINE, Defect, SkipAddReport, SkipAddRow, align_by,
+from resdeploy.export.skipadd import (FLOAT_RTOL, QLINEAR_OUTPUT_SCALE, QUANT_MIN_COSINE, Defect, SkipAddReport, SkipAddRow, align_by,
                                       _dequantize_qlinear_output, _errors, _input_shape, _is_quantized,
                                       _onnx_values, _shape, _shape_matches, check_skip_adds)
 
@@ -583,7 +583,7 @@ def check_short_paths(
         tvals = record_outputs(trace.program, torch.from_numpy(sample.copy()), {tpaths[j].output for _, _, j in matched})
         for k, i, j in matched:
             o, t = ovals.get(paths[i].output), tvals.get(tpaths[j].output)
-            if o is not None and paths[i].op == "QLinearAdd":
+            if o is not None and paths[i].op in QLINEAR_OUTPUT_SCALE:
                 o = _dequantize_qlinear_output(proto, paths[i].output, o)
             if t is not None and tpaths[j].output in trace.relu_fed and paths[i].output not in onnx_relu_fed:
                 t = np.maximum(t, 0)  # the ReLU after the merge was folded into it (quantizers do)

@@ -265,14 +265,25 @@ def _onnx_values(model: onnx.ModelProto, path: Path | None, outputs: list[str], 
     return {n: np.concatenate(v) for n, v in vals.items()}
 
 
+# Where each QOperator-format op (com.microsoft) takes its output scale and zero point: its output is integers.
+QLINEAR_OUTPUT_SCALE = {"QLinearAdd": 6, "QLinearMul": 6, "QLinearConv": 6, "QLinearMatMul": 6, "QLinearConcat": 0,
+                        "QLinearSigmoid": 3, "QLinearLeakyRelu": 3, "QLinearAveragePool": 3,
+                        "QLinearGlobalAveragePool": 3}
+
+
 def _dequantize_qlinear_output(model: onnx.ModelProto, output: str, q: np.ndarray) -> np.ndarray:
-    """A QLinearAdd writes integers; its C_scale/C_zero_point (inputs 6, 7) give them back as floats."""
+    """A QLinear op writes integers; its output scale/zero point (see QLINEAR_OUTPUT_SCALE) give them back as floats."""
     from onnx import numpy_helper
 
     node = next(n for n in model.graph.node if output in n.output)
+    k = QLINEAR_OUTPUT_SCALE.get(node.op_type)
+    if k is None:
+        raise InputError(f"node {node.name or node.op_type!r} ({node.op_type}) writes quantized integers with no known "
+                         "output scale; add the op to resdeploy.export.skipadd.QLINEAR_OUTPUT_SCALE")
     inits = {t.name: t for t in model.graph.initializer}
-    scale = numpy_helper.to_array(inits[node.input[6]]).astype(np.float32) if node.input[6] in inits else np.float32(1)
-    zp = numpy_helper.to_array(inits[node.input[7]]).astype(np.float32) if len(node.input) > 7 and node.input[7] in inits else 0
+    scale = numpy_helper.to_array(inits[node.input[k]]).astype(np.float32) if node.input[k] in inits else np.float32(1)
+    zp = (numpy_helper.to_array(inits[node.input[k + 1]]).astype(np.float32)
+          if len(node.input) > k + 1 and node.input[k + 1] in inits else 0)
     return (q.astype(np.float32) - zp) * scale
 
 
@@ -396,7 +407,7 @@ def check_skip_adds(
         tvals = record_outputs(trace.program, torch.from_numpy(sample.copy()), {tadds[j].node for _, _, j in matched})
         for k, i, j in matched:
             o, t = ovals.get(adds[i].output), tvals.get(tadds[j].node)
-            if o is not None and adds[i].op == "QLinearAdd":
+            if o is not None and adds[i].op in QLINEAR_OUTPUT_SCALE:
                 o = _dequantize_qlinear_output(proto, adds[i].output, o)
             if t is not None and tadds[j].node in trace.relu_fed and adds[i].output not in onnx_relu_fed:
                 # The ReLU after the add was fused into it (e.g. a quantizer's QLinearAdd clamps at its zero

@@ -346,8 +346,9 @@ def test_no_false_alarm_after_ort_optimizer(family, tmp_path, name, level):
     assert [r.block for r in report.rows] == [d.path for d in model.short_paths()]
 
 
+@pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])
 @pytest.mark.parametrize("name", list(KIND))
-def test_no_false_alarm_after_int8_qdq(family, mnist, tmp_path, name):
+def test_no_false_alarm_after_int8_qdq(family, mnist, tmp_path, name, fmt):
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from resdeploy.models import normalize
@@ -363,7 +364,8 @@ def test_no_false_alarm_after_int8_qdq(family, mnist, tmp_path, name):
             return next(self.it, None)
 
     out = tmp_path / "q.onnx"
-    quantize_static(str(path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    # QDQ is what resdeploy writes; QOperator (QLinearConv, QLinearAdd, QLinearConcat...) is what other tools write.
+    quantize_static(str(path), str(out), Reader(), quant_format=getattr(QuantFormat, fmt), per_channel=True,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     extra_options={"ActivationSymmetric": True})
     report = check_short_paths(out, model, x[:2])
