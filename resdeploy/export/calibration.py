@@ -56,19 +56,46 @@ def batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
         yield np.ascontiguousarray(images[i:i + batch_size])
 
 
+# Values (all images of one calibration pass) an image model's input may hold before the calibrator is fed in
+# chunks. ORT's calibrators keep every intermediate tensor of every batch they are given until the pass ends: a
+# ResNet-50 at 224x224 holds ~100 MB of activations per image, so 500 images in one pass need ~50 GB. Fed in chunks
+# (ORT's CalibStridedMinMax: one collect_data per chunk, ranges and histograms merged), memory stays at one chunk.
+CHUNK_INPUT_VALUES = 1 << 22  # 4M input values per chunk: 27 images at 3x224x224, 1365 at 3x32x32
+
+
+def chunk_batches(n_images: int, batch_size: int, image_values: int, budget: int | None = None) -> int:
+    """Batches per calibration chunk: as many as ``budget`` input values allow (at least one), dividing the batch
+    count exactly (ORT refuses a ragged last chunk)."""
+    batch_size = even_batch_size(n_images, batch_size)
+    n_batches = max(1, n_images // batch_size)
+    budget = CHUNK_INPUT_VALUES if budget is None else budget
+    most = max(1, budget // max(1, image_values * batch_size))
+    return next(k for k in range(min(most, n_batches), 0, -1) if n_batches % k == 0)
+
+
 def make_reader(images: np.ndarray, input_name: str, batch_size: int):  # noqa: ANN201 - onnxruntime type
-    """A ``CalibrationDataReader`` over ``images``; rewindable, so calibrators that read twice (entropy) work."""
+    """A ``CalibrationDataReader`` over ``images``: rewindable, so calibrators that read twice (entropy) work, and
+    with ``len``/``set_range`` (in batches), so ORT can feed its calibrator one chunk at a time."""
     from onnxruntime.quantization import CalibrationDataReader
+
+    all_batches = list(batches(images, batch_size))
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._it = batches(images, batch_size)
+            self.set_range(0, len(all_batches))
+
+        def __len__(self) -> int:
+            return len(all_batches)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self._range = all_batches[start_index:end_index]
+            self._it = iter(self._range)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             x = next(self._it, None)
             return None if x is None else {input_name: x}
 
         def rewind(self) -> None:
-            self._it = batches(images, batch_size)
+            self._it = iter(self._range)
 
     return _Reader()

@@ -31,7 +31,7 @@ from onnx import numpy_helper
 from resdeploy import atomic
 from resdeploy.artifact import external_tensors, load_onnx, read_metadata, save_onnx, write_metadata
 from resdeploy.errors import CheckFailed, InputError
-from resdeploy.export.calibration import CalibrationSet, make_reader
+from resdeploy.export.calibration import CalibrationSet, chunk_batches, even_batch_size, make_reader
 from resdeploy.export.onnx_graph import replace_repeated
 
 Precision = Literal["fp32", "fp16", "int8"]
@@ -453,6 +453,9 @@ def quantize_int8(model_path: str | Path, out_path: str | Path, calibration: Cal
         "WeightSymmetric": True,  # int8 weights with zero point 0 (both engines)
         **config.extra_options,
     }
+    chunk = chunk_batches(len(images), config.batch_size, int(np.prod(images.shape[1:])))
+    if chunk * even_batch_size(len(images), config.batch_size) < len(images):
+        extra.setdefault("CalibStridedMinMax", chunk)  # memory bounded by one chunk (any method, despite the name)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="resdeploy-int8-") as tmp:
         src = Path(tmp) / "source.onnx"

@@ -14,7 +14,7 @@ from resdeploy.export import check_skip_adds
 from resdeploy.export.calibration import CalibrationSet
 from resdeploy.artifact import load_onnx, read_metadata
 from resdeploy.export.precision import (
-    check_int8_graph, convert_fp16, flavour_for_backend, fp16_variant, quantize_int8, residual_adds,
+    Int8Config, check_int8_graph, convert_fp16, flavour_for_backend, fp16_variant, quantize_int8, residual_adds,
 )
 
 CAL_IMAGES = 300  # val images: enough for MinMax on MNIST, keeps the test quick
@@ -237,3 +237,51 @@ def test_calibration_batches_are_equal_so_histogram_calibrators_work():
     x = np.zeros((200, 1, 2, 2), np.float32)
     sizes = [len(b) for b in batches(x, 32)]
     assert set(sizes) == {25} and sum(sizes) == 200
+
+
+def test_calibration_chunks_divide_the_batches_and_stay_within_the_budget():
+    from resdeploy.export.calibration import chunk_batches
+
+    # 500 images in batches of 25: 20 batches. 3x224x224 = 150,528 values per image, 3.76M per batch.
+    assert chunk_batches(500, 32, 3 * 224 * 224) == 1
+    assert chunk_batches(500, 32, 3 * 64 * 64) == 10  # 12,288 values: 341 images fit, 13 batches -> 10 divides 20
+    assert chunk_batches(500, 32, 3 * 32 * 32) == 20  # everything in one chunk: ORT is fed as before
+    assert chunk_batches(7, 32, 10**9) == 1
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy"])
+def test_chunked_calibration_gives_the_ranges_of_one_pass(method, r20_onnx, calibration, tmp_path, monkeypatch):
+    """A chunked pass (large models: memory bounded by one chunk) gives the scales of a single pass for MinMax,
+    and a working variant for the histogram methods (their histograms are merged across chunks)."""
+    from onnx import numpy_helper
+
+    import resdeploy.export.calibration as calib
+
+    cal = CalibrationSet(calibration.images[:64], "mnist", "val", calibration.fingerprint)
+    cfg = Int8Config(method=method, batch_size=16)
+    whole = quantize_int8(r20_onnx, tmp_path / "whole.onnx", cal, flavour="u8s8", config=cfg)
+    monkeypatch.setattr(calib, "CHUNK_INPUT_VALUES", 16 * 28 * 28)  # one batch per chunk: 4 chunks
+    ranges: list[tuple[int, int]] = []
+
+    def spying_reader(*args, **kwargs):
+        reader = calib.make_reader(*args, **kwargs)
+        set_range = reader.set_range
+        reader.set_range = lambda start_index, end_index: (ranges.append((start_index, end_index)), set_range(start_index, end_index))[1]
+        return reader
+
+    import resdeploy.export.precision as precision
+
+    monkeypatch.setattr(precision, "make_reader", spying_reader)
+    assert calib.chunk_batches(64, 16, int(np.prod(cal.images.shape[1:]))) == 1
+    chunked = quantize_int8(r20_onnx, tmp_path / "chunked.onnx", cal, flavour="u8s8", config=cfg)
+    assert ranges == [(0, 1), (1, 2), (2, 3), (3, 4)], ranges  # ORT fed the calibrator one chunk at a time
+    assert whole and chunked, f"{whole}\n{chunked}"
+
+    def scales(path):
+        m = onnx.load(str(path))
+        return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer if t.name.endswith("_scale")}
+
+    a, b = scales(tmp_path / "whole.onnx"), scales(tmp_path / "chunked.onnx")
+    assert a.keys() == b.keys()
+    if method == "minmax":
+        assert all(np.array_equal(a[k], b[k]) for k in a)
