@@ -216,7 +216,10 @@ def test_two_instances_run_concurrently_and_drain_waits_for_them():
     async def main():
         r1, r2 = GatedRunner(), GatedRunner()
         b = DynamicBatcher([r1, r2], BatcherConfig(max_batch_size=8))
-        f1, f2 = b.submit(x(1.0), 1), b.submit(x(2.0), 1)
+        f1 = b.submit(x(1.0), 1)
+        while b.executing < 1:  # one instance holds the first; the second, arriving later, takes the other one
+            await asyncio.sleep(0.001)
+        f2 = b.submit(x(2.0), 1)
         await wait_started(r1)
         await wait_started(r2)  # both executing at once: one per instance
         assert b.executing == 2
@@ -230,6 +233,23 @@ def test_two_instances_run_concurrently_and_drain_waits_for_them():
             b.submit(x(3.0), 1)
 
     run(main())
+
+
+def test_requests_arriving_in_one_loop_turn_form_one_batch_even_when_idle():
+    # 16 clients' requests parsed in one pass of the event loop: one execution of 16, not a lone request run at
+    # once (and then 15 queued behind it), even though the model was idle when the first arrived.
+    async def main():
+        r = GatedRunner(gated=False)
+        b = DynamicBatcher([r], BatcherConfig(max_batch_size=32))
+        futs = [b.submit(x(float(i)), 1) for i in range(16)]
+        outs = await asyncio.gather(*futs)
+        b.close()
+        return r.batches, outs
+
+    batches, outs = run(main())
+    assert batches == [16]
+    for i, out in enumerate(outs):
+        np.testing.assert_array_equal(out["y"], np.full((1, 3), 2.0 * i))
 
 
 class WhereRunner:
