@@ -4,7 +4,9 @@ The same light closed-loop client drives each server in turn, in interleaved rou
 noise hits both alike. Every answer is checked (HTTP 200 / gRPC OK, and the output's byte size); a run with one
 wrong answer is an error, never a number. Per run it records p50/p99 latency, req/s, the **server's CPU per
 request** (utime+stime from /proc of the server process and every descendant: for Triton that includes its
-python-backend stub processes) and the client's own CPU (this process, over the run's wall time).
+python-backend stub processes), how much of that is the main threads' (for resdeploy: the event loop, where
+the Python per request runs; the rest is the instance threads running the model) and the client's own CPU (this
+process, over the run's wall time).
 
 Clients (deliberately lighter than the servers, so the client is not what is measured):
 
@@ -56,6 +58,17 @@ def proc_cpu_s(pids: list[int]) -> float:
         with contextlib.suppress(OSError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    return total / CLK_TCK
+
+
+def main_threads_cpu_s(pids: list[int]) -> float:
+    """utime+stime (s) of the main thread of each of ``pids``: for resdeploy, the event loop (HTTP, gRPC, parsing,
+    batching), apart from the instance threads that run the model. It tells Python's cost from the model's."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
     return total / CLK_TCK
 
 
@@ -323,14 +336,15 @@ def measure(server: Server, case: Case, seconds: float, cpus: set[int] | None) -
     x = np.random.default_rng(0).standard_normal(case.x_shape).astype(np.float32)
     pids = tree(server.pid)
     la = loadavg()
-    cpu0 = proc_cpu_s(pids)
+    cpu0, main0 = proc_cpu_s(pids), main_threads_cpu_s(pids)
     if case.protocol == "http":
         r = http_load(server.http_port, case.model, x, case.out_bytes, case.clients, seconds)
     else:
         r = grpc_load(server.grpc_port, case.model, x, case.out_bytes, case.clients, seconds)
-    cpu1 = proc_cpu_s(pids)
+    cpu1, main1 = proc_cpu_s(pids), main_threads_cpu_s(pids)
     r["server_cpu_s"] = round(cpu1 - cpu0, 3)
     r["server_cpu_ms_per_req"] = (cpu1 - cpu0) * 1e3 / r["ok"] if r["ok"] else float("nan")
+    r["main_thread_cpu_ms_per_req"] = (main1 - main0) * 1e3 / r["ok"] if r["ok"] else float("nan")
     r["server_cores"] = (cpu1 - cpu0) / r["wall_s"] if r["wall_s"] else 0.0
     r["loadavg_1m"] = la
     return r
@@ -348,6 +362,7 @@ def run_side_by_side(servers: list[Server], cases: list[Case], rounds: int, seco
                 runs[case.label][srv.name].append(r)
                 log(f"  round {rnd + 1} {case.label:<34} {srv.name:<9} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:6.2f} ms  "
                     f"p99 {r['p99_ms']:6.2f} ms  server {r['server_cpu_ms_per_req']:.3f} ms CPU/req "
+                    f"(main thread {r['main_thread_cpu_ms_per_req']:.3f}) "
                     f"({r['server_cores']:.2f} cores)  client {r['client_cores']:.2f} cores  errors {r['errors']}  "
                     f"load {r['loadavg_1m']:.1f}")
     return {"runs": runs, "summary": summarize(runs)}
@@ -359,7 +374,8 @@ def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict:
         row = {}
         for name, rs in by_server.items():
             row[name] = {k: float(np.median([r[k] for r in rs])) for k in
-                         ("rps", "p50_ms", "p99_ms", "server_cpu_ms_per_req", "client_cores", "loadavg_1m")}
+                         ("rps", "p50_ms", "p99_ms", "server_cpu_ms_per_req", "main_thread_cpu_ms_per_req",
+                          "client_cores", "loadavg_1m")}
             row[name]["rps_range"] = [min(r["rps"] for r in rs), max(r["rps"] for r in rs)]
             row[name]["errors"] = sum(r["errors"] for r in rs)
             row[name]["ok"] = sum(r["ok"] for r in rs)
@@ -375,19 +391,20 @@ def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict:
 def markdown(summary: dict, title: str) -> str:
     lines = [f"### {title}", "",
              "| case | resdeploy req/s | Triton req/s | **req/s ratio** | p50 ms (r / T) | p99 ms (r / T) | "
-             "server CPU ms/req (r / T) | client cores (r / T) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "server CPU ms/req (r / T) | of which r's event loop | client cores (r / T) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, row in summary.items():
         a, b = row.get("resdeploy"), row.get("triton")
         if a and b:
             lines.append(f"| {label} | {a['rps']:.0f} | {b['rps']:.0f} | **{row['ratio']['rps']:.2f}x** | "
                          f"{a['p50_ms']:.2f} / {b['p50_ms']:.2f} | {a['p99_ms']:.2f} / {b['p99_ms']:.2f} | "
                          f"{a['server_cpu_ms_per_req']:.3f} / {b['server_cpu_ms_per_req']:.3f} | "
-                         f"{a['client_cores']:.2f} / {b['client_cores']:.2f} |")
+                         f"{a['main_thread_cpu_ms_per_req']:.3f} | {a['client_cores']:.2f} / {b['client_cores']:.2f} |")
         else:
             (name, v), = [(k, v) for k, v in row.items() if k in ("resdeploy", "triton")]
             lines.append(f"| {label} ({name} only) | {v['rps']:.0f} | | | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | "
-                         f"{v['server_cpu_ms_per_req']:.3f} | {v['client_cores']:.2f} |")
+                         f"{v['server_cpu_ms_per_req']:.3f} | {v['main_thread_cpu_ms_per_req']:.3f} | "
+                         f"{v['client_cores']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
