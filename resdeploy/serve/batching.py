@@ -104,7 +104,7 @@ class DynamicBatcher:
         self._idle.set()
         self._closed = False
         self.executions: collections.deque[ExecutionRecord] = collections.deque(maxlen=4096)
-        self._last_load = 0  # requests in the last execution plus those queued when it ended (1: nobody else)
+        self._last_requests = 0  # requests in the last execution (1: nobody else was waiting)
         self._inline_ewma_ns = INLINE_MAX_NS  # batch-1 executions' compute time, smoothed
         self.on_execution: Callable[[ExecutionRecord], None] | None = None
 
@@ -241,7 +241,7 @@ class DynamicBatcher:
             self._timer = None
         now = time.perf_counter_ns()
         self._expire(now)
-        if (len(self._queue) == 1 and self._executing == 0 and self._last_load == 1 and self._free
+        if (len(self._queue) == 1 and self._executing == 0 and self._last_requests == 1 and self._free
                 and self._inline_ewma_ns < INLINE_MAX_NS and self._n_instances == 1):
             self._run_inline(now)
             return
@@ -263,8 +263,8 @@ class DynamicBatcher:
     def _run_inline(self, now: int) -> None:
         """A lone request on an idle model whose executions take microseconds runs right here on the loop: the two
         thread hand-offs (pool submit, call_soon_threadsafe) cost about as much as the model itself (issue 15's
-        1-client profile). Only when the last execution also held a single request and nothing was queued behind it
-        (nobody else is waiting, so the loop has nothing to overlap with) and batch-1 compute stays under INLINE_MAX_NS."""
+        1-client profile). Only when the last execution also held a single request (nobody else is waiting, so the
+        loop has nothing to overlap with) and batch-1 compute stays under INLINE_MAX_NS."""
         items = [self._queue.popleft()]
         runner = self._free.pop()
         self._executing += 1
@@ -311,9 +311,7 @@ class DynamicBatcher:
         self._free.append(runner)
         self._executing -= 1
         self.stats.pending -= len(items)
-        # Those still queued count too: with batching off every execution holds one request, and 16 clients must
-        # not look like one (inline runs would serialize the model with the loop's parsing).
-        self._last_load = len(items) + len(self._queue)
+        self._last_requests = len(items)
         if exc is None:
             results, in_ns, infer_ns, out_ns = result
             size = sum(it.batch for it in items)

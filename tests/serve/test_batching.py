@@ -282,22 +282,3 @@ def test_a_lone_request_on_a_fast_idle_model_runs_on_the_loop_a_slow_model_never
     assert len(b.executions) == 4 and b.stats.pending == 0  # recorded exactly as from the thread
     threads, loop_thread, _ = run(main(0.003))  # 3 ms per execution: above INLINE_MAX_NS, always in the thread
     assert loop_thread not in threads
-
-
-def test_with_batching_off_requests_that_queued_together_never_run_on_the_loop():
-    # Batching off: every execution holds one request, so "the last execution held one" says nothing about load.
-    # Requests that were queued behind one another run on the instance thread (the loop keeps parsing meanwhile).
-    async def main() -> tuple[list[int], int]:
-        r = WhereRunner()
-        b = DynamicBatcher([r], BatcherConfig(max_batch_size=8, dynamic=False))
-        for i in range(4):
-            await b.infer(x(float(i)))
-        assert r.threads[-1] == threading.get_ident()  # alone and fast: inline
-        outs = await asyncio.gather(*(b.submit(x(float(i)), 1) for i in range(3)))
-        for i, out in enumerate(outs):
-            np.testing.assert_array_equal(out["y"], x(float(i))["x"] * 2)
-        b.close()
-        return r.threads[4:], threading.get_ident()
-
-    threads, loop_thread = run(main())
-    assert len(threads) == 3 and loop_thread not in threads
