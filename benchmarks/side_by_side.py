@@ -100,6 +100,7 @@ class Server:
 
 def start_resdeploy(repo: Path, log_path: Path, extra: tuple[str, ...] = ()) -> Server:
     from benchmarks.triton_harness import free_port
+    from resdeploy.serve.server import parse_workers  # --workers N or auto: how many "loaded" lines to wait for
 
     port = free_port()
     cmd = [sys.executable, "-m", "resdeploy", "serve", str(repo), "--port", str(port), "--grpc-port", "0", *extra]
@@ -123,7 +124,7 @@ def start_resdeploy(repo: Path, log_path: Path, extra: tuple[str, ...] = ()) -> 
             stop()
             raise SystemExit(f"resdeploy serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
         text = log_path.read_text(errors="replace")
-        workers = int(extra[extra.index("--workers") + 1]) if "--workers" in extra else 1
+        workers = parse_workers(extra[extra.index("--workers") + 1]) if "--workers" in extra else 1
         if text.count("model version(s) loaded") >= workers:
             grpc_port = int(re.search(r"listening on grpc://[^ ]*:(\d+) ", text).group(1))
             return Server("resdeploy", proc.pid, port, grpc_port, stop)
