@@ -2,8 +2,10 @@
 
 The policy (Triton's dynamic batcher, plus one rule for latency):
 
-* A batch is formed when a runner instance is free. It takes queued requests in arrival order whose
-  per-sample shapes match the oldest one, up to ``max_batch_size`` samples.
+* A batch is formed when a runner instance is free, at the end of the event loop's turn in which requests
+  arrived (so the requests the loop parsed together, from all the sockets one poll found ready, are one batch).
+  It takes queued requests in arrival order whose per-sample shapes match the oldest one, up to
+  ``max_batch_size`` samples.
 * It is dispatched at once when it is full, when it reaches a preferred size (then it is cut to the largest
   preferred size it can make), when nothing is executing
   (an idle server never makes a lone request wait: batch-1 latency does not pay ``max_queue_delay``), or
