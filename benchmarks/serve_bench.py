@@ -17,9 +17,12 @@ Side by side with the real Triton (benchmarks/side_by_side.py; Triton from bench
     .venv/bin/python benchmarks/serve_bench.py --vs-triton --out runs/vs-triton [--seconds 5 --rounds 3]
     .venv/bin/python benchmarks/serve_bench.py --vs-triton --out runs/vs-triton-1core --server-cpus 0
     .venv/bin/python benchmarks/serve_bench.py --vs-triton --out runs/vs-triton-r50 --resnet50
+    .venv/bin/python benchmarks/serve_bench.py --vs-triton --out runs/vs-triton-w --only "16 clients" \
+        --server-arg=--workers --server-arg=auto     # resdeploy with one worker per core
     .venv/bin/python benchmarks/serve_bench.py --smoke --out runs/smoke     # CI: runs, every answer checked
 
-Writes OUT/vs_triton.json and OUT/vs_triton.md; exits 1 if any answer was wrong.
+Writes OUT/vs_triton.json and OUT/vs_triton.md (with each server's CPU per request, and how much of resdeploy's is
+its event loop, the Python per request, rather than the model's thread); exits 1 if any answer was wrong.
 """
 
 from __future__ import annotations
