@@ -98,15 +98,21 @@ class Server:
     stop: Any = field(repr=False)
 
 
-def start_resdeploy(repo: Path, log_path: Path, extra: tuple[str, ...] = ()) -> Server:
+def start_resdeploy(repo: Path, log_path: Path, extra: tuple[str, ...] = (), name: str = "resdeploy",
+                    source: Path | None = None) -> Server:
+    """``resdeploy serve`` from this tree, or from ``source`` (another checkout, e.g. main's worktree, for an A/B of
+    two versions: its folder goes first on PYTHONPATH)."""
     from benchmarks.triton_harness import free_port
     from resdeploy.serve.server import parse_workers  # --workers N or auto: how many "loaded" lines to wait for
 
     port = free_port()
     cmd = [sys.executable, "-m", "resdeploy", "serve", str(repo), "--port", str(port), "--grpc-port", "0", *extra]
     logf = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(source), *filter(None, [os.environ.get("PYTHONPATH")])])
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            cwd=source if source is not None else ROOT, env=env, start_new_session=True)
 
     def stop() -> None:
         if proc.poll() is None:
@@ -127,7 +133,7 @@ def start_resdeploy(repo: Path, log_path: Path, extra: tuple[str, ...] = ()) -> 
         workers = parse_workers(extra[extra.index("--workers") + 1]) if "--workers" in extra else 1
         if text.count("model version(s) loaded") >= workers:
             grpc_port = int(re.search(r"listening on grpc://[^ ]*:(\d+) ", text).group(1))
-            return Server("resdeploy", proc.pid, port, grpc_port, stop)
+            return Server(name, proc.pid, port, grpc_port, stop)
         time.sleep(0.2)
     stop()
     raise SystemExit("resdeploy serve did not load its models in 300 s")
@@ -366,10 +372,11 @@ def run_side_by_side(servers: list[Server], cases: list[Case], rounds: int, seco
                     f"(main thread {r['main_thread_cpu_ms_per_req']:.3f}) "
                     f"({r['server_cores']:.2f} cores)  client {r['client_cores']:.2f} cores  errors {r['errors']}  "
                     f"load {r['loadavg_1m']:.1f}")
-    return {"runs": runs, "summary": summarize(runs)}
+    return {"runs": runs, "summary": summarize(runs, *(s.name for s in servers[:2])) if len(servers) == 2 else summarize(runs)}
 
 
-def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict:
+def summarize(runs: dict[str, dict[str, list[dict]]], a_name: str = "resdeploy", b_name: str = "triton") -> dict:
+    """Medians per case and server; ``ratio`` is ``a_name`` over ``b_name``."""
     out = {}
     for label, by_server in runs.items():
         row = {}
@@ -380,8 +387,8 @@ def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict:
             row[name]["rps_range"] = [min(r["rps"] for r in rs), max(r["rps"] for r in rs)]
             row[name]["errors"] = sum(r["errors"] for r in rs)
             row[name]["ok"] = sum(r["ok"] for r in rs)
-        if "resdeploy" in row and "triton" in row:
-            a, b = row["resdeploy"], row["triton"]
+        if a_name in row and b_name in row:
+            a, b = row[a_name], row[b_name]
             row["ratio"] = {"rps": a["rps"] / b["rps"] if b["rps"] else float("nan"),
                             "p50": a["p50_ms"] / b["p50_ms"], "p99": a["p99_ms"] / b["p99_ms"],
                             "cpu_per_req": a["server_cpu_ms_per_req"] / b["server_cpu_ms_per_req"]}
@@ -389,20 +396,24 @@ def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict:
     return out
 
 
-def markdown(summary: dict, title: str) -> str:
+def markdown(summary: dict, title: str, a_name: str = "resdeploy", b_name: str = "triton",
+             a_label: str = "resdeploy", b_label: str = "Triton") -> str:
+    x, y = a_label[0], b_label[0]
+    if x == y:
+        x, y = "A", "B"
     lines = [f"### {title}", "",
-             "| case | resdeploy req/s | Triton req/s | **req/s ratio** | p50 ms (r / T) | p99 ms (r / T) | "
-             "server CPU ms/req (r / T) | of which r's event loop | client cores (r / T) |",
+             f"| case | {a_label} req/s | {b_label} req/s | **req/s ratio** | p50 ms ({x} / {y}) | p99 ms ({x} / {y}) | "
+             f"server CPU ms/req ({x} / {y}) | of which {x}'s event loop | client cores ({x} / {y}) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, row in summary.items():
-        a, b = row.get("resdeploy"), row.get("triton")
+        a, b = row.get(a_name), row.get(b_name)
         if a and b:
             lines.append(f"| {label} | {a['rps']:.0f} | {b['rps']:.0f} | **{row['ratio']['rps']:.2f}x** | "
                          f"{a['p50_ms']:.2f} / {b['p50_ms']:.2f} | {a['p99_ms']:.2f} / {b['p99_ms']:.2f} | "
                          f"{a['server_cpu_ms_per_req']:.3f} / {b['server_cpu_ms_per_req']:.3f} | "
                          f"{a['main_thread_cpu_ms_per_req']:.3f} | {a['client_cores']:.2f} / {b['client_cores']:.2f} |")
         else:
-            (name, v), = [(k, v) for k, v in row.items() if k in ("resdeploy", "triton")]
+            (name, v), = [(k, v) for k, v in row.items() if k in (a_name, b_name)]
             lines.append(f"| {label} ({name} only) | {v['rps']:.0f} | | | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | "
                          f"{v['server_cpu_ms_per_req']:.3f} | {v['main_thread_cpu_ms_per_req']:.3f} | "
                          f"{v['client_cores']:.2f} |")
