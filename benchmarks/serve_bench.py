@@ -17,9 +17,13 @@ Side by side with the real Triton (benchmarks/side_by_side.py; Triton from bench
     .venv/bin/python benchmarks/serve_bench.py --vs-triton --out runs/vs-triton [--seconds 5 --rounds 3]
     .venv/bin/python benchmarks/serve_bench.py --vs-triton --out runs/vs-triton-1core --server-cpus 0
     .venv/bin/python benchmarks/serve_bench.py --vs-triton --out runs/vs-triton-r50 --resnet50
+    .venv/bin/python benchmarks/serve_bench.py --vs-triton --out runs/vs-triton-w --only "16 clients" \
+        --server-arg=--workers --server-arg=auto     # resdeploy with one worker per core
+    .venv/bin/python benchmarks/serve_bench.py --vs-triton --out runs/ab --ab-against ../main   # A/B: main vs this tree
     .venv/bin/python benchmarks/serve_bench.py --smoke --out runs/smoke     # CI: runs, every answer checked
 
-Writes OUT/vs_triton.json and OUT/vs_triton.md; exits 1 if any answer was wrong.
+Writes OUT/vs_triton.json and OUT/vs_triton.md (with each server's CPU per request, and how much of resdeploy's is
+its event loop, the Python per request, rather than the model's thread); exits 1 if any answer was wrong.
 """
 
 from __future__ import annotations
@@ -294,10 +298,15 @@ def vs_triton(args: argparse.Namespace) -> int:
         if args.only:
             cases = [c for c in cases if any(o in c.label for o in args.only)]
         servers = []
+        other, other_label = ("reference", "reference") if args.ab_against else ("triton", "Triton")
         try:
-            print("starting resdeploy serve and Triton ...", flush=True)
+            print(f"starting resdeploy serve and {other_label} ...", flush=True)
             servers.append(start_resdeploy(repo, out / "resdeploy.log", tuple(args.server_args)))
-            servers.append(start_triton(repo, out))
+            if args.ab_against:  # the same server from another checkout (e.g. main's worktree), same arguments
+                servers.append(start_resdeploy(repo, out / "reference.log", tuple(args.server_args), name="reference",
+                                               source=Path(args.ab_against).resolve()))
+            else:
+                servers.append(start_triton(repo, out))
             res = run_side_by_side(servers, cases, args.rounds, args.seconds, cpus)
         finally:
             for s in servers:
@@ -305,17 +314,19 @@ def vs_triton(args: argparse.Namespace) -> int:
     load = Path("/proc/loadavg").read_text().split()[:3]
     res.update({"machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
                 "server_cpus": sorted(cpus) if cpus else "all", "rounds": args.rounds, "seconds": args.seconds,
-                "loadavg_at_end": load, "server_args": args.server_args, "model": "resnet50" if args.resnet50 else "resnet20"})
+                "loadavg_at_end": load, "server_args": args.server_args, "model": "resnet50" if args.resnet50 else "resnet20",
+                "ab_against": str(Path(args.ab_against).resolve()) if args.ab_against else None})
     errors = sum(v.get("errors", 0) for row in res["summary"].values() for v in row.values() if isinstance(v, dict))
     res["errors"] = errors
-    title = (f"resdeploy serve vs Triton 2.51, {res['model']}, {args.rounds} interleaved rounds x {args.seconds:g} s, "
+    vs = f"the same server from {res['ab_against']}" if args.ab_against else "Triton 2.51"
+    title = (f"resdeploy serve vs {vs}, {res['model']}, {args.rounds} interleaved rounds x {args.seconds:g} s, "
              f"server CPUs {res['server_cpus']}, load average at end {' '.join(load)}")
-    md = sbs_markdown(res["summary"], title)
+    md = sbs_markdown(res["summary"], title, "resdeploy", other, "resdeploy", other_label)
     for label, row in res["summary"].items():
         if "batching off" in label:
             on = next((r for k, r in res["summary"].items() if "dynamic batching" in k and k.startswith("HTTP")), None)
             if on:
-                gains = {n: on[n]["rps"] / row[n]["rps"] for n in ("resdeploy", "triton") if n in row and n in on}
+                gains = {n: on[n]["rps"] / row[n]["rps"] for n in ("resdeploy", other) if n in row and n in on}
                 res["batching_gain"] = gains
                 md += "\nDynamic batching gain (HTTP, same server, batched / unbatched req/s): " + ", ".join(
                     f"{n} {g:.2f}x" for n, g in gains.items()) + "\n"
@@ -347,6 +358,9 @@ def main() -> int:
     ap.add_argument("--server-arg", dest="server_args", action="append", default=[],
                     help="--vs-triton: an extra `resdeploy serve` argument (repeatable)")
     ap.add_argument("--only", action="append", default=[], help="--vs-triton: only the cases whose label has this text")
+    ap.add_argument("--ab-against", metavar="CHECKOUT",
+                    help="--vs-triton with, in Triton's place, `resdeploy serve` from another checkout (an A/B of two "
+                         "versions, e.g. main's worktree; same arguments, same interleaving)")
     args = ap.parse_args()
     if args.smoke:
         args.vs_triton, args.rounds, args.seconds = True, 1, 1.0

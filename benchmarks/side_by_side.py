@@ -4,7 +4,9 @@ The same light closed-loop client drives each server in turn, in interleaved rou
 noise hits both alike. Every answer is checked (HTTP 200 / gRPC OK, and the output's byte size); a run with one
 wrong answer is an error, never a number. Per run it records p50/p99 latency, req/s, the **server's CPU per
 request** (utime+stime from /proc of the server process and every descendant: for Triton that includes its
-python-backend stub processes) and the client's own CPU (this process, over the run's wall time).
+python-backend stub processes), how much of that is the main threads' (for resdeploy: the event loop, where
+the Python per request runs; the rest is the instance threads running the model) and the client's own CPU (this
+process, over the run's wall time).
 
 Clients (deliberately lighter than the servers, so the client is not what is measured):
 
@@ -59,6 +61,17 @@ def proc_cpu_s(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
+def main_threads_cpu_s(pids: list[int]) -> float:
+    """utime+stime (s) of the main thread of each of ``pids``: for resdeploy, the event loop (HTTP, gRPC, parsing,
+    batching), apart from the instance threads that run the model. It tells Python's cost from the model's."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
 def tree(pid: int) -> list[int]:
     return [pid, *_descendants(pid)]
 
@@ -85,14 +98,21 @@ class Server:
     stop: Any = field(repr=False)
 
 
-def start_resdeploy(repo: Path, log_path: Path, extra: tuple[str, ...] = ()) -> Server:
+def start_resdeploy(repo: Path, log_path: Path, extra: tuple[str, ...] = (), name: str = "resdeploy",
+                    source: Path | None = None) -> Server:
+    """``resdeploy serve`` from this tree, or from ``source`` (another checkout, e.g. main's worktree, for an A/B of
+    two versions: its folder goes first on PYTHONPATH)."""
     from benchmarks.triton_harness import free_port
+    from resdeploy.serve.server import parse_workers  # --workers N or auto: how many "loaded" lines to wait for
 
     port = free_port()
     cmd = [sys.executable, "-m", "resdeploy", "serve", str(repo), "--port", str(port), "--grpc-port", "0", *extra]
     logf = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(source), *filter(None, [os.environ.get("PYTHONPATH")])])
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            cwd=source if source is not None else ROOT, env=env, start_new_session=True)
 
     def stop() -> None:
         if proc.poll() is None:
@@ -110,10 +130,10 @@ def start_resdeploy(repo: Path, log_path: Path, extra: tuple[str, ...] = ()) -> 
             stop()
             raise SystemExit(f"resdeploy serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
         text = log_path.read_text(errors="replace")
-        workers = int(extra[extra.index("--workers") + 1]) if "--workers" in extra else 1
+        workers = parse_workers(extra[extra.index("--workers") + 1]) if "--workers" in extra else 1
         if text.count("model version(s) loaded") >= workers:
             grpc_port = int(re.search(r"listening on grpc://[^ ]*:(\d+) ", text).group(1))
-            return Server("resdeploy", proc.pid, port, grpc_port, stop)
+            return Server(name, proc.pid, port, grpc_port, stop)
         time.sleep(0.2)
     stop()
     raise SystemExit("resdeploy serve did not load its models in 300 s")
@@ -323,14 +343,15 @@ def measure(server: Server, case: Case, seconds: float, cpus: set[int] | None) -
     x = np.random.default_rng(0).standard_normal(case.x_shape).astype(np.float32)
     pids = tree(server.pid)
     la = loadavg()
-    cpu0 = proc_cpu_s(pids)
+    cpu0, main0 = proc_cpu_s(pids), main_threads_cpu_s(pids)
     if case.protocol == "http":
         r = http_load(server.http_port, case.model, x, case.out_bytes, case.clients, seconds)
     else:
         r = grpc_load(server.grpc_port, case.model, x, case.out_bytes, case.clients, seconds)
-    cpu1 = proc_cpu_s(pids)
+    cpu1, main1 = proc_cpu_s(pids), main_threads_cpu_s(pids)
     r["server_cpu_s"] = round(cpu1 - cpu0, 3)
     r["server_cpu_ms_per_req"] = (cpu1 - cpu0) * 1e3 / r["ok"] if r["ok"] else float("nan")
+    r["main_thread_cpu_ms_per_req"] = (main1 - main0) * 1e3 / r["ok"] if r["ok"] else float("nan")
     r["server_cores"] = (cpu1 - cpu0) / r["wall_s"] if r["wall_s"] else 0.0
     r["loadavg_1m"] = la
     return r
@@ -348,23 +369,26 @@ def run_side_by_side(servers: list[Server], cases: list[Case], rounds: int, seco
                 runs[case.label][srv.name].append(r)
                 log(f"  round {rnd + 1} {case.label:<34} {srv.name:<9} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:6.2f} ms  "
                     f"p99 {r['p99_ms']:6.2f} ms  server {r['server_cpu_ms_per_req']:.3f} ms CPU/req "
+                    f"(main thread {r['main_thread_cpu_ms_per_req']:.3f}) "
                     f"({r['server_cores']:.2f} cores)  client {r['client_cores']:.2f} cores  errors {r['errors']}  "
                     f"load {r['loadavg_1m']:.1f}")
-    return {"runs": runs, "summary": summarize(runs)}
+    return {"runs": runs, "summary": summarize(runs, *(s.name for s in servers[:2])) if len(servers) == 2 else summarize(runs)}
 
 
-def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict:
+def summarize(runs: dict[str, dict[str, list[dict]]], a_name: str = "resdeploy", b_name: str = "triton") -> dict:
+    """Medians per case and server; ``ratio`` is ``a_name`` over ``b_name``."""
     out = {}
     for label, by_server in runs.items():
         row = {}
         for name, rs in by_server.items():
             row[name] = {k: float(np.median([r[k] for r in rs])) for k in
-                         ("rps", "p50_ms", "p99_ms", "server_cpu_ms_per_req", "client_cores", "loadavg_1m")}
+                         ("rps", "p50_ms", "p99_ms", "server_cpu_ms_per_req", "main_thread_cpu_ms_per_req",
+                          "client_cores", "loadavg_1m")}
             row[name]["rps_range"] = [min(r["rps"] for r in rs), max(r["rps"] for r in rs)]
             row[name]["errors"] = sum(r["errors"] for r in rs)
             row[name]["ok"] = sum(r["ok"] for r in rs)
-        if "resdeploy" in row and "triton" in row:
-            a, b = row["resdeploy"], row["triton"]
+        if a_name in row and b_name in row:
+            a, b = row[a_name], row[b_name]
             row["ratio"] = {"rps": a["rps"] / b["rps"] if b["rps"] else float("nan"),
                             "p50": a["p50_ms"] / b["p50_ms"], "p99": a["p99_ms"] / b["p99_ms"],
                             "cpu_per_req": a["server_cpu_ms_per_req"] / b["server_cpu_ms_per_req"]}
@@ -372,22 +396,27 @@ def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict:
     return out
 
 
-def markdown(summary: dict, title: str) -> str:
+def markdown(summary: dict, title: str, a_name: str = "resdeploy", b_name: str = "triton",
+             a_label: str = "resdeploy", b_label: str = "Triton") -> str:
+    x, y = a_label[0], b_label[0]
+    if x == y:
+        x, y = "A", "B"
     lines = [f"### {title}", "",
-             "| case | resdeploy req/s | Triton req/s | **req/s ratio** | p50 ms (r / T) | p99 ms (r / T) | "
-             "server CPU ms/req (r / T) | client cores (r / T) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"| case | {a_label} req/s | {b_label} req/s | **req/s ratio** | p50 ms ({x} / {y}) | p99 ms ({x} / {y}) | "
+             f"server CPU ms/req ({x} / {y}) | of which {x}'s event loop | client cores ({x} / {y}) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, row in summary.items():
-        a, b = row.get("resdeploy"), row.get("triton")
+        a, b = row.get(a_name), row.get(b_name)
         if a and b:
             lines.append(f"| {label} | {a['rps']:.0f} | {b['rps']:.0f} | **{row['ratio']['rps']:.2f}x** | "
                          f"{a['p50_ms']:.2f} / {b['p50_ms']:.2f} | {a['p99_ms']:.2f} / {b['p99_ms']:.2f} | "
                          f"{a['server_cpu_ms_per_req']:.3f} / {b['server_cpu_ms_per_req']:.3f} | "
-                         f"{a['client_cores']:.2f} / {b['client_cores']:.2f} |")
+                         f"{a['main_thread_cpu_ms_per_req']:.3f} | {a['client_cores']:.2f} / {b['client_cores']:.2f} |")
         else:
-            (name, v), = [(k, v) for k, v in row.items() if k in ("resdeploy", "triton")]
+            (name, v), = [(k, v) for k, v in row.items() if k in (a_name, b_name)]
             lines.append(f"| {label} ({name} only) | {v['rps']:.0f} | | | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | "
-                         f"{v['server_cpu_ms_per_req']:.3f} | {v['client_cores']:.2f} |")
+                         f"{v['server_cpu_ms_per_req']:.3f} | {v['main_thread_cpu_ms_per_req']:.3f} | "
+                         f"{v['client_cores']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

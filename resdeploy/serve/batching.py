@@ -2,8 +2,10 @@
 
 The policy (Triton's dynamic batcher, plus one rule for latency):
 
-* A batch is formed when a runner instance is free. It takes queued requests in arrival order whose
-  per-sample shapes match the oldest one, up to ``max_batch_size`` samples.
+* A batch is formed when a runner instance is free, at the end of the event loop's turn in which requests
+  arrived (so the requests the loop parsed together, from all the sockets one poll found ready, are one batch).
+  It takes queued requests in arrival order whose per-sample shapes match the oldest one, up to
+  ``max_batch_size`` samples.
 * It is dispatched at once when it is full, when it reaches a preferred size (then it is cut to the largest
   preferred size it can make), when nothing is executing
   (an idle server never makes a lone request wait: batch-1 latency does not pay ``max_queue_delay``), or
@@ -99,6 +101,7 @@ class DynamicBatcher:
         self._executing = 0
         self._pool = ThreadPoolExecutor(max_workers=len(runners), thread_name_prefix=f"infer-{name}")
         self._timer: asyncio.TimerHandle | None = None
+        self._dispatch_pending = False  # a _dispatch is scheduled for the end of this loop turn
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
@@ -133,7 +136,14 @@ class DynamicBatcher:
         self._queue.append(item)
         self.stats.pending += 1
         self._idle.clear()
-        self._dispatch()
+        # Batch forming waits for the end of this loop turn, not for this request alone: the loop parses every
+        # request that arrived together (16 clients' sockets in one select) before any of them is dispatched, so
+        # they form one batch. Dispatching at once formed a batch of 1 and ran it on the loop (the inline path),
+        # which kept the others unparsed meanwhile: 435 of 700 executions were batch 1 at 16 clients (issue 15's
+        # profile). A lone request pays one loop turn, microseconds.
+        if not self._dispatch_pending:
+            self._dispatch_pending = True
+            loop.call_soon(self._dispatch)
         return item.future
 
     async def infer(self, feed: dict[str, np.ndarray], batch: int = 1, timeout_us: int | None = None) -> dict[str, np.ndarray]:
@@ -227,6 +237,7 @@ class DynamicBatcher:
         return chosen, None
 
     def _dispatch(self) -> None:
+        self._dispatch_pending = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -287,6 +287,9 @@ class ModelServer:
     def lookup(self, name: str, version: str | None) -> LoadedModel:
         """The model version (any state); NotFound for an unknown model or version."""
         versions = self.models.get(name)
+        if version in (None, "") and versions is not None and len(versions) == 1:
+            (m,) = versions.values()  # the common case (one version), without the search below on every request
+            return m
         if not versions:
             known = ", ".join(sorted(self.models)) or "none"
             raise NotFound(f"unknown model '{name[:200]}'; this server has: {known}")
@@ -630,8 +633,11 @@ class ModelServer:
 
         limit = self.config.max_body_bytes
         try:
-            async with asyncio.timeout(self.config.body_timeout_s):  # no extra task, unlike wait_for
+            if request.content.is_eof():  # the whole body came with the head (small requests): nothing to wait for
                 body = await request.read()
+            else:
+                async with asyncio.timeout(self.config.body_timeout_s):  # no extra task, unlike wait_for
+                    body = await request.read()
         except TimeoutError:
             raise RequestTimeout(f"request body not received within {self.config.body_timeout_s} s (--body-timeout); "
                                  "send the body promptly after the headers") from None
@@ -802,6 +808,25 @@ def serve(repo: str | Path, config: ServerConfig | None = None) -> int:
 WORKER_ENV = "RESDEPLOY_SERVE_WORKER"
 
 
+def parse_workers(value: str | int, model_control_mode: str = "none") -> int:
+    """``--workers``: a count, or ``auto`` = one per core this process may run on (``sched_getaffinity``, so a
+    container's or taskset's limit counts, not the host's cores). One process is one event loop under one GIL, so
+    it uses about one core of Python; Triton spreads over every core by default. Explicit model control keeps 1
+    (a load/unload reaches one worker only). The default stays 1: with N workers statistics and metrics are per
+    worker, and every model is loaded N times (N CUDA contexts on a GPU)."""
+    if str(value).strip().lower() == "auto":
+        if model_control_mode == "explicit":
+            return 1
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):  # not Linux
+            return max(1, os.cpu_count() or 1)
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"--workers is {str(value)[:40]!r}; give a number of processes or 'auto' (one per core)") from None
+
+
 def _port_for(host: str, port: int, what: str) -> int:
     """``port`` checked free on ``host`` (0: a free one picked), bound without SO_REUSEPORT so a port in use by any
     other process is refused here, before the workers share it."""
@@ -880,4 +905,4 @@ def _worker_main() -> int:
         return 2
 
 
-__all__ = ["LoadedModel", "ModelServer", "ServerConfig", "serve"]
+__all__ = ["LoadedModel", "ModelServer", "ServerConfig", "parse_workers", "serve"]

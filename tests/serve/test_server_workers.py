@@ -69,3 +69,24 @@ def test_workers_refuse_a_port_in_use(model_repo):
         r = _serve(str(model_repo), "--workers", "2", "--port", str(port), "--grpc-port", "0")
     assert r.returncode != 0
     assert f"cannot listen for HTTP on 127.0.0.1:{port}" in r.stdout + r.stderr
+
+
+def test_workers_auto_is_one_per_usable_core_and_one_under_explicit_model_control(monkeypatch):
+    import os
+
+    from resdeploy.errors import InputError
+    from resdeploy.serve.server import parse_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)  # e.g. taskset -c 0,2,5
+    assert parse_workers("auto") == 3
+    assert parse_workers("AUTO", "none") == 3
+    assert parse_workers("auto", "explicit") == 1  # load/unload would reach one worker only
+    assert parse_workers("4") == 4 and parse_workers(1) == 1
+    with pytest.raises(InputError, match=r"--workers is 'many'; give a number of processes or 'auto'"):
+        parse_workers("many")
+
+
+def test_workers_refuse_a_word_that_is_not_a_count(model_repo):
+    r = _serve(str(model_repo), "--workers", "lots", "--port", "0", "--grpc-port", "0")
+    assert r.returncode != 0
+    assert "--workers is 'lots'; give a number of processes or 'auto'" in r.stdout + r.stderr

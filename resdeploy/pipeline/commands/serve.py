@@ -21,9 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-timeout", type=float, default=30.0, help="seconds a request may take when it sets no timeout")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds SIGTERM waits for accepted requests")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per instance (default: cores / instances)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="server processes sharing the ports (SO_REUSEPORT), each with its own models and batchers; "
-                        "use about one per core the server may use (model control mode none only)")
+    p.add_argument("--workers", default="1", metavar="N|auto",
+                   help="server processes sharing the ports (SO_REUSEPORT), each with its own models and batchers "
+                        "(model control mode none only; statistics and metrics are per worker). Default 1; 'auto' = one "
+                        "per core this process may use (1 with --model-control-mode explicit)")
     p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto", help="what runs the models")
     p.add_argument("--no-strict-readiness", action="store_true", help="ready once loading ends even if a model failed")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up inferences before ready")
@@ -40,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from resdeploy.serve.server import ServerConfig, serve
+    from resdeploy.serve.server import ServerConfig, parse_workers, serve
 
     config = ServerConfig(host=args.host, port=args.port, max_body_bytes=int(args.max_body_mb * (1 << 20)),
                           request_timeout_s=args.request_timeout, shutdown_timeout_s=args.shutdown_timeout,
@@ -50,5 +51,5 @@ def run(args: argparse.Namespace) -> int:
                           max_connections=args.max_connections, max_inflate_ratio=args.max_inflate_ratio,
                           follow_symlinks=args.follow_symlinks, grpc_port=None if args.no_grpc else args.grpc_port,
                           model_control_mode=args.model_control_mode, load_models=tuple(args.load_model),
-                          workers=args.workers)
+                          workers=parse_workers(args.workers, args.model_control_mode))
     return serve(args.repo, config)
