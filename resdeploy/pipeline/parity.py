@@ -71,7 +71,7 @@ class ParityMetrics:
         """Engine minus reference accuracy, in percentage points (negative = the engine loses accuracy)."""
         if self.accuracy is None or self.reference_accuracy is None:
             return None
-        return 100.0 * (self.accuracy - self.reference_accuracy)
+        return round(100.0 * (self.accuracy - self.reference_accuracy), 9)  # past float noise, see quantizing.points
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "accuracy_delta_points": self.accuracy_delta, "degenerate": self.degenerate}
