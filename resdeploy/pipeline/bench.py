@@ -12,7 +12,7 @@ How it measures:
 * Every case runs on the same real images (the model's test split, resized/replicated for ImageNet nets), and
   its parity with PyTorch FP32 on that sample is shown next to its speed.
 * Per batch size: warm-up runs (whose median estimates each case's cost), then timed rounds; in each round every
-  case runs a short block of consecutive calls (~``block_seconds``, after one untimed settle call for fast cases),
+  case runs a short block of consecutive calls (~``block_seconds``, after one untimed settle call),
   in a fresh random order, so machine noise hits all of them alike. Blocks, not single calls: switching models
   on every call evicts each one's weights from the caches, which doubled resnet20's ONNX Runtime latency
   (0.22 -> 0.45 ms) in a measurement here, and a server runs one model back to back. Threads: torch, ORT
@@ -72,7 +72,9 @@ class BenchConfig:
     calibration_size: int = 64  # val-split images for INT8 calibration
     min_runs: int = 10  # a case that cannot get this many timed runs within the budget is dropped
     block_seconds: float = 0.02  # per round, each case runs ~this long back to back (0: one call per case and round)
-    settle_below_seconds: float = 0.005  # cases faster than this get one untimed call before each block
+    settle_below_seconds: float = 60.0  # cases faster than this (by default all) get one untimed call before each
+    # block: the case before it leaves spinning threads (ORT spins after each run) and its own data in cache. Timed
+    # right after another engine, resnet50 224x224 OpenVINO INT8 read p50 15.7 ms; after a settle call, 11.3 ms
     reserve_seconds: float = 4.0  # kept free for writing the JSON, markdown and plot
     gates: par.ParityGates = field(default_factory=par.ParityGates)
     ort_session_config: dict[str, str] = field(default_factory=dict)  # extra ORT session entries (all ORT cases)
@@ -760,7 +762,7 @@ def measure(cfg: BenchConfig, cases: list[Case], images: np.ndarray, budget: Bud
         if not warm:
             continue
         # plan: an equal share of what is left for each remaining batch size. Each round runs every case as a
-        # block of consecutive calls (~block_seconds; one untimed settle call first for fast cases), so a case is
+        # block of consecutive calls (~block_seconds; one untimed settle call first), so a case is
         # timed with its own weights in cache, as a server runs it, while rounds still share the machine's noise.
         share = max(0.0, budget.remaining - cfg.reserve_seconds) / (len(batches) - bi)
         seconds = share if cfg.duration is None else min(share, cfg.duration)
