@@ -5,7 +5,8 @@
 
 Both files hold the same sections, in this order: a verdict banner (safe to ship or the failed gate, and the
 best engine's batch-1 p50 with its speedup over PyTorch eager), the model card, the skip-add table per variant,
-the fusion report per engine, the parity table, the latency table and plot, the stages, every artifact with its
+the INT8 search's steps, the fusion report per engine, the parity table, the engine choice's timed table, the
+latency table and plot, the stages, every artifact with its
 sha256, and the versions and machine. A section whose stage did not run says so. All text is escaped.
 
 The run summary (``run.json``), written by ``resdeploy run``
@@ -36,6 +37,9 @@ the stage's result class, unchanged::
     fusion             object or null       engine name (e.g. "onnxruntime-fp32", "tensorrt-int8") ->
                                             ort_build.FusionReport.to_dict() (ONNX Runtime) or
                                             trt_fusion.FusionReport.to_dict() (TensorRT)
+    int8_search        object or null       the INT8 variant's accuracy-aware search: quantizing.SearchResult.to_dict()
+                                            (gate, steps with accuracy and action, regions kept in float and why)
+    engine_choice      object or null       engine_choice.EngineChoice.to_dict() (the timed table and the reason)
     parity             object or null       parity.ParityReport.to_dict()
     bench              object or null       bench.BenchResult.to_dict()
     bench_plot         str or null          the latency plot, relative to run_dir, e.g. "bench/bench.png"
@@ -87,6 +91,7 @@ _TOP: dict[str, tuple[Any, bool]] = {
     "artifacts": (list, False),
 }
 _OPTIONAL: dict[str, Any] = {"run_dir": str, "config": dict, "skipadd": dict, "fusion": dict, "parity": dict,
+                             "int8_search": dict, "engine_choice": dict,
                              "bench": dict, "bench_plot": str, "repository": dict}
 _MACHINE = {"cpu": str, "isa": list, "cores": int, "python": str, "versions": dict}
 _MODEL = {"architecture": str, "parameters": int, "data": str, "data_fingerprint": str, "accuracy": dict,
@@ -381,6 +386,59 @@ def _fusion(s: Mapping[str, Any]) -> Section:
     return sec
 
 
+def _int8_search(s: Mapping[str, Any]) -> Section:
+    sec = Section("INT8 search", "int8-search")
+    d = s.get("int8_search")
+    if not d:
+        sec.blocks.append(Para("No INT8 search ran in this run (no INT8 variant, or the search was turned off).", "missing"))
+        return sec
+    kept = d.get("kept_float") or []
+    verdict = (f"passed with {d.get('method') or '?'} calibration"
+               + (f", SmoothQuant {d['smoothquant']}" if d.get("smoothquant") else "")
+               + (f", {len(kept)} region(s) kept in float" if kept else ", every region INT8")) if d.get("passed") else "FAILED"
+    sec.blocks.append(Para(f"Gate: {d.get('gate', '?')} on the test split (FP32 accuracy {_pct(d.get('fp32_accuracy'))}); "
+                           f"calibration on the val split only. Search {verdict}. One change per step: calibration "
+                           "methods, then SmoothQuant scaling, then the most sensitive block kept in float.",
+                           "ok" if d.get("passed") else "fail"))
+    rows = []
+    for st in d.get("steps") or []:
+        verdict_cell = ("PASS" if st.get("gate_passed") and st.get("skipadd_passed", True)
+                        else "fails skip-add" if st.get("gate_passed") else "fails gate")
+        rows.append((Cell(str(st.get("step", "?"))), _c(st.get("action")), _c(", ".join(st.get("kept") or []) or "-"),
+                     Cell(_pct(st.get("accuracy"))), Cell(f"{float(st.get('drop_points', 0)) + 0.0:+.2f} pt"),
+                     _c(st.get("first_divergent") or "-", "mono"), Cell(verdict_cell, "ok" if verdict_cell == "PASS" else "warn"),
+                     Cell(f"{float(st.get('seconds', 0)):.1f}")))
+    sec.blocks.append(Table(("step", "action", "kept in float", "accuracy", "drop", "first divergent block", "verdict",
+                             "seconds"), tuple(rows), numeric=(0, 3, 4, 7)))
+    if kept:
+        sec.blocks.append(Bullets(tuple(f"{k.get('region', '?')} kept in float ({len(k.get('nodes') or [])} nodes): "
+                                        f"{k.get('why', '')}" for k in kept), "note"))
+    return sec
+
+
+def _engine_choice(s: Mapping[str, Any]) -> Section:
+    sec = Section("Engine choice", "engine-choice")
+    d = s.get("engine_choice")
+    if not d:
+        sec.blocks.append(Para("No engine was chosen by measurement in this run (engines.choose = off, or no CPU "
+                               "engine passed parity); the repository serves ONNX Runtime.", "missing"))
+        return sec
+    batches = [str(b) for b in d.get("batches") or []]
+    sec.blocks.append(Para(f"Served: {d.get('backend', '?')} {d.get('precision', '?')}, {d.get('reason', '')}. Every CPU "
+                           "engine x precision that passed parity was timed here, interleaved, one untimed run after "
+                           "each switch of engine; the score is the geometric mean over batch sizes of p50 / fastest p50.",
+                           "ok"))
+    rows = []
+    for t in sorted(d.get("table") or [], key=lambda t: (t.get("score") is None, t.get("score") or 0.0)):
+        rows.append((_c(f"{t.get('backend')} {t.get('precision')}"), _ok(t.get("parity_passed")),
+                     *(Cell(_ms((t.get("p50_ms") or {}).get(b))) for b in batches),
+                     *(Cell(_ms((t.get("min_ms") or {}).get(b))) for b in batches),
+                     Cell("-" if t.get("score") is None else f"{float(t['score']):.2f}x"), _c(t.get("note") or "")))
+    sec.blocks.append(Table(("engine", "parity", *(f"p50 ms b{b}" for b in batches), *(f"min ms b{b}" for b in batches),
+                             "vs fastest", "note"), tuple(rows), numeric=tuple(range(2, 3 + 2 * len(batches)))))
+    return sec
+
+
 def _gate_text(g: Mapping[str, Any]) -> str:
     metric, v, lim = g.get("metric", "?"), g.get("value"), g.get("limit")
     if "agreement" in metric:
@@ -551,7 +609,8 @@ def _machine(s: Mapping[str, Any]) -> Section:
 
 
 def build_sections(summary: Mapping[str, Any], run_dir: Path) -> list[Section]:
-    return [_model_card(summary), _skipadd(summary), _fusion(summary), _parity(summary), _bench(summary, run_dir),
+    return [_model_card(summary), _skipadd(summary), _int8_search(summary), _fusion(summary), _parity(summary),
+            _engine_choice(summary), _bench(summary, run_dir),
             _stages(summary), _artifacts(summary), _machine(summary)]
 
 

@@ -571,14 +571,18 @@ def _write_summary(r: _Runner, cfg: RunConfig, ckpt: Path | None, variants: dict
                               "kind": rec.name})
     bench = recs.get("bench")
     repo = recs.get("repository")
+    search = {name.removeprefix("variant-"): rec.result["search"] for name, rec in recs.items()
+              if name.startswith("variant-") and rec.result.get("search")}
+    choice = recs.get("engine-choice")
     summary = {
         "resdeploy_version": resdeploy.__version__, "started": started, "wall_seconds": round(wall, 2),
         "passed": failed is None, "failed_gate": failed, "run_dir": str(r.root), "config": cfg.to_dict(),
         "machine": machine_summary(), "model": model,
         "stages": [{"name": s.name, "status": s.status, "seconds": round(s.seconds, 2), "summary": s.summary, "key": s.key}
                    for s in r.records],
-        "skipadd": skipadd, "fusion": fusion,
+        "skipadd": skipadd, "fusion": fusion, "int8_search": search.get("int8"),
         "parity": recs["parity"].result if "parity" in recs and recs["parity"].result else None,
+        "engine_choice": choice.result if choice is not None and choice.result else None,
         "bench": bench.result if bench is not None and bench.result else None,
         "bench_plot": "bench/bench.png" if bench is not None and (r.root / "bench" / "bench.png").is_file() else None,
         "artifacts": artifacts,

@@ -366,3 +366,35 @@ def test_github_actions_workflow_parses_and_calls_real_subcommands() -> None:
     assert upload.get("if") == "always()" and steps.index(upload) > gate
     for name in ("report.html", "report.md", "run.json"):
         assert name in upload["with"]["path"]
+
+
+def test_int8_search_and_engine_choice_render(run_dir: Path, summary: dict[str, Any]) -> None:
+    """The INT8 search's steps and the engine choice's timed table, from a real run (resnet50 at 224x224)."""
+    extra = json.loads((FIXTURE / "resnet50-search-and-choice.json").read_text())
+    s = dict(summary, int8_search=extra["int8_search"], engine_choice=extra["engine_choice"])
+    validate_summary(s)
+    md, page = _report(run_dir, s)
+    for text, heading in ((md, "\n## {}\n"), (page, "<h2>{}</h2>")):
+        order = [text.index(heading.format(h)) for h in ("Skip-add check", "INT8 search", "Engine fusion",
+                                                          "Parity with PyTorch FP32", "Engine choice", "Latency")]
+        assert order == sorted(order)
+        for st in extra["int8_search"]["steps"]:
+            assert st["action"] in text and f"{100 * st['accuracy']:.2f}%" in text
+        assert "fails gate" in text and "fails skip-add" in text and "PASS" in text
+        assert "passed with entropy calibration, every region INT8" in text
+        choice = extra["engine_choice"]
+        assert f"Served: {choice['backend']} {choice['precision']}" in text and choice["reason"] in text
+        for t in choice["table"]:
+            assert f"{t['p50_ms']['1']:.3f}" in text and f"{t['min_ms']['1']:.3f}" in text
+    s["int8_search"]["kept_float"] = [{"region": "layer4.0", "nodes": ["conv_a", "conv_b"], "why": "first divergent block"}]
+    md, _ = _report(run_dir, s)
+    assert "layer4.0 kept in float (2 nodes): first divergent block" in md
+    s["int8_search"]["passed"] = False
+    md, _ = _report(run_dir, s)
+    assert "Search FAILED" in md
+
+
+def test_int8_search_and_engine_choice_absent_say_so(run_dir: Path, summary: dict[str, Any]) -> None:
+    md, page = _report(run_dir, dict(summary, int8_search=None, engine_choice=None))
+    for text in (md, page):
+        assert "No INT8 search ran in this run" in text and "No engine was chosen by measurement in this run" in text
