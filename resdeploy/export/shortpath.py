@@ -40,6 +40,7 @@ from resdeploy.errors import CheckFailed, InputError
 from resdeploy.export import onnx_graph
 from resdeploy.export.graph import LEARNED, DataGraph, DNode, analyse
 from resdeploy.export.skipadd import (FLOAT_RTOL, QLINEAR_OUTPUT_SCALE, QUANT_MIN_COSINE, Defect, SkipAddReport, SkipAddRow, align_by,
+                                      block_near, matched_neighbours,
                                       _dequantize_qlinear_output, _errors, _input_shape, _is_quantized,
                                       _onnx_values, _shape, _shape_matches, check_skip_adds)
 
@@ -499,23 +500,14 @@ def check_short_paths(
     pairs = align_by(cost, len(paths), len(tpaths))
     o2t = {i: j for i, j in pairs if i is not None and j is not None}
     tnames = [t.block or t.node for t in tpaths]
-
-    def block_near(k: int) -> str:
-        for _, j in pairs[k:]:
-            if j is not None:
-                return tpaths[j].block
-        for _, j in reversed(pairs[:k]):
-            if j is not None:
-                return tpaths[j].block
-        return ""
+    tblocks = [t.block for t in tpaths]
 
     status: dict[int, str] = {}
     needs_numbers: dict[int, str] = {}  # pair index -> why only numbers can confirm it (a folded scale)
     for k, (i, j) in enumerate(pairs):
         if i is None:
             t = tpaths[j]
-            prev = next((paths[a].node for a, _ in reversed(pairs[:k]) if a is not None), "the input")
-            nxt = next((paths[a].node for a, _ in pairs[k + 1:] if a is not None), "the output")
+            prev, nxt = matched_neighbours(pairs, k, [p.node for p in paths])
             defects.append(Defect(t.block, "", f"no {t.kind} short path in the ONNX graph for this block: expected a "
                                   f"{_describe(t)} after {prev} and before {nxt}; found none (path dropped, an input "
                                   "lost, or the merge replaced by another op)"))
@@ -523,7 +515,7 @@ def check_short_paths(
             continue
         p = paths[i]
         if j is None:
-            blk = block_near(k)
+            blk = block_near(pairs, k, tblocks)
             defects.append(Defect(blk, p.node, f"extra {p.op} ({_describe(p)}, fork {p.fork}) that the reference does "
                                   f"not have, in or next to block {blk or '?'}"))
             status[k] = "extra"
@@ -632,7 +624,7 @@ def check_short_paths(
         p = paths[i] if i is not None else None
         t = tpaths[j] if j is not None else None
         e = errs.get(k)
-        rows.append(SkipAddRow(t.block if t else block_near(k), p.node if p else "-", (t or p).kind,  # type: ignore[union-attr]
+        rows.append(SkipAddRow(t.block if t else block_near(pairs, k, tblocks), p.node if p else "-", (t or p).kind,  # type: ignore[union-attr]
                                _shape(p.shape if p else t.shape), p.fork if p else "-", status[k],  # type: ignore[union-attr]
                                e[0] if e else None, e[1] if e else None, e[2] if e else None))
     order = {t.block: n for n, t in enumerate(tpaths)}

@@ -18,6 +18,7 @@ reported at its own block, and the next block is reported as forking from the wr
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -344,23 +345,13 @@ def check_skip_adds(
     t_keys = [_key("Add" if t.op == "add" else t.op.capitalize(), t.kind, t.branch_convs, t.shortcut_convs, t.position[1], not t.problems) for t in tadds]
     pairs = _align(o_keys, t_keys, [a.shape for a in adds], [t.shape for t in tadds])
     o2t = {i: j for i, j in pairs if i is not None and j is not None}
-
-    def block_near(k: int) -> str:
-        """The reference block an unmatched ONNX add sits in: the next matched one, else the previous one."""
-        for i, j in pairs[k:]:
-            if j is not None:
-                return tadds[j].block
-        for i, j in reversed(pairs[:k]):
-            if j is not None:
-                return tadds[j].block
-        return ""
+    tblocks = [t.block for t in tadds]
 
     status: dict[int, str] = {}
     for k, (i, j) in enumerate(pairs):
         if i is None:
             t = tadds[j]
-            prev_node = next((adds[a].node for a, _ in reversed(pairs[:k]) if a is not None), "the input")
-            next_node = next((adds[a].node for a, _ in pairs[k + 1:] if a is not None), "the output")
+            prev_node, next_node = matched_neighbours(pairs, k, [a.node for a in adds])
             defects.append(Defect(t.block, "", f"no residual Add in the ONNX graph for this block: expected a {t.kind} "
                                   f"skip adding {_shape(t.shape)} after {prev_node} and before {next_node}; found none "
                                   "(skip removed, or the Add replaced by another op)"))
@@ -368,7 +359,7 @@ def check_skip_adds(
             continue
         a = adds[i]
         if j is None:
-            blk = block_near(k)
+            blk = block_near(pairs, k, tblocks)
             defects.append(Defect(blk, a.node, f"extra {a.op} (fork {a.fork}, {a.kind} shortcut, {_shape(a.shape)}) that the "
                                   f"reference does not have, in or next to block {blk or '?'}"))
             status[k] = "extra"
@@ -435,7 +426,7 @@ def check_skip_adds(
         a = adds[i] if i is not None else None
         t = tadds[j] if j is not None else None
         e = errs.get(k)
-        rows.append(SkipAddRow(t.block if t else block_near(k), a.node if a else "-", (a or t).kind,
+        rows.append(SkipAddRow(t.block if t else block_near(pairs, k, tblocks), a.node if a else "-", (a or t).kind,
                                _shape(a.shape if a else t.shape), a.fork if a else "-", status[k],
                                e[0] if e else None, e[1] if e else None, e[2] if e else None))
     # Order defects by where they sit in the network so the first one is the first broken block.
@@ -443,6 +434,24 @@ def check_skip_adds(
     defects.sort(key=lambda d: order.get(d.block, -1 if d.message.startswith("reference model") else len(order)))
     return SkipAddReport(label, tuple(rows), tuple(defects), tuple(adds), True, sample is not None, first_div,
                          quantized, tuple(notes))
+
+
+def block_near(pairs: Sequence[tuple[int | None, int | None]], k: int, blocks: Sequence[str]) -> str:
+    """The reference block an unmatched ONNX item (pair ``k``) sits in: the next matched one's, else the previous."""
+    for _, j in pairs[k:]:
+        if j is not None:
+            return blocks[j]
+    for _, j in reversed(pairs[:k]):
+        if j is not None:
+            return blocks[j]
+    return ""
+
+
+def matched_neighbours(pairs: Sequence[tuple[int | None, int | None]], k: int, nodes: Sequence[str]) -> tuple[str, str]:
+    """The ONNX nodes matched before and after pair ``k``: where a missing item should have been."""
+    prev = next((nodes[a] for a, _ in reversed(pairs[:k]) if a is not None), "the input")
+    nxt = next((nodes[a] for a, _ in pairs[k + 1:] if a is not None), "the output")
+    return prev, nxt
 
 
 def _where(convs: int, anchor: int, tadds: list[TorchResidualAdd], onnx_anchor: str | None) -> str:
