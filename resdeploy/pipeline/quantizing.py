@@ -19,6 +19,7 @@ import numpy as np
 from resdeploy import atomic
 from resdeploy.errors import CheckFailed, InputError
 from resdeploy.export.calibration import CalibrationSet
+from resdeploy.pipeline.parity import points
 from resdeploy.artifact import load_onnx, open_artifact, staged_onnx
 from resdeploy.export.precision import (
     FLAVOURS, Fp16Config, Int8Config, QuantizeReport, flavour_for_backend, flavour_reason, fp16_variant, precision_of,
@@ -54,12 +55,6 @@ class SearchConfig:
     smooth_alpha: float | None = 0.5  # SmoothQuant migration strength; None: no smoothing step
     max_kept: int = 8  # regions kept in float before the search gives up
     localise_images: int = 8  # val images for the per-block localisation (never the test split)
-
-
-def points(fraction: float) -> float:
-    """A difference of two accuracies in percentage points, rounded past float noise: on 1000 images
-    0.964 - 0.954 is 1.0000000000000009 points, which must meet a 1-point gate as the 10 images it is."""
-    return round(100.0 * fraction, 9)
 
 
 @dataclass(frozen=True)

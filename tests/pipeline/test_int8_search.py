@@ -149,7 +149,8 @@ def _sample(model) -> np.ndarray:
 def test_a_drop_of_exactly_the_gate_passes_it():
     """Measured on the trained resnet50 (224x224): 964 -> 954 of 1000 test images is a 1.0-point drop, which float
     arithmetic made 1.0000000000000009 and a 1-point gate failed."""
-    from resdeploy.pipeline.quantizing import Accuracy, points
+    from resdeploy.pipeline.parity import points
+    from resdeploy.pipeline.quantizing import Accuracy
 
     assert 100.0 * (0.964 - 0.954) > 1.0  # the float noise this guards against
     acc = Accuracy(images=1000, fp32=0.964, variant=0.954, agreement=0.98)
