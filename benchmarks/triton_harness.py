@@ -58,7 +58,15 @@ READY_MARK = ".resdeploy-triton-ready"
 
 
 class TritonUnavailable(RuntimeError):
-    """pytriton's venv is missing or cannot be made; the message says why and how to make it."""
+    """pytriton's venv is missing or cannot be made, or tritonserver did not come up; the message says why."""
+
+
+class TritonCrashed(TritonUnavailable):
+    """tritonserver died before serving; ``returncode`` is its exit status (negative: the signal that ended it)."""
+
+    def __init__(self, message: str, returncode: int) -> None:
+        super().__init__(message)
+        self.returncode = returncode
 
 
 # -- the venv -------------------------------------------------------------------------------------------
@@ -311,7 +319,11 @@ def start_triton(repo: str | os.PathLike[str], *, install: TritonInstall | None 
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             server.stop()
-            raise TritonUnavailable(f"tritonserver exited with {proc.returncode} before serving:\n{server.log()[-6000:]}")
+            rc = proc.returncode
+            how = f"killed by {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.valid_signals() else f"exit {rc}"
+            # The reason comes last as well: a CI log often shows only the tail.
+            raise TritonCrashed(f"tritonserver died before serving ({how}) on {repo}:\n{server.log()[-6000:]}\n"
+                                f"tritonserver died before serving ({how}); its log: {log_path}", rc)
         with contextlib.suppress(OSError):
             # Triton starts its HTTP service only after the initial model loads are done (ok or failed).
             status, _ = server.request("GET", "/v2/health/live", timeout=2)
@@ -319,7 +331,8 @@ def start_triton(repo: str | os.PathLike[str], *, install: TritonInstall | None 
                 return server
         time.sleep(0.2)
     server.stop()
-    raise TritonUnavailable(f"tritonserver did not serve within {timeout} s:\n{server.log()[-6000:]}")
+    raise TritonUnavailable(f"tritonserver did not serve within {timeout} s:\n{server.log()[-6000:]}\n"
+                            f"tritonserver did not serve within {timeout} s; its log: {log_path}")
 
 
 @contextlib.contextmanager

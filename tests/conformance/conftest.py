@@ -78,6 +78,9 @@ class Resdeploy:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes, dict]:
+        return _http(method, f"http://{self.url}{path}", body)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -159,6 +162,21 @@ def start_pair(triton_install, tmp_path_factory):
     for p in started:
         p.triton.stop()
         p.resdeploy.stop()
+
+
+@pytest.fixture(scope="session")
+def start_resdeploy_alone(tmp_path_factory):
+    """start_resdeploy_alone(repo) -> Resdeploy without a Triton beside it; stopped at the session's end."""
+    started: list[Resdeploy] = []
+
+    def start(repo: Path, *args: str) -> Resdeploy:
+        server = start_resdeploy(repo, tmp_path_factory.mktemp("logs"), *args)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 # -- the model ------------------------------------------------------------------------------------------------

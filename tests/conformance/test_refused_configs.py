@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
+
+from benchmarks import triton_harness as th
 
 IO = ('input { name: "input" data_type: TYPE_FP32 dims: [1, 28, 28] } '
       'output { name: "logits" data_type: TYPE_FP32 dims: [10] }')
@@ -47,7 +50,6 @@ CASES: dict[str, tuple[str, str, bool, str | None]] = {
     "preferred_over_max": (f"max_batch_size: 8 {IO} dynamic_batching {{ preferred_batch_size: [16] }}", "onnx", False, None),
     "invalid_warmup": (f"max_batch_size: 8 {IO} {WARMUP_BAD}", "onnx", False, None),
     "warmup_unknown_input": (f"max_batch_size: 8 {IO} {WARMUP_UNKNOWN_INPUT}", "onnx", False, None),
-    "warmup_batch_over_max": (f"max_batch_size: 8 {IO} {WARMUP_OVER_MAX}", "onnx", False, None),
     "warmup_good": (f"max_batch_size: 8 {IO} {WARMUP_GOOD}", "onnx", True, None),
     "named_groups": (f"max_batch_size: 8 {IO} instance_group [{{ kind: KIND_CPU }}, {{ name: \"g\" count: 2 kind: KIND_AUTO }}] "
                      "version_policy { all {} } dynamic_batching { preferred_batch_size: [2, 4] }", "onnx", True, None),
@@ -169,10 +171,48 @@ def test_whole_config_is_tritons(refused_pair, model):
     assert t == r
 
 
-@pytest.mark.parametrize("model", ["warmup_unknown_input", "warmup_batch_over_max", "invalid_warmup"])
+@pytest.mark.parametrize("model", ["warmup_unknown_input", "invalid_warmup"])
 def test_refused_warmup_is_reported(refused_pair, model):
     (ts, _, _), (rs, rb, _) = refused_pair.both("GET", f"/v2/models/{model}/versions/1/ready")
     assert ts == rs == 400 and "model_warmup" in json.loads(rb)["error"], rb
+
+
+# Triton 2.51 can die (SIGSEGV) while it fails a warmup sample whose batch_size exceeds max_batch_size, instead of
+# marking that one model unavailable. Reproduced here on that model alone: 1 of 10 starts on an idle 2-core machine,
+# 7 of 10 with the cores busy, with random or zero data and with 1 or 2 instances; in CI it took the shared refused
+# repository down with it (81 errors). So the case runs on a Triton of its own, started until it survives a load.
+def test_warmup_batch_over_max_never_served(tmp_path, triton_install, resnet20_onnx, start_resdeploy_alone):
+    repo = tmp_path / "repo"
+    (repo / "warmup_batch_over_max" / "1").mkdir(parents=True)
+    (repo / "warmup_batch_over_max" / "config.pbtxt").write_text(f"max_batch_size: 8 {IO} {WARMUP_OVER_MAX}\n")
+    shutil.copyfile(resnet20_onnx, repo / "warmup_batch_over_max" / "1" / "model.onnx")
+    ready = "/v2/models/warmup_batch_over_max/versions/1/ready"
+
+    resdeploy = start_resdeploy_alone(repo)
+    rs, rb, _ = resdeploy.request("GET", ready)
+    assert rs == 400 and "model_warmup" in json.loads(rb)["error"] and "max_batch_size" in json.loads(rb)["error"], rb
+
+    crashes: list[str] = []
+    for _ in range(6):
+        try:
+            triton = th.start_triton(repo, install=triton_install, log_dir=tmp_path, exit_on_error=False)
+        except th.TritonCrashed as exc:
+            assert exc.returncode < 0, exc  # refusing a model never ends Triton with --exit-on-error=false
+            crashes.append(f"killed by signal {-exc.returncode}")
+            continue
+        try:
+            ts = triton.request("GET", ready)[0]
+        finally:
+            triton.stop()
+        assert ts == rs == 400, f"triton says {ts}, resdeploy {rs}"
+        break
+    else:
+        ts = None
+    if crashes:  # said in the test report: what was and was not compared
+        warnings.warn(f"tritonserver 2.51 died loading warmup_batch_over_max on {len(crashes)} of "
+                      f"{len(crashes) + (ts is not None)} starts ({crashes[0]}); "
+                      + ("compared on the start it survived" if ts is not None
+                         else "it never served the model; resdeploy's refusal was checked alone"))
 
 
 def _grpc_infer(model):
