@@ -210,6 +210,17 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _with_arg(text: str) -> list[int]:
+    """Live processes with ``text`` in their command line."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                if text.encode() in (d / "cmdline").read_bytes():
+                    found.append(int(d.name))
+    return [pid for pid in found if pid != os.getpid()]
+
+
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -252,7 +263,9 @@ class TritonServer:
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM to tritonserver (by PID), then its stub processes (by PID), then their shared memory."""
-        stubs = _children(self.proc.pid) if self.proc.poll() is None else []
+        # A stub whose server crashed is reparented away and may ignore SIGTERM: find those by the shared-memory
+        # prefix on their command line (unique to this server), not only among the live server's children.
+        stubs = sorted({*(_children(self.proc.pid) if self.proc.poll() is None else []), *_with_arg(self.shm_prefix)} - {self.proc.pid})
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

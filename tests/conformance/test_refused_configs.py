@@ -208,6 +208,8 @@ def test_warmup_batch_over_max_never_served(tmp_path, triton_install, resnet20_o
         break
     else:
         ts = None
+    left = th._with_arg(str(repo / "warmup_batch_over_max" / "1"))  # a crashed server's stubs are ended too
+    assert not left, f"python-backend stubs left running: {left}"
     if crashes:  # said in the test report: what was and was not compared
         warnings.warn(f"tritonserver 2.51 died loading warmup_batch_over_max on {len(crashes)} of "
                       f"{len(crashes) + (ts is not None)} starts ({crashes[0]}); "
