@@ -146,31 +146,60 @@ class DynamicBatcher:
             loop.call_soon(self._dispatch)
         return item.future
 
-    async def infer(self, feed: dict[str, np.ndarray], batch: int = 1, timeout_us: int | None = None) -> dict[str, np.ndarray]:
+    def call(self, feed: dict[str, np.ndarray], batch: int, timeout_us: int | None,
+             done: Callable[[dict[str, np.ndarray] | None, BaseException | None], None]) -> asyncio.Future:
+        """Queue one request and call ``done(outputs, None)`` or ``done(None, error)`` once, on the loop.
+
+        No task or coroutine per request (the HTTP fast path answers from ``done``). A deadline that passes,
+        queued or executing, ends it with Unavailable. Cancelling the returned future drops the request
+        (``done`` then gets CancelledError). A full or closed queue raises here, before anything is queued."""
         fut = self.submit(feed, batch, timeout_us)
         timeout = timeout_us or self.config.default_timeout_us
-        if not timeout:
-            return await fut
         # The queue drops expired items itself; this timer bounds a request whose execution overruns too. One
         # TimerHandle per request (wait_for + shield cost a task and two futures: issue 15's profile).
-        expired = False
+        expired: list[bool] = []
 
         def expire() -> None:
-            nonlocal expired
             if not fut.done():
-                expired = True
+                expired.append(True)
                 fut.cancel()
 
-        timer = asyncio.get_running_loop().call_later(timeout / 1e6 + 0.001, expire)
+        timer = asyncio.get_running_loop().call_later(timeout / 1e6 + 0.001, expire) if timeout else None
+
+        def finished(f: asyncio.Future) -> None:
+            if timer is not None:
+                timer.cancel()
+            if f.cancelled():
+                done(None, Unavailable(f"model '{self.name}': request timed out after {timeout / 1000:.1f} ms; "
+                                       "raise the timeout or reduce the load") if expired else asyncio.CancelledError())
+            elif f.exception() is not None:
+                done(None, f.exception())
+            else:
+                done(f.result(), None)
+
+        fut.add_done_callback(finished)
+        return fut
+
+    async def infer(self, feed: dict[str, np.ndarray], batch: int = 1, timeout_us: int | None = None) -> dict[str, np.ndarray]:
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future = loop.create_future()
+
+        def done(outputs: dict[str, np.ndarray] | None, exc: BaseException | None) -> None:
+            if result.done():
+                return
+            if exc is None:
+                result.set_result(outputs)
+            elif isinstance(exc, asyncio.CancelledError):
+                result.cancel()
+            else:
+                result.set_exception(exc)
+
+        queued = self.call(feed, batch, timeout_us, done)
         try:
-            return await fut
+            return await result
         except asyncio.CancelledError:
-            if not expired:
-                raise
-            raise Unavailable(f"model '{self.name}': request timed out after {timeout / 1000:.1f} ms; "
-                              "raise the timeout or reduce the load") from None
-        finally:
-            timer.cancel()
+            queued.cancel()  # the caller went away (a gRPC cancel, a disconnect): drop the queued request
+            raise
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until nothing is queued or executing (True) or ``timeout_s`` passes (False)."""

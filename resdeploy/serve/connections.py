@@ -25,10 +25,13 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from resdeploy.serve.fastpath import Declined
 
 log = logging.getLogger("resdeploy.serve")
 
@@ -79,8 +82,15 @@ class _Refuse(asyncio.Protocol):
         pass
 
 
+# The aiohttp internals the fast path reads to know aiohttp holds nothing of this connection's next request.
+_AIOHTTP_STATE = ("_messages", "_payload_parser", "_upgraded", "_force_close", "_close", "_request_in_progress",
+                  "_next_keepalive_close_time", "_keepalive_timeout", "_loop")
+FAST_PATH_POSSIBLE = all(hasattr(web.RequestHandler, a) for a in _AIOHTTP_STATE)
+
+
 class GuardedHandler(web.RequestHandler):
-    """aiohttp's connection handler plus the phase the guard reads; aiohttp parses and dispatches as usual."""
+    """aiohttp's connection handler plus the phase the guard reads; aiohttp parses and dispatches as usual,
+    except a whole plain infer request on an idle connection, which ``guard.fast`` may answer itself."""
 
     def __init__(self, guard: "ConnectionGuard", manager: Any, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -88,6 +98,8 @@ class GuardedHandler(web.RequestHandler):
         self.phase = NEW
         self.since = time.monotonic()
         self.requests = 0
+        self.aiohttp_only = not FAST_PATH_POSSIBLE  # set for good once aiohttp may hold part of a later request
+        self.rest = 0  # bytes still to come of a request the fast path declined before it was whole
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.guard._opened(self, transport)
@@ -95,8 +107,41 @@ class GuardedHandler(web.RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         if self.phase in (NEW, IDLE):  # the first bytes of a request: its header deadline starts now
+            fast = self.guard.fast
+            if fast is not None and not self.aiohttp_only:
+                if not self.aiohttp_idle():  # still finishing a response: this read queues behind it, unframed
+                    self.aiohttp_only = True
+                else:
+                    declined = fast(self, data)
+                    if declined is None:  # answered (or being answered) by the fast path
+                        return
+                    self.aiohttp_only, self.rest = declined.rest is None, declined.rest or 0
             self.phase, self.since = HEAD, time.monotonic()
+        elif not self.aiohttp_only:  # the rest of a declined request; a byte past its end is a pipelined request
+            self.aiohttp_only, self.rest = len(data) > self.rest, max(0, self.rest - len(data))
         super().data_received(data)
+
+    def aiohttp_idle(self) -> bool:
+        """aiohttp holds no queued, partial or in-progress request on this connection."""
+        return not (self._messages or self._payload_parser is not None or self._upgraded or self._force_close
+                    or self._close or self._request_in_progress)
+
+    def fast_started(self, transport: asyncio.Transport) -> None:
+        """The fast path took a request: busy, no more reads until it is answered (one response at a time)."""
+        self.guard.request_started(self)
+        transport.pause_reading()
+        self._push_keepalive()
+
+    def fast_finished(self, transport: asyncio.Transport) -> None:
+        self.guard.request_finished(self)
+        self._push_keepalive()
+        if not transport.is_closing():
+            transport.resume_reading()
+
+    def _push_keepalive(self) -> None:
+        # aiohttp's own keep-alive timer (a backstop behind the sweeper) only moves on aiohttp's responses; without
+        # this it would close a connection the fast path keeps busy, as idle, a while after accept.
+        self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.guard._closed(self)
@@ -126,6 +171,9 @@ class ConnectionGuard:
     last_accept: float = 0.0
     draining: bool = False
     answered_while_draining: int = 0
+    # The server's HTTP fast path: fast(handler, data) answers a whole plain infer request and returns None, or
+    # returns why it left the read to aiohttp (resdeploy/serve/fastpath.py). None here: everything through aiohttp.
+    fast: Callable[[GuardedHandler, bytes], Declined | None] | None = None
     _server: asyncio.AbstractServer | None = None
     _sweeper: asyncio.Task | None = None
 

@@ -38,6 +38,7 @@ import numpy as np
 import resdeploy
 from resdeploy.errors import InputError, ResdeployError
 from resdeploy.serve.batching import BatcherConfig, DynamicBatcher
+from resdeploy.serve.fastpath import UNKNOWN, WHOLE, Declined, parse_plain_infer, response_bytes
 from resdeploy.serve.metrics import ModelStats, prometheus_text, stats_json
 from resdeploy.serve.protocol import (BadRequest, InferRequest, IOSpec, NotFound, PayloadTooLarge, RequestTimeout,
                                       ServeError, Unavailable, UnsupportedMediaType, check_inputs, check_outputs,
@@ -77,6 +78,7 @@ class ServerConfig:
     load_models: tuple[str, ...] = ()  # explicit mode: the models loaded at start ("*" = all), like --load-model
     workers: int = 1  # server processes sharing the ports (SO_REUSEPORT), each with its own models and batchers
     reuse_port: bool = False  # set in each worker of --workers N (not a user setting)
+    http_fast_path: bool = True  # answer whole plain infer requests without aiohttp (resdeploy/serve/fastpath.py)
 
     def __post_init__(self) -> None:
         if self.model_control_mode not in MODEL_CONTROL_MODES:
@@ -148,6 +150,8 @@ class ModelServer:
         self.loading = True
         self.draining = False
         self.inflight = 0
+        self.http_requests = 0  # requests aiohttp routed (every path)
+        self.fast_answered = 0  # infer requests the HTTP fast path answered instead
         self._stop = asyncio.Event()
         self.port: int | None = None
         self.grpc_port: int | None = None
@@ -398,11 +402,75 @@ class ModelServer:
             outputs = await m.batcher.infer(req.inputs, batch, timeout_us)
             result = encode(outputs)
         except ServeError as exc:
-            m.stats.record_failure(time.perf_counter_ns() - t0_ns,
-                                   "REJECTED" if isinstance(exc, Unavailable) else "BACKEND" if exc.status >= 500 else "OTHER")
+            _record_failure(m, t0_ns, exc)
             raise
         m.stats.record_success(time.perf_counter_ns() - t0_ns)
         return result
+
+    def fast_infer(self, handler: Any, data: bytes) -> Declined | None:
+        """The HTTP fast path (resdeploy/serve/fastpath.py): answer ``data`` if it is one whole plain infer request
+        that passes every check (None), else say why not; nothing is consumed then and aiohttp answers it,
+        refusals included."""
+        if self.draining:
+            return UNKNOWN  # the drain's 503 and close are aiohttp's
+        plain = parse_plain_infer(data, self.config.max_body_bytes)
+        if isinstance(plain, Declined):
+            return plain
+        t0 = time.perf_counter_ns()
+        try:
+            m = self.infer_target(plain.model, plain.version)
+            hlen = parse_header_length(plain.header_length, len(plain.body))
+            if hlen == 0:  # a raw binary request: rare, left to the route
+                return WHOLE
+            req = parse_infer_request(plain.body, hlen)
+            batch = check_inputs(req, m.inputs, m.name, m.max_batch_size)
+            check_outputs(req, [s.name for s in m.outputs], m.name)
+        except ServeError:
+            return WHOLE
+        assert m.batcher is not None
+        transport = handler.transport
+        handler.fast_started(transport)
+        self.inflight += 1
+        self.fast_answered += 1
+
+        def answer(payload: bytes, close: bool = False) -> None:
+            self.inflight -= 1
+            close = close or self.draining
+            if not transport.is_closing():
+                transport.write(payload)
+                if close:
+                    transport.close()
+            handler.fast_finished(transport)
+
+        def done(outputs: dict[str, np.ndarray] | None, exc: BaseException | None) -> None:
+            if exc is None:
+                try:
+                    enc = encode_infer_response(m.name, m.version, req, outputs, m.labels, batched=m.max_batch_size > 0)
+                except ServeError as e:
+                    exc = e
+                else:
+                    m.stats.record_success(time.perf_counter_ns() - t0)
+                    if enc.header_length is None:
+                        answer(response_bytes(200, "application/json", enc.body, close=self.draining))
+                    else:
+                        answer(response_bytes(200, "application/octet-stream", enc.body, enc.header_length,
+                                              close=self.draining))
+                    return
+            if isinstance(exc, ServeError):
+                _record_failure(m, t0, exc)
+                answer(_error_bytes(exc.status, str(exc), self.draining), close=self.draining)
+            elif isinstance(exc, asyncio.CancelledError):  # only the batcher's close cancels it: the model went away
+                answer(_error_bytes(503, f"model '{m.name}' shut down before the request ran", True), close=True)
+            else:  # a bug must not take the server down; the client gets the reason (as the route's middleware)
+                log.error("internal error on fast-path infer to %s", m.name, exc_info=exc)
+                answer(_error_bytes(500, f"internal server error: {type(exc).__name__}: {exc}", self.draining))
+
+        timeout_us = req.timeout_us or m.batcher.config.default_timeout_us or int(self.config.request_timeout_s * 1e6)
+        try:
+            m.batcher.call(req.inputs, batch, timeout_us, done)
+        except ServeError as exc:  # a full queue or a model shutting down: refused before it was queued
+            done(None, exc)
+        return None
 
     # -- model control (explicit mode) -----------------------------------------------------------------
     async def load(self, name: str, parameters: dict[str, Any] | None = None) -> None:
@@ -481,6 +549,7 @@ class ModelServer:
         async def guarded(request: web.Request, handler: Any) -> web.StreamResponse:
             # The guard reads each connection's phase: a request being handled is never closed by the drain.
             guard = self.guard
+            self.http_requests += 1
             if guard is not None:
                 guard.request_started(request.protocol)
             try:
@@ -688,6 +757,8 @@ class ModelServer:
         c = self.config
         self.guard = ConnectionGuard(ConnectionLimits(c.header_timeout_s, c.body_timeout_s, c.keepalive_timeout_s,
                                                       c.max_connections))
+        if c.http_fast_path:
+            self.guard.fast = self.fast_infer
         if c.reuse_port:
             # A worker of --workers N opens the shared ports only once its models are loaded: a connection the
             # kernel hands to it must not find it still loading while another worker already answers ready.
@@ -752,6 +823,8 @@ class ModelServer:
                  report.abandoned, c.shutdown_timeout_s, report.idle_closed, report.listening_s, report.seconds)
         if self.grpc is not None:
             log.info("shutdown: gRPC stopped; %d RPC(s) abandoned at the deadline", grpc_abandoned)
+        log.info("shutdown: %d HTTP request(s) served, %d of them on the fast path", self.http_requests + self.fast_answered,
+                 self.fast_answered)
         return 0 if report.abandoned == 0 and grpc_abandoned == 0 else 1
 
 
@@ -783,6 +856,17 @@ def _json(obj: Any, status: int = 200) -> Any:
     # allow_nan=False: responses are RFC 8259 JSON; a NaN reaching here is a bug that must not reach clients.
     return web.Response(body=json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8"), status=status,
                         content_type="application/json")
+
+
+def _record_failure(m: LoadedModel, t0_ns: int, exc: ServeError) -> None:
+    m.stats.record_failure(time.perf_counter_ns() - t0_ns,
+                           "REJECTED" if isinstance(exc, Unavailable) else "BACKEND" if exc.status >= 500 else "OTHER")
+
+
+def _error_bytes(status: int, message: str, close: bool) -> bytes:
+    """The fast path's error response: the bytes aiohttp writes for ``_json_error(status, message, close)``."""
+    body = json.dumps({"error": message}, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    return response_bytes(status, "application/json", body, close=close)
 
 
 def _json_error(status: int, message: str, close: bool = False) -> Any:

@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -24,6 +25,9 @@ def test_two_workers_answer_on_one_port_and_drain(model_repo, tmp_path, spawn_se
     start, stop = spawn_server
     sp = start(model_repo, tmp_path, "--workers", "2", "--no-strict-readiness")
     try:
+        deadline = time.monotonic() + 60  # start() returns once one worker serves; the kernel spreads only over both
+        while sp.log().count("model version(s) loaded") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         log = sp.log()
         pids = re.search(r"serving with 2 worker processes .* pids (\d+), (\d+)", log)
         assert pids, log

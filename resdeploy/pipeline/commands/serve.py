@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-connections", type=int, default=1024, help="open connections; more get 503 and are closed")
     p.add_argument("--max-inflate-ratio", type=float, default=32.0,
                    help="a gzip/deflate request body may inflate to at most this many times its size (else 413)")
+    p.add_argument("--no-http-fast-path", action="store_true",
+                   help="every HTTP request through aiohttp (the fast path answers whole plain infer requests itself; "
+                        "this is for A/B runs and as an escape hatch)")
     p.add_argument("--follow-symlinks", action="store_true",
                    help="follow repository symlinks that leave a model's folder (refused by default; logged when followed)")
     p.set_defaults(func=run)
@@ -51,5 +54,6 @@ def run(args: argparse.Namespace) -> int:
                           max_connections=args.max_connections, max_inflate_ratio=args.max_inflate_ratio,
                           follow_symlinks=args.follow_symlinks, grpc_port=None if args.no_grpc else args.grpc_port,
                           model_control_mode=args.model_control_mode, load_models=tuple(args.load_model),
-                          workers=parse_workers(args.workers, args.model_control_mode))
+                          workers=parse_workers(args.workers, args.model_control_mode),
+                          http_fast_path=not args.no_http_fast_path)
     return serve(args.repo, config)
