@@ -20,6 +20,10 @@ class LeakyServer(ModelServer):
         KEPT.append(bytes(await request.read()) * 8)  # the leak: ~8x each body, never freed
         return await super().h_infer(request)
 
+    def fast_infer(self, handler, data: bytes):  # noqa: ANN001, ANN201 - the HTTP fast path leaks the same way
+        KEPT.append(bytes(data) * 8)
+        return super().fast_infer(handler, data)
+
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
