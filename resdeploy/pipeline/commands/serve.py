@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="request bodies (and gRPC messages) above this get 413 (RESOURCE_EXHAUSTED)")
     p.add_argument("--request-timeout", type=float, default=30.0, help="seconds a request may take when it sets no timeout")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds SIGTERM waits for accepted requests")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per instance (default: cores / instances)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per instance (default: usable cores / the model's instances / workers)")
     p.add_argument("--workers", default="1", metavar="N|auto",
                    help="server processes sharing the ports (SO_REUSEPORT), each with its own models and batchers "
                         "(model control mode none only; statistics and metrics are per worker). Default 1; 'auto' = one "
