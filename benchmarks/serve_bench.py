@@ -299,16 +299,23 @@ def vs_triton(args: argparse.Namespace) -> int:
             cases = [c for c in cases if any(o in c.label for o in args.only)]
         servers = []
         other, other_label = ("reference", "reference") if args.ab_against else ("triton", "Triton")
+        own = os.sched_getaffinity(0)
         try:
             print(f"starting resdeploy serve and {other_label} ...", flush=True)
+            # Servers start on the pinned cores, as under `taskset`: each sizes its thread pools from the cores it
+            # may use (pinning after start left resdeploy with 2 ORT threads on 1 core). The client is not pinned.
+            if cpus:
+                os.sched_setaffinity(0, cpus)
             servers.append(start_resdeploy(repo, out / "resdeploy.log", tuple(args.server_args)))
             if args.ab_against:  # the same server from another checkout (e.g. main's worktree), same arguments
                 servers.append(start_resdeploy(repo, out / "reference.log", tuple(args.server_args), name="reference",
                                                source=Path(args.ab_against).resolve()))
             else:
                 servers.append(start_triton(repo, out))
+            os.sched_setaffinity(0, own)
             res = run_side_by_side(servers, cases, args.rounds, args.seconds, cpus)
         finally:
+            os.sched_setaffinity(0, own)
             for s in servers:
                 s.stop()
     load = Path("/proc/loadavg").read_text().split()[:3]
