@@ -399,17 +399,20 @@ class ModelServer:
         batch = check_inputs(req, m.inputs, m.name, m.max_batch_size)
         check_outputs(req, [s.name for s in m.outputs], m.name)
         assert m.batcher is not None
-        timeout_us = req.timeout_us or m.batcher.config.default_timeout_us or int(self.config.request_timeout_s * 1e6)
-        if deadline_us is not None:
-            timeout_us = max(1, min(timeout_us, deadline_us))
         try:
-            outputs = await m.batcher.infer(req.inputs, batch, timeout_us)
+            outputs = await m.batcher.infer(req.inputs, batch, self._timeout_us(m, req, deadline_us))
             result = encode(outputs)
         except ServeError as exc:
             _record_failure(m, t0_ns, exc)
             raise
         m.stats.record_success(time.perf_counter_ns() - t0_ns)
         return result
+
+    def _timeout_us(self, m: LoadedModel, req: InferRequest, deadline_us: int | None = None) -> int:
+        """The request's own timeout, else the model's default, else --request-timeout; within a gRPC deadline."""
+        assert m.batcher is not None
+        timeout_us = req.timeout_us or m.batcher.config.default_timeout_us or int(self.config.request_timeout_s * 1e6)
+        return timeout_us if deadline_us is None else max(1, min(timeout_us, deadline_us))
 
     def fast_infer(self, handler: Any, data: bytes) -> Declined | None:
         """The HTTP fast path (resdeploy/serve/fastpath.py): answer ``data`` if it is one whole plain infer request
@@ -437,11 +440,12 @@ class ModelServer:
         self.inflight += 1
         self.fast_answered += 1
 
-        def answer(payload: bytes, close: bool = False) -> None:
+        def answer(status: int, content_type: str, body: bytes, header_length: int | None = None,
+                   close: bool = False) -> None:
             self.inflight -= 1
-            close = close or self.draining
+            close = close or self.draining  # the client must not reuse a connection that is about to close
             if not transport.is_closing():
-                transport.write(payload)
+                transport.write(response_bytes(status, content_type, body, header_length, close))
                 if close:
                     transport.close()
             handler.fast_finished(transport)
@@ -455,23 +459,22 @@ class ModelServer:
                 else:
                     m.stats.record_success(time.perf_counter_ns() - t0)
                     if enc.header_length is None:
-                        answer(response_bytes(200, "application/json", enc.body, close=self.draining))
+                        answer(200, "application/json", enc.body)
                     else:
-                        answer(response_bytes(200, "application/octet-stream", enc.body, enc.header_length,
-                                              close=self.draining))
+                        answer(200, "application/octet-stream", enc.body, enc.header_length)
                     return
             if isinstance(exc, ServeError):
                 _record_failure(m, t0, exc)
-                answer(_error_bytes(exc.status, str(exc), self.draining), close=self.draining)
+                answer(exc.status, "application/json", _json_bytes({"error": str(exc)}))
             elif isinstance(exc, asyncio.CancelledError):  # only the batcher's close cancels it: the model went away
-                answer(_error_bytes(503, f"model '{m.name}' shut down before the request ran", True), close=True)
+                gone = f"model '{m.name}' shut down before the request ran"
+                answer(503, "application/json", _json_bytes({"error": gone}), close=True)
             else:  # a bug must not take the server down; the client gets the reason (as the route's middleware)
                 log.error("internal error on fast-path infer to %s", m.name, exc_info=exc)
-                answer(_error_bytes(500, f"internal server error: {type(exc).__name__}: {exc}", self.draining))
+                answer(500, "application/json", _json_bytes({"error": f"internal server error: {type(exc).__name__}: {exc}"}))
 
-        timeout_us = req.timeout_us or m.batcher.config.default_timeout_us or int(self.config.request_timeout_s * 1e6)
         try:
-            m.batcher.call(req.inputs, batch, timeout_us, done)
+            m.batcher.call(req.inputs, batch, self._timeout_us(m, req), done)
         except ServeError as exc:  # a full queue or a model shutting down: refused before it was queued
             done(None, exc)
         return None
@@ -854,23 +857,20 @@ def _config_override(name: str, params: dict[str, Any]) -> Any:
                          "send the model configuration as /v2/models/<m>/config prints it") from None
 
 
+def _json_bytes(obj: Any) -> bytes:
+    # allow_nan=False: responses are RFC 8259 JSON; a NaN reaching here is a bug that must not reach clients.
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
 def _json(obj: Any, status: int = 200) -> Any:
     from aiohttp import web
 
-    # allow_nan=False: responses are RFC 8259 JSON; a NaN reaching here is a bug that must not reach clients.
-    return web.Response(body=json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8"), status=status,
-                        content_type="application/json")
+    return web.Response(body=_json_bytes(obj), status=status, content_type="application/json")
 
 
 def _record_failure(m: LoadedModel, t0_ns: int, exc: ServeError) -> None:
     m.stats.record_failure(time.perf_counter_ns() - t0_ns,
                            "REJECTED" if isinstance(exc, Unavailable) else "BACKEND" if exc.status >= 500 else "OTHER")
-
-
-def _error_bytes(status: int, message: str, close: bool) -> bytes:
-    """The fast path's error response: the bytes aiohttp writes for ``_json_error(status, message, close)``."""
-    body = json.dumps({"error": message}, separators=(",", ":"), allow_nan=False).encode("utf-8")
-    return response_bytes(status, "application/json", body, close=close)
 
 
 def _json_error(status: int, message: str, close: bool = False) -> Any:
