@@ -157,11 +157,12 @@ class DynamicBatcher:
         timeout = timeout_us or self.config.default_timeout_us
         # The queue drops expired items itself; this timer bounds a request whose execution overruns too. One
         # TimerHandle per request (wait_for + shield cost a task and two futures: issue 15's profile).
-        expired: list[bool] = []
+        expired = False
 
         def expire() -> None:
+            nonlocal expired
             if not fut.done():
-                expired.append(True)
+                expired = True
                 fut.cancel()
 
         timer = asyncio.get_running_loop().call_later(timeout / 1e6 + 0.001, expire) if timeout else None
@@ -172,8 +173,8 @@ class DynamicBatcher:
             if f.cancelled():
                 done(None, Unavailable(f"model '{self.name}': request timed out after {timeout / 1000:.1f} ms; "
                                        "raise the timeout or reduce the load") if expired else asyncio.CancelledError())
-            elif f.exception() is not None:
-                done(None, f.exception())
+            elif (exc := f.exception()) is not None:
+                done(None, exc)
             else:
                 done(f.result(), None)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
 
-import aiohttp
+from aiohttp.http import SERVER_SOFTWARE
 
 # /v2/models/{model}/infer or /v2/models/{model}/versions/{version}/infer, as aiohttp's router matches them
 # ({name} is one path segment); "%" is left to aiohttp, which decodes it.
@@ -33,7 +33,7 @@ MAX_HEAD = 8190  # aiohttp's default max_line_size / max_field_size: a longer he
 MAX_FIELDS = 64
 _FRAMING_FIELDS = frozenset({b"transfer-encoding", b"upgrade"})  # aiohttp frames (or switches) these differently
 _DECLINE_FIELDS = frozenset({b"expect", b"content-encoding"})
-SERVER = f"Python/3.{__import__('sys').version_info[1]} aiohttp/{aiohttp.__version__}".encode()
+SERVER = SERVER_SOFTWARE.encode()  # the Server header aiohttp writes
 
 
 @dataclass(frozen=True, slots=True)

@@ -466,8 +466,10 @@ class ModelServer:
             if isinstance(exc, ServeError):
                 _record_failure(m, t0, exc)
                 answer(exc.status, "application/json", _json_bytes({"error": str(exc)}))
-            elif isinstance(exc, asyncio.CancelledError):  # only the batcher's close cancels it: the model went away
-                gone = f"model '{m.name}' shut down before the request ran"
+            elif isinstance(exc, asyncio.CancelledError):
+                # Nothing cancels a fast-path request (its deadline ends as Unavailable, a closing batcher sets an
+                # error); answered anyway, since this connection reads nothing until it is.
+                gone = f"model '{m.name}': request cancelled before it ran; retry"
                 answer(503, "application/json", _json_bytes({"error": gone}), close=True)
             else:  # a bug must not take the server down; the client gets the reason (as the route's middleware)
                 log.error("internal error on fast-path infer to %s", m.name, exc_info=exc)
