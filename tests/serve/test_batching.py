@@ -288,3 +288,45 @@ def test_a_lone_request_on_a_fast_idle_model_runs_on_the_loop_a_slow_model_never
     assert len(b.executions) == 4 and b.stats.pending == 0  # recorded exactly as from the thread
     threads, loop_thread, _ = run(main(0.003))  # 3 ms per execution: above INLINE_MAX_NS, always in the thread
     assert loop_thread not in threads
+
+
+def test_an_instance_takes_the_next_batch_itself_without_the_loop():
+    async def main():
+        r = GatedRunner()
+        b = DynamicBatcher([r], BatcherConfig(max_batch_size=8))
+        first = b.submit(x(0.0), 1)
+        await wait_started(r)
+        queued = [b.submit(x(float(v)), 1) for v in (1, 2)]
+        await asyncio.sleep(0)  # the loop turn that would form a batch: nothing is free, they stay queued
+        # From here the loop is blocked (no await): only the instance thread can start the queued batch.
+        r.gate.set()
+        took_it_itself = r.started.acquire(True, 10)
+        outs = await asyncio.gather(first, *queued)
+        b.close()
+        return took_it_itself, r.batches, outs
+
+    took, batches, outs = run(main())
+    assert took, "the queued batch waited for the event loop to dispatch it"
+    assert batches == [1, 2]
+    np.testing.assert_array_equal(outs[2]["y"], np.full((1, 3), 4.0))
+
+
+def test_a_cancelled_request_in_the_queue_leaves_the_next_batch_to_the_loop():
+    async def main():
+        r = GatedRunner()
+        b = DynamicBatcher([r], BatcherConfig(max_batch_size=8))
+        first = b.submit(x(0.0), 1)
+        await wait_started(r)
+        gone, kept = b.submit(x(1.0), 1), b.submit(x(2.0), 1)
+        await asyncio.sleep(0)
+        gone.cancel()
+        r.gate.set()
+        started_without_loop = r.started.acquire(True, 0.5)  # the loop is blocked: the thread must not take it
+        outs = await asyncio.gather(first, kept)
+        b.close()
+        return started_without_loop, r.batches, outs
+
+    started, batches, outs = run(main())
+    assert not started
+    assert batches == [1, 1]  # the loop pruned the cancelled request and ran the other alone
+    np.testing.assert_array_equal(outs[1]["y"], np.full((1, 3), 4.0))
