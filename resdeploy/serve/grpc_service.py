@@ -150,6 +150,16 @@ def encode_response(model: str, version: str, req: InferRequest, outputs: dict[s
     return resp
 
 
+class RpcAbort(Exception):
+    """``context.abort`` of resdeploy's own gRPC transport (resdeploy/serve/grpc_native.py): the RPC ends with
+    ``code`` (a gRPC status number) and ``details``."""
+
+    def __init__(self, code: int, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
 def _rpc(method: Any) -> Any:
     """Count the RPC in flight, refuse new ones while draining, and turn ServeErrors into status codes."""
 
@@ -166,7 +176,7 @@ def _rpc(method: Any) -> Any:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug must not take the server down; the client gets the reason
-            if isinstance(exc, grpc.aio.AbortError):
+            if isinstance(exc, (grpc.aio.AbortError, RpcAbort)):
                 raise
             log.exception("internal error in gRPC %s", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal server error: {type(exc).__name__}: {exc}")
@@ -313,4 +323,4 @@ class GrpcService(pb_grpc.GRPCInferenceServiceServicer):
             server.inflight -= 1
 
 
-__all__ = ["CODES", "GrpcService", "encode_response", "parse_request"]
+__all__ = ["CODES", "GrpcService", "RpcAbort", "encode_response", "parse_request"]

@@ -52,6 +52,7 @@ log = logging.getLogger("resdeploy.serve")
 DRAIN_GRACE_S = 0.3  # after SIGTERM, the listener stays open at least this long, answering 503 (not refusing)
 EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration", "statistics", "model_repository"]
 MODEL_CONTROL_MODES = ("none", "explicit")
+GRPC_TRANSPORTS = ("native", "grpcio")
 CONTROL_OFF = ("explicit model load / unload is not allowed in model control mode none; start the server with "
                "--model-control-mode explicit to load and unload models")
 
@@ -79,6 +80,7 @@ class ServerConfig:
     workers: int = 1  # server processes sharing the ports (SO_REUSEPORT), each with its own models and batchers
     reuse_port: bool = False  # set in each worker of --workers N (not a user setting)
     http_fast_path: bool = True  # answer whole plain infer requests without aiohttp (resdeploy/serve/fastpath.py)
+    grpc_transport: str = "native"  # native: resdeploy's HTTP/2 (resdeploy/serve/grpc_native.py); grpcio: grpc.aio
 
     def __post_init__(self) -> None:
         if self.model_control_mode not in MODEL_CONTROL_MODES:
@@ -88,6 +90,8 @@ class ServerConfig:
             raise InputError("--load-model needs --model-control-mode explicit (in mode none every model loads at start)")
         if self.workers < 1:
             raise InputError(f"--workers is {self.workers}; give at least 1")
+        if self.grpc_transport not in GRPC_TRANSPORTS:
+            raise InputError(f"gRPC transport {self.grpc_transport!r} is unknown; expected one of {', '.join(GRPC_TRANSPORTS)}")
         if self.workers > 1 and self.model_control_mode == "explicit":
             raise InputError("--workers > 1 needs --model-control-mode none: a load/unload request reaches one worker "
                              "process only, so the workers would serve different models")
@@ -785,16 +789,21 @@ class ModelServer:
                  c.max_body_bytes, c.max_inflate_ratio,
                  "FOLLOWED outside model folders (--follow-symlinks)" if c.follow_symlinks else "kept inside model folders")
         if c.grpc_port is not None:
-            from resdeploy.serve.grpc_service import GrpcService  # grpc is imported only when gRPC is served
+            # grpc and the HTTP/2 code are imported only when gRPC is served
+            if c.grpc_transport == "native":
+                from resdeploy.serve.grpc_native import NativeGrpc as Service
+            else:
+                from resdeploy.serve.grpc_service import GrpcService as Service
 
-            self.grpc = GrpcService(self)
+            self.grpc = Service(self)
             try:
                 self.grpc_port = await self.grpc.start(c.host, c.grpc_port)
             except InputError:
                 await runner.cleanup()
                 raise
-            log.info("listening on grpc://%s:%d (KServe v2 GRPCInferenceService; messages up to %d bytes, %d RPCs at once)",
-                     c.host, self.grpc_port, c.max_body_bytes, c.max_connections)
+            log.info("listening on grpc://%s:%d (KServe v2 GRPCInferenceService on %s; messages up to %d bytes, %d RPCs "
+                     "at once)", c.host, self.grpc_port, "resdeploy's HTTP/2" if c.grpc_transport == "native" else "grpc.aio",
+                     c.max_body_bytes, c.max_connections)
         log.info("model control mode %s%s", c.model_control_mode,
                  f" (loading at start: {', '.join(c.load_models) or 'none'})" if c.model_control_mode == "explicit" else "")
         load = asyncio.ensure_future(self.load_models() if not c.reuse_port else asyncio.sleep(0))

@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-http-fast-path", action="store_true",
                    help="every HTTP request through aiohttp (the fast path answers whole plain infer requests itself; "
                         "this is for A/B runs and as an escape hatch)")
+    p.add_argument("--grpc-transport", choices=("native", "grpcio"), default="native",
+                   help="native: gRPC on resdeploy's own HTTP/2 connection (fast, the default); grpcio: grpc.aio "
+                        "(for A/B runs and as an escape hatch)")
     p.add_argument("--follow-symlinks", action="store_true",
                    help="follow repository symlinks that leave a model's folder (refused by default; logged when followed)")
     p.set_defaults(func=run)
@@ -55,5 +58,5 @@ def run(args: argparse.Namespace) -> int:
                           follow_symlinks=args.follow_symlinks, grpc_port=None if args.no_grpc else args.grpc_port,
                           model_control_mode=args.model_control_mode, load_models=tuple(args.load_model),
                           workers=parse_workers(args.workers, args.model_control_mode),
-                          http_fast_path=not args.no_http_fast_path)
+                          http_fast_path=not args.no_http_fast_path, grpc_transport=args.grpc_transport)
     return serve(args.repo, config)
