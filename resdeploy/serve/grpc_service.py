@@ -1,5 +1,7 @@
-"""The KServe v2 gRPC protocol: Triton's ``inference.GRPCInferenceService``, served by ``grpc.aio`` on the HTTP
-server's event loop, over the same models, batchers, statistics and limits.
+"""The KServe v2 gRPC protocol: Triton's ``inference.GRPCInferenceService`` over the HTTP server's models, batchers,
+statistics and limits, on the server's event loop. Two transports carry it: resdeploy's own HTTP/2 connection
+(:mod:`resdeploy.serve.grpc_native`, the default, which subclasses this service) and ``grpc.aio``
+(``--grpc-transport grpcio``: :meth:`GrpcService.start` / :meth:`GrpcService.drain` below).
 
 The messages and the service are tritonclient's own (``tritonclient.grpc.service_pb2`` / ``service_pb2_grpc``),
 so ``tritonclient.grpc`` works unchanged. Imported only when the server starts gRPC (``import resdeploy.serve``
