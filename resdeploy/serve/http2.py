@@ -225,6 +225,8 @@ class H2Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:  # GOAWAY sent: what still arrives before the close is dropped
+            return
         buf = self._buf + data if self._buf else data
         self._out = []
         try:
