@@ -287,3 +287,28 @@ def test_receive_windows_are_replenished_for_a_large_request():
         if ("ended", 1) in app.events:
             break
     assert app.bodies[1] == body
+
+
+def test_a_repeated_all_indexed_block_is_decoded_against_the_current_table():
+    # The connection reuses the fields of an all-indexed block it has seen; once a block changes the table, the
+    # same bytes may mean other fields, and must be decoded again (here index 62 moves from /a to /b).
+    seen = []
+
+    class Paths(App):
+        def stream_opened(self, conn, st):
+            seen.append(dict(st.headers)[b":path"])
+
+    conn, t, _ = server(Paths(reply=None))
+    enc, ref = hpack.Encoder(), hpack.Decoder()
+
+    def block(path):
+        return enc.encode([(b":method", b"POST"), (b":scheme", b"http"), (b":path", path), (b":authority", b"x")])
+
+    blocks = [block(b"/a"), block(b"/a")]  # the second: all indexed
+    blocks += [block(b"/b"), blocks[1]]  # the table changed; the same bytes now name /b at 62
+    assert min(blocks[1]) >= 0x80
+    data = START + b"".join(raw_frame(http2.HEADERS, http2.END_HEADERS | http2.END_STREAM, 2 * i + 1, b)
+                            for i, b in enumerate(blocks))
+    conn.data_received(data)
+    want = [dict(ref.decode(b, raw=True))[b":path"] for b in blocks]
+    assert seen == want and want[-1] != want[1], (seen, want)
