@@ -19,7 +19,8 @@ Every violation is a connection error (GOAWAY with the RFC's code and a reason, 
 application's: it gets ``stream_opened`` once the header block is in, ``stream_data`` per DATA frame,
 ``stream_ended`` when the request is whole and ``stream_reset`` when the peer or the connection gives up on
 it, and answers with :meth:`H2Connection.respond`. Writes made while a read is processed go out as one
-``transport.write``; a peer that stops reading stops being read (``pause_writing``).
+``transport.write``; a peer that stops reading, or grants no window, stops being read once what waits for it
+passes ``write_buffer_high`` (4 MiB), so one connection holds a bounded amount of answers.
 """
 
 from __future__ import annotations
@@ -188,7 +189,9 @@ class H2Connection(asyncio.Protocol):
         self._table_update = False  # the peer shrank its HPACK table: our next block starts with a size update
         self._blocked: list[Stream] = []  # streams with frames waiting for send window, in order
         self._out: list[bytes] | None = None  # while a read is processed: the writes, sent as one
-        self._paused = False
+        self._paused = False  # the transport's write buffer is over write_buffer_high
+        self._holding = False  # answers held for the peer's window are over write_buffer_high
+        self._reading = True
 
     # -- asyncio.Protocol ----------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -218,12 +221,27 @@ class H2Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._paused = True
-        self.transport.pause_reading()
+        self._set_reading()
 
     def resume_writing(self) -> None:
         self._paused = False
-        if not self.closed:
-            self.transport.resume_reading()
+        self._set_reading()
+
+    def _set_reading(self) -> None:
+        """Read only while what waits to be sent is bounded: a peer that reads nothing, or grants no window,
+        gets no more requests answered (and so cannot make this connection hold more)."""
+        want = not (self._paused or self._holding or self.closed)
+        if want != self._reading:
+            self._reading = want
+            if want:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
+
+    def _held_changed(self) -> None:
+        held = sum(len(p) for st in self._blocked for _, _, p in st.pending)
+        self._holding = held > self.limits.write_buffer_high
+        self._set_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:  # GOAWAY sent: what still arrives before the close is dropped
@@ -556,6 +574,7 @@ class H2Connection(asyncio.Protocol):
             self._close_if_done(stream)
         else:
             self._blocked.append(stream)
+            self._held_changed()
 
     def _send_pending(self, st: Stream, frames: list[bytes]) -> bool:
         """Move what the windows allow from ``st.pending`` to ``frames``; True once nothing is left."""
@@ -598,11 +617,13 @@ class H2Connection(asyncio.Protocol):
             else:
                 still.append(st)
         self._blocked = still
+        self._held_changed()
 
     def _unblock(self, st: Stream) -> None:
         if st.pending:
             st.pending = []
             self._blocked = [s for s in self._blocked if s is not st]
+            self._held_changed()
 
     def _close_if_done(self, st: Stream) -> None:
         """A stream whose answer is out is closed; one the client has not ended yet is reset with NO_ERROR."""

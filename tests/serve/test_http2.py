@@ -312,3 +312,24 @@ def test_a_repeated_all_indexed_block_is_decoded_against_the_current_table():
     conn.data_received(data)
     want = [dict(ref.decode(b, raw=True))[b":path"] for b in blocks]
     assert seen == want and want[-1] != want[1], (seen, want)
+
+
+def test_answers_held_for_a_peer_that_grants_no_window_stop_the_reading():
+    conn, t, _ = server(App(reply=b"z" * (1 << 20)), write_buffer_high=2 << 20)
+    c = h2_client()
+    c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})  # the peer takes no DATA until it says so
+    for sid in (1, 3, 5):
+        c.send_headers(sid, REQ, end_stream=True)
+    conn.data_received(c.data_to_send())
+    assert not t.reading, "3 MiB held for a closed window, yet the connection still reads requests"
+    for e in c.receive_data(t.take()):
+        pass
+    c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 21})
+    c.increment_flow_control_window(8 << 20)
+    conn.data_received(c.data_to_send())
+    assert t.reading  # the answers went out; reading resumes
+    got = 0
+    for e in c.receive_data(t.take()):
+        if isinstance(e, h2.events.DataReceived):
+            got += len(e.data)
+    assert got == 3 << 20
