@@ -12,6 +12,8 @@ import h2.events
 import h2.settings
 import hpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 
 pytest.importorskip("h2")
 
@@ -333,3 +335,22 @@ def test_answers_held_for_a_peer_that_grants_no_window_stop_the_reading():
         if isinstance(e, h2.events.DataReceived):
             got += len(e.data)
     assert got == 3 << 20
+
+
+_FRAME = hs.tuples(hs.integers(0, 10), hs.integers(0, 255), hs.sampled_from([0, 1, 2, 3, 5, 7, 2**31 - 1]),
+                   hs.binary(max_size=40))
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(hs.lists(_FRAME, max_size=12), hs.booleans())
+def test_random_frames_never_raise_out_of_the_connection(frames, with_request):
+    # Whatever follows a valid start, data_received handles it: an answer, a stream reset or GOAWAY, never an
+    # exception into asyncio (which would log a fatal error and drop the connection without a reason).
+    conn, t, _ = server(max_frame_size=1 << 14)
+    data = START + (_valid_headers(flags=http2.END_HEADERS) if with_request else b"")
+    data += b"".join(raw_frame(k, f, sid, p) for k, f, sid, p in frames)
+    conn.data_received(data[:len(data) // 3])  # in two reads, split mid-frame
+    conn.data_received(data[len(data) // 3:])
+    for f in parse_frames(bytes(t.data)):
+        assert f[0] in (http2.SETTINGS, http2.WINDOW_UPDATE, http2.HEADERS, http2.DATA, http2.RST_STREAM, http2.PING,
+                        http2.GOAWAY)
