@@ -32,7 +32,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -48,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from resdeploy import atomic  # noqa: E402
+from resdeploy.pipeline.bench import machine_info  # noqa: E402
 from resdeploy.pipeline.repository import make_model_repository  # noqa: E402
 from resdeploy.serve.loadgen import LoadConfig, encode_request, run_load  # noqa: E402
 from resdeploy.serve.runners import open_runner  # noqa: E402
@@ -265,6 +265,13 @@ def resnet50_onnx(out: Path) -> Path:
     return export_fp32(model, out)
 
 
+def machine_line() -> str:
+    """CPU, core count and ISA in one line: results are compared only within one run, and this says which CPU."""
+    info = machine_info()
+    return (f"{info['cpu_model']} ({info['isa']['core']}, int8 {info['isa']['int8']}, bf16 {info['isa']['bf16']}), "
+            f"{info['usable_cpus']} of {info['logical_cpus']} CPUs usable")
+
+
 def vs_triton(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(ROOT))
     from benchmarks.side_by_side import Case, markdown as sbs_markdown, run_side_by_side, start_resdeploy, start_triton
@@ -319,7 +326,7 @@ def vs_triton(args: argparse.Namespace) -> int:
             for s in servers:
                 s.stop()
     load = Path("/proc/loadavg").read_text().split()[:3]
-    res.update({"machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
+    res.update({"machine": machine_line(), "machine_info": machine_info(),
                 "server_cpus": sorted(cpus) if cpus else "all", "rounds": args.rounds, "seconds": args.seconds,
                 "loadavg_at_end": load, "server_args": args.server_args, "model": "resnet50" if args.resnet50 else "resnet20",
                 "ab_against": str(Path(args.ab_against).resolve()) if args.ab_against else None})
@@ -327,7 +334,7 @@ def vs_triton(args: argparse.Namespace) -> int:
     res["errors"] = errors
     vs = f"the same server from {res['ab_against']}" if args.ab_against else "Triton 2.51"
     title = (f"resdeploy serve vs {vs}, {res['model']}, {args.rounds} interleaved rounds x {args.seconds:g} s, "
-             f"server CPUs {res['server_cpus']}, load average at end {' '.join(load)}")
+             f"server CPUs {res['server_cpus']}, load average at end {' '.join(load)}; {res['machine']}")
     md = sbs_markdown(res["summary"], title, "resdeploy", other, "resdeploy", other_label)
     for label, row in res["summary"].items():
         if "batching off" in label:
@@ -397,7 +404,7 @@ def main() -> int:
         finally:
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(60)
-    res = {"machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
+    res = {"machine": machine_line(), "machine_info": machine_info(),
            "threads": args.threads, "preferred": args.preferred, "max_queue_delay_us": args.max_queue_delay_us,
            "runner_ms_per_sample": curve, "overhead": ov, "throughput": tp, "server_exit": rc}
     atomic.write_json(out / "serve_bench.json", res)
