@@ -337,18 +337,33 @@ class Case:
     out_bytes: int
 
 
+def model_counts(port: int, model: str) -> tuple[int, int]:
+    """(inference_count, execution_count) of ``model`` from the statistics extension (Triton's and resdeploy's
+    ``GET /v2/models/{model}/stats``); (0, 0) where it does not answer. With --workers N it is the answering
+    worker's, one sample of the same load."""
+    with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{model}/stats", timeout=5) as r:
+            st = json.loads(r.read())["model_stats"][0]
+        return int(st["inference_count"]), int(st["execution_count"])
+    return 0, 0
+
+
 def measure(server: Server, case: Case, seconds: float, cpus: set[int] | None) -> dict:
     if cpus is not None:
         pin(server.pid, cpus)
     x = np.random.default_rng(0).standard_normal(case.x_shape).astype(np.float32)
     pids = tree(server.pid)
     la = loadavg()
+    n0 = model_counts(server.http_port, case.model)
     cpu0, main0 = proc_cpu_s(pids), main_threads_cpu_s(pids)
     if case.protocol == "http":
         r = http_load(server.http_port, case.model, x, case.out_bytes, case.clients, seconds)
     else:
         r = grpc_load(server.grpc_port, case.model, x, case.out_bytes, case.clients, seconds)
     cpu1, main1 = proc_cpu_s(pids), main_threads_cpu_s(pids)
+    n1 = model_counts(server.http_port, case.model)
+    inferences, executions = n1[0] - n0[0], n1[1] - n0[1]
+    r["mean_batch"] = inferences / executions if executions > 0 else float("nan")  # samples per model execution
     r["server_cpu_s"] = round(cpu1 - cpu0, 3)
     r["server_cpu_ms_per_req"] = (cpu1 - cpu0) * 1e3 / r["ok"] if r["ok"] else float("nan")
     r["main_thread_cpu_ms_per_req"] = (main1 - main0) * 1e3 / r["ok"] if r["ok"] else float("nan")
@@ -369,7 +384,7 @@ def run_side_by_side(servers: list[Server], cases: list[Case], rounds: int, seco
                 runs[case.label][srv.name].append(r)
                 log(f"  round {rnd + 1} {case.label:<34} {srv.name:<9} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:6.2f} ms  "
                     f"p99 {r['p99_ms']:6.2f} ms  server {r['server_cpu_ms_per_req']:.3f} ms CPU/req "
-                    f"(main thread {r['main_thread_cpu_ms_per_req']:.3f}) "
+                    f"(main thread {r['main_thread_cpu_ms_per_req']:.3f}) batch {r['mean_batch']:.1f} "
                     f"({r['server_cores']:.2f} cores)  client {r['client_cores']:.2f} cores  errors {r['errors']}  "
                     f"load {r['loadavg_1m']:.1f}")
     return {"runs": runs, "summary": summarize(runs, *(s.name for s in servers[:2])) if len(servers) == 2 else summarize(runs)}
@@ -383,7 +398,7 @@ def summarize(runs: dict[str, dict[str, list[dict]]], a_name: str = "resdeploy",
         for name, rs in by_server.items():
             row[name] = {k: float(np.median([r[k] for r in rs])) for k in
                          ("rps", "p50_ms", "p99_ms", "server_cpu_ms_per_req", "main_thread_cpu_ms_per_req",
-                          "client_cores", "loadavg_1m")}
+                          "client_cores", "loadavg_1m", "mean_batch") if k in rs[0]}
             row[name]["rps_range"] = [min(r["rps"] for r in rs), max(r["rps"] for r in rs)]
             row[name]["errors"] = sum(r["errors"] for r in rs)
             row[name]["ok"] = sum(r["ok"] for r in rs)
@@ -403,20 +418,21 @@ def markdown(summary: dict, title: str, a_name: str = "resdeploy", b_name: str =
         x, y = "A", "B"
     lines = [f"### {title}", "",
              f"| case | {a_label} req/s | {b_label} req/s | **req/s ratio** | p50 ms ({x} / {y}) | p99 ms ({x} / {y}) | "
-             f"server CPU ms/req ({x} / {y}) | of which {x}'s event loop | client cores ({x} / {y}) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"server CPU ms/req ({x} / {y}) | of which {x}'s event loop | client cores ({x} / {y}) | mean batch ({x} / {y}) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, row in summary.items():
         a, b = row.get(a_name), row.get(b_name)
         if a and b:
             lines.append(f"| {label} | {a['rps']:.0f} | {b['rps']:.0f} | **{row['ratio']['rps']:.2f}x** | "
                          f"{a['p50_ms']:.2f} / {b['p50_ms']:.2f} | {a['p99_ms']:.2f} / {b['p99_ms']:.2f} | "
                          f"{a['server_cpu_ms_per_req']:.3f} / {b['server_cpu_ms_per_req']:.3f} | "
-                         f"{a['main_thread_cpu_ms_per_req']:.3f} | {a['client_cores']:.2f} / {b['client_cores']:.2f} |")
+                         f"{a['main_thread_cpu_ms_per_req']:.3f} | {a['client_cores']:.2f} / {b['client_cores']:.2f} | "
+                         f"{a.get('mean_batch', float('nan')):.1f} / {b.get('mean_batch', float('nan')):.1f} |")
         else:
             (name, v), = [(k, v) for k, v in row.items() if k in (a_name, b_name)]
             lines.append(f"| {label} ({name} only) | {v['rps']:.0f} | | | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | "
                          f"{v['server_cpu_ms_per_req']:.3f} | {v['main_thread_cpu_ms_per_req']:.3f} | "
-                         f"{v['client_cores']:.2f} |")
+                         f"{v['client_cores']:.2f} | {v.get('mean_batch', float('nan')):.1f} |")
     return "\n".join(lines) + "\n"
 
 
