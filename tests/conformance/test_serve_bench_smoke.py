@@ -28,4 +28,6 @@ def test_smoke_bench_runs_and_every_answer_is_right(triton_install, resnet20_onn
         for server in ("resdeploy", "triton"):
             assert row[server]["errors"] == 0, (label, server, res["runs"][label][server])
             assert row[server]["ok"] > 0, (label, server)
+            # both servers' statistics answered: each execution ran 1..max_batch_size (32) samples
+            assert 1.0 <= row[server]["mean_batch"] <= 32.0, (label, server, row[server]["mean_batch"])
     assert "| HTTP, 4 clients |" in (out / "vs_triton.md").read_text()
