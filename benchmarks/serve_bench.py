@@ -46,6 +46,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.side_by_side import model_stats  # noqa: E402
 from resdeploy import atomic  # noqa: E402
 from resdeploy.pipeline.bench import machine_info  # noqa: E402
 from resdeploy.pipeline.repository import make_model_repository  # noqa: E402
@@ -174,8 +175,7 @@ def overhead(onnx_path: Path, port: int, grpc_port: int, x: np.ndarray, threads:
 
 
 def stats_batches(port: int, model: str) -> dict[int, int]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{model}/stats", timeout=10) as r:
-        st = json.load(r)["model_stats"][0]
+    st = model_stats(port, model)
     return {b["batch_size"]: b["compute_infer"]["count"] for b in st["batch_stats"]}
 
 

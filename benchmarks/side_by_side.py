@@ -337,13 +337,17 @@ class Case:
     out_bytes: int
 
 
+def model_stats(port: int, model: str, timeout: float = 10) -> dict[str, Any]:
+    """``model``'s entry of the statistics extension (``GET /v2/models/{model}/stats``, Triton's and resdeploy's)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{model}/stats", timeout=timeout) as r:
+        return json.loads(r.read())["model_stats"][0]
+
+
 def model_counts(port: int, model: str) -> tuple[int, int]:
-    """(inference_count, execution_count) of ``model`` from the statistics extension (Triton's and resdeploy's
-    ``GET /v2/models/{model}/stats``); (0, 0) where it does not answer. With --workers N it is the answering
-    worker's, one sample of the same load."""
+    """(inference_count, execution_count) of ``model``; (0, 0) where the statistics do not answer. With
+    --workers N it is the answering worker's, one sample of the same load."""
     with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{model}/stats", timeout=5) as r:
-            st = json.loads(r.read())["model_stats"][0]
+        st = model_stats(port, model, timeout=5)
         return int(st["inference_count"]), int(st["execution_count"])
     return 0, 0
 
@@ -398,7 +402,7 @@ def summarize(runs: dict[str, dict[str, list[dict]]], a_name: str = "resdeploy",
         for name, rs in by_server.items():
             row[name] = {k: float(np.median([r[k] for r in rs])) for k in
                          ("rps", "p50_ms", "p99_ms", "server_cpu_ms_per_req", "main_thread_cpu_ms_per_req",
-                          "client_cores", "loadavg_1m", "mean_batch") if k in rs[0]}
+                          "client_cores", "loadavg_1m", "mean_batch")}
             row[name]["rps_range"] = [min(r["rps"] for r in rs), max(r["rps"] for r in rs)]
             row[name]["errors"] = sum(r["errors"] for r in rs)
             row[name]["ok"] = sum(r["ok"] for r in rs)
@@ -427,12 +431,12 @@ def markdown(summary: dict, title: str, a_name: str = "resdeploy", b_name: str =
                          f"{a['p50_ms']:.2f} / {b['p50_ms']:.2f} | {a['p99_ms']:.2f} / {b['p99_ms']:.2f} | "
                          f"{a['server_cpu_ms_per_req']:.3f} / {b['server_cpu_ms_per_req']:.3f} | "
                          f"{a['main_thread_cpu_ms_per_req']:.3f} | {a['client_cores']:.2f} / {b['client_cores']:.2f} | "
-                         f"{a.get('mean_batch', float('nan')):.1f} / {b.get('mean_batch', float('nan')):.1f} |")
+                         f"{a['mean_batch']:.1f} / {b['mean_batch']:.1f} |")
         else:
             (name, v), = [(k, v) for k, v in row.items() if k in (a_name, b_name)]
             lines.append(f"| {label} ({name} only) | {v['rps']:.0f} | | | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | "
                          f"{v['server_cpu_ms_per_req']:.3f} | {v['main_thread_cpu_ms_per_req']:.3f} | "
-                         f"{v['client_cores']:.2f} | {v.get('mean_batch', float('nan')):.1f} |")
+                         f"{v['client_cores']:.2f} | {v['mean_batch']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
