@@ -87,6 +87,34 @@ class ExecutionRecord:
     output_ns: int
 
 
+Done = Callable[[Any, BaseException | None], None]
+
+
+async def awaited(start: Callable[[Done], asyncio.Future | None]) -> Any:
+    """Await a callback-style call: ``start(done)`` begins it and returns a handle to cancel it (or None);
+    ``done(result, None)`` or ``done(None, error)`` is called once, on the loop, possibly before ``start``
+    returns. Cancelling the awaiting task cancels the handle (a queued request is dropped)."""
+    result: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def done(value: Any, exc: BaseException | None) -> None:
+        if result.done():
+            return
+        if exc is None:
+            result.set_result(value)
+        elif isinstance(exc, asyncio.CancelledError):
+            result.cancel()
+        else:
+            result.set_exception(exc)
+
+    handle = start(done)
+    try:
+        return await result
+    except asyncio.CancelledError:
+        if handle is not None:
+            handle.cancel()  # the caller went away (a gRPC cancel, a disconnect): drop the queued request
+        raise
+
+
 class DynamicBatcher:
     """Queue + batch former + thread pool over ``runners`` (one per instance).
 
@@ -190,25 +218,8 @@ class DynamicBatcher:
         return fut
 
     async def infer(self, feed: dict[str, np.ndarray], batch: int = 1, timeout_us: int | None = None) -> dict[str, np.ndarray]:
-        loop = asyncio.get_running_loop()
-        result: asyncio.Future = loop.create_future()
-
-        def done(outputs: dict[str, np.ndarray] | None, exc: BaseException | None) -> None:
-            if result.done():
-                return
-            if exc is None:
-                result.set_result(outputs)
-            elif isinstance(exc, asyncio.CancelledError):
-                result.cancel()
-            else:
-                result.set_exception(exc)
-
-        queued = self.call(feed, batch, timeout_us, done)
-        try:
-            return await result
-        except asyncio.CancelledError:
-            queued.cancel()  # the caller went away (a gRPC cancel, a disconnect): drop the queued request
-            raise
+        """``call`` awaited: the outputs, or the request's ServeError raised; cancelling drops the request."""
+        return await awaited(lambda done: self.call(feed, batch, timeout_us, done))
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until nothing is queued or executing (True) or ``timeout_s`` passes (False)."""
@@ -415,4 +426,4 @@ class DynamicBatcher:
         self._check_idle()
 
 
-__all__ = ["BatcherConfig", "DynamicBatcher", "ExecutionRecord"]
+__all__ = ["BatcherConfig", "Done", "DynamicBatcher", "ExecutionRecord", "awaited"]

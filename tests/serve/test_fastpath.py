@@ -159,7 +159,7 @@ def conversation(port: int) -> list[bytes]:
     return out
 
 
-FAST_IN_SCRIPT = 7  # the first connection's plain requests (around the refusals), the second's after the split one
+FAST_IN_SCRIPT = 9  # the first connection's plain requests (refusals included), the second's after the split one
 
 
 def test_fast_path_answers_byte_for_byte_like_aiohttp(model_repo, tmp_path):
