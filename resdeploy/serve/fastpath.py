@@ -148,8 +148,10 @@ def response_bytes(status: int, content_type: str, body: bytes, header_length: i
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
-def unsupported_reason(version: str = aiohttp.__version__, handler: type = web.RequestHandler) -> str | None:
-    """None when the fast path may run on this aiohttp, else why not (a sentence for the log)."""
+def unsupported_reason(version: str | None = None, handler: type = web.RequestHandler) -> str | None:
+    """None when the fast path may run on aiohttp ``version`` (default: the installed one), else why not (a
+    sentence for the log)."""
+    version = aiohttp.__version__ if version is None else version
     low, high = TESTED_AIOHTTP
     try:
         parsed = tuple(int(p) for p in re.findall(r"\d+", version)[:2])

@@ -36,7 +36,7 @@ from resdeploy.serve.core import SHUTTING_DOWN, DataPlane
 from resdeploy.serve.grpc_api import (CANCELLED, DEADLINE_EXCEEDED, INTERNAL, INVALID_ARGUMENT, RESOURCE_EXHAUSTED,
                                       SERVICE, UNAVAILABLE, UNIMPLEMENTED, GrpcApi, encode_infer, parse_request,
                                       status_code)
-from resdeploy.serve.http2 import H2Connection, H2Limits, Stream, encode_headers
+from resdeploy.serve.http2 import Fields, H2Connection, H2Limits, Stream
 from resdeploy.serve.listener import Listener
 from resdeploy.serve.protocol import ServeError
 
@@ -48,8 +48,8 @@ _TIMEOUT = re.compile(rb"([0-9]{1,8})([HMSmun])")
 _UNIT_S = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 _PREFIX = struct.Struct(">BL")
 
-RESPONSE_HEAD = encode_headers([(b":status", b"200"), (b"content-type", b"application/grpc")])
-TRAILER_OK = encode_headers([(b"grpc-status", b"0")])
+RESPONSE_HEAD: Fields = ((b":status", b"200"), (b"content-type", b"application/grpc"))
+TRAILER_OK: Fields = ((b"grpc-status", b"0"),)
 
 
 def _percent(message: str) -> bytes:
@@ -60,13 +60,13 @@ def _percent(message: str) -> bytes:
     return bytes(out)
 
 
-def status_block(code: int, message: str, http_status: int = 200, extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
+def status_block(code: int, message: str, http_status: int = 200, extra: Fields = ()) -> Fields:
     """A trailers-only response: the whole answer in one header block."""
     fields = [(b":status", str(http_status).encode()), (b"content-type", b"application/grpc"),
               (b"grpc-status", str(code).encode())]
     if message:
         fields.append((b"grpc-message", _percent(message)))
-    return encode_headers(fields + list(extra))
+    return tuple(fields) + tuple(extra)
 
 
 def parse_timeout(value: bytes) -> float | None:
@@ -92,9 +92,10 @@ class _Call:
 class NativeGrpc:
     """The gRPC service on resdeploy's HTTP/2 connections (see the module docstring); the H2App of each."""
 
-    def __init__(self, core: DataPlane) -> None:
+    def __init__(self, core: DataPlane, connection: type = H2Connection) -> None:
         self.core = core
         self.api = GrpcApi(core)
+        self.connection = connection  # the frame layer: resdeploy's own, or h2's (for the A/B)
         c = core.config
         self.max_message = c.max_body_bytes
         self.limits = H2Limits(max_concurrent_streams=c.max_connections)
@@ -114,7 +115,7 @@ class NativeGrpc:
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def start(self, host: str, port: int) -> int:
-        self.listener = Listener(lambda: H2Connection(self, self.limits))
+        self.listener = Listener(lambda: self.connection(self, self.limits))
         try:
             self.port = await self.listener.open(host, port, self.core.config.reuse_port)
         except OSError as exc:

@@ -26,6 +26,7 @@ passes ``write_buffer_high`` (4 MiB), so one connection holds a bounded amount o
 from __future__ import annotations
 
 import asyncio
+import functools
 import struct
 import time
 from collections.abc import Sequence
@@ -138,6 +139,15 @@ def encode_headers(fields: Sequence[tuple[bytes, bytes]]) -> bytes:
             out.append(b"\x00" + _int(len(name), 7, 0x00) + name)
         out.append(_int(len(value), 7, 0x00) + value)
     return b"".join(out)
+
+
+Fields = tuple[tuple[bytes, bytes], ...]
+
+
+@functools.lru_cache(maxsize=64)
+def encode_fields(fields: Fields) -> bytes:
+    """:func:`encode_headers` of a tuple of fields, remembered: a response's constant blocks are encoded once."""
+    return encode_headers(fields)
 
 
 _CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
@@ -548,14 +558,20 @@ class H2Connection(asyncio.Protocol):
             out.append(frame(CONTINUATION, END_HEADERS if off + step >= len(block) else 0, sid, block[off:off + step]))
         return out
 
-    def respond(self, stream: Stream, headers: bytes, data: bytes | None = None, trailers: bytes | None = None) -> None:
+    def respond(self, stream: Stream, headers: Fields | bytes, data: bytes | None = None,
+                trailers: Fields | bytes | None = None) -> None:
         """Answer ``stream``: a header block, then ``data`` (flow-controlled, split to the peer's frame size),
         then a trailer block that ends the stream (or, with neither data nor trailers, ``headers`` ends it:
-        gRPC's trailers-only response). Blocks come from :func:`encode_headers`. Once the answer is out, a
+        gRPC's trailers-only response). A block is a tuple of (name, value) fields (encoded by :func:`encode_fields`,
+        constant ones once) or bytes from :func:`encode_headers`. Once the answer is out, a
         stream the client has not ended is reset with NO_ERROR (RFC 9113 8.1: it need not send the rest)."""
         if stream.answered or self.closed or self.streams.get(stream.sid) is not stream:
             return
         stream.answered = True
+        if not isinstance(headers, bytes):
+            headers = encode_fields(headers)
+        if trailers is not None and not isinstance(trailers, bytes):
+            trailers = encode_fields(trailers)
         only = data is None and trailers is None
         frames: list[bytes] = self._header_frames(stream.sid, headers, only)
         pending: list[tuple[int, int, bytes]] = []
@@ -639,4 +655,4 @@ class H2Connection(asyncio.Protocol):
             self.idle_since = time.monotonic()
 
 
-__all__ = ["H2App", "H2Connection", "H2Error", "H2Limits", "Stream", "check_request_headers", "encode_headers", "frame"]
+__all__ = ["H2App", "H2Connection", "H2Error", "H2Limits", "Stream", "check_request_headers", "encode_fields", "encode_headers", "frame"]
