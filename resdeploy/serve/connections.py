@@ -252,9 +252,8 @@ class ConnectionGuard:
         while time.monotonic() < deadline and (owing() or time.monotonic() - t0 < grace_s):
             await asyncio.sleep(0.01)
         if self.listener is not None:
-            report.taken_from_backlog = self.listener.stop()
+            report.taken_from_backlog = await self.listener.stop()
         report.listening_s = time.monotonic() - t0
-        await asyncio.sleep(0)  # the connections taken from the queue are made
         late = raw_response(503, "Service Unavailable", "server is shutting down; retry on another replica")
         while self.conns and time.monotonic() < deadline:
             now = time.monotonic()
@@ -278,7 +277,7 @@ class ConnectionGuard:
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self.listener is not None:
-            self.listener.stop()
+            self.listener.close()
         for h, transport in list(self.conns.items()):
             self._close(h, transport)
 

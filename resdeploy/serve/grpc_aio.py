@@ -73,7 +73,9 @@ class AioGrpc(pb_grpc.GRPCInferenceServiceServicer):
                 pass
         abandoned = self.inflight
         if self.grpc_server is not None:
-            await self.grpc_server.stop(0)
+            # RPCs grpc.aio already took but had not handed over yet are answered (UNAVAILABLE) within the grace,
+            # not cancelled; stop returns as soon as none is left
+            await self.grpc_server.stop(1.0)
         return abandoned
 
     async def _rpc(self, name: str, request: Any, context: Any) -> Any:

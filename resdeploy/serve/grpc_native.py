@@ -133,8 +133,7 @@ class NativeGrpc:
         while (self.rpcs or time.monotonic() - t0 < grace_s) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if self.listener is not None:
-            self.listener.stop()
-        await asyncio.sleep(0)  # connections taken from the accept queue are made (and get their GOAWAY)
+            await self.listener.stop()  # the connections taken from the accept queue are made: they get GOAWAY too
         while self.rpcs and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         abandoned = self.rpcs
@@ -142,6 +141,9 @@ class NativeGrpc:
             self._sweep.cancel()
         for conn in list(self.connections):
             conn.goaway("server is shutting down")
+        settle = min(deadline, time.monotonic() + 0.25)
+        while self.connections and time.monotonic() < settle:  # clients close on GOAWAY: no reset at exit
+            await asyncio.sleep(0.01)
         return abandoned
 
     def _sweep_connections(self) -> None:

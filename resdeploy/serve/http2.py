@@ -49,6 +49,7 @@ S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS, S_INITIAL_WINDOW_S
 MAX_WINDOW = (1 << 31) - 1
 DEFAULT_WINDOW = 65535
 DEFAULT_MAX_FRAME = 16384
+LINGER_S = 1.0  # after a graceful GOAWAY, how long the client has to close before the connection is cut
 
 _HEAD = struct.Struct(">HBBBL")  # 24-bit length as 16 + 8 bits, type, flags, stream id
 _U32 = struct.Struct(">L")
@@ -202,6 +203,8 @@ class H2Connection(asyncio.Protocol):
         self._paused = False  # the transport's write buffer is over write_buffer_high
         self._holding = False  # answers held for the peer's window are over write_buffer_high
         self._reading = True
+        self._linger = False  # the GOAWAY sent was graceful: end our side and wait for the client to close
+        self._eof_sent = False
 
     # -- asyncio.Protocol ----------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -288,8 +291,8 @@ class H2Connection(asyncio.Protocol):
             out, self._out = self._out, None
             if out and not self.transport.is_closing():
                 self.transport.write(b"".join(out))
-            if self.closed and not self.transport.is_closing():
-                self.transport.close()
+            if self.closed:
+                self._finish()
 
     # -- frames ----------------------------------------------------------------------------------------
     def _frame(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
@@ -521,7 +524,7 @@ class H2Connection(asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         if self._out is not None:
             self._out.append(data)
-        elif not self.transport.is_closing():
+        elif not self.transport.is_closing() and not self._eof_sent:
             self.transport.write(data)
 
     def _rst(self, sid: int, code: int) -> None:
@@ -533,17 +536,33 @@ class H2Connection(asyncio.Protocol):
             if not st.answered:
                 self.app.stream_reset(self, st)
 
-    def _goaway(self, code: int, message: str) -> None:
+    def _goaway(self, code: int, message: str, linger: bool = False) -> None:
         if self.closed:
             return
         self._write(frame(GOAWAY, 0, 0, struct.pack(">LL", self.last_sid, code) + message.encode("utf-8")[:256]))
         self.closed = True
-        if self._out is None and not self.transport.is_closing():
-            self.transport.close()
+        self._linger = linger
+        if self._out is None:
+            self._finish()
+
+    def _finish(self) -> None:
+        """After GOAWAY: close, or (graceful) end our side and drop what still comes until the client closes."""
+        t = self.transport
+        if t.is_closing() or self._eof_sent:
+            return
+        if self._linger and t.can_write_eof():
+            t.write_eof()
+            self._eof_sent = True
+            t.resume_reading()
+            asyncio.get_running_loop().call_later(LINGER_S, t.close)
+        else:
+            t.close()
 
     def goaway(self, message: str = "server is closing the connection") -> None:
-        """Close gracefully: GOAWAY(NO_ERROR) with the last stream id, then close (the streams are abandoned)."""
-        self._goaway(NO_ERROR, message)
+        """Close gracefully: GOAWAY(NO_ERROR) with the last stream processed (the client may retry later ones
+        elsewhere), then our side ends and what the client still sends is read and dropped until it closes, at
+        most ``LINGER_S``: closing with unread bytes would make the kernel reset the connection."""
+        self._goaway(NO_ERROR, message, linger=True)
 
     def _header_frames(self, sid: int, block: bytes, end_stream: bool) -> list[bytes]:
         if self._table_update:

@@ -16,7 +16,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from resdeploy.serve.http2 import DEFAULT_WINDOW, Fields, H2App, H2Limits, Stream
+from resdeploy.serve.http2 import DEFAULT_WINDOW, LINGER_S, Fields, H2App, H2Limits, Stream
 
 _CONFIG = h2.config.H2Configuration(client_side=False, header_encoding=None, validate_outbound_headers=False,
                                     normalize_outbound_headers=False, normalize_inbound_headers=False)
@@ -167,7 +167,7 @@ class H2LibConnection(asyncio.Protocol):
 
     def _flush(self) -> None:
         out = self.h2.data_to_send()
-        if out and not self.transport.is_closing():
+        if out and not self.transport.is_closing() and not (self.closed and not self.transport.can_write_eof()):
             self.transport.write(out)
 
     def goaway(self, message: str = "server is closing the connection") -> None:
@@ -176,7 +176,12 @@ class H2LibConnection(asyncio.Protocol):
         self.closed = True
         self.h2.close_connection(error_code=h2.errors.ErrorCodes.NO_ERROR, additional_data=message.encode()[:256])
         self._flush()
-        self.transport.close()
+        t = self.transport
+        if t.can_write_eof():  # as the hand-written layer: end our side, let the client close (see its goaway)
+            t.write_eof()
+            asyncio.get_running_loop().call_later(LINGER_S, t.close)
+        else:
+            t.close()
 
 
 __all__ = ["H2LibConnection"]

@@ -53,44 +53,78 @@ def drop_new_connections(sock: socket.socket) -> bool:
 
 
 class Listener:
-    """``factory``'s protocol on every connection to one listening socket, until :meth:`stop`."""
+    """``factory``'s protocol on every connection to one listening socket, until :meth:`stop`.
+
+    It accepts by itself (a reader on the socket, as asyncio's own server does) so that it knows every
+    connection accepted but not yet made: :meth:`stop` returns once each of them has its protocol."""
+
+    ACCEPT_RETRY_S = 1.0  # out of file descriptors: try accepting again after this (asyncio's delay)
 
     def __init__(self, factory: Callable[[], asyncio.Protocol]) -> None:
         self.factory = factory
         self.sock: socket.socket | None = None
-        self.server: asyncio.AbstractServer | None = None
-        self._taken: set[asyncio.Task] = set()
+        self._making: set[asyncio.Task] = set()
+        self._listening = False
 
     async def open(self, host: str, port: int, reuse_port: bool = False) -> int:
         """Listen on ``host:port``; returns the port (the one picked when ``port`` is 0)."""
         self.sock = bind(host, port, reuse_port)
-        self.server = await asyncio.get_running_loop().create_server(self.factory, sock=self.sock)
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._accept)
+        self._listening = True
         return self.sock.getsockname()[1]
 
-    def stop(self) -> int:
-        """Stop listening; the connections already completed by the kernel are served. Returns how many were
-        taken from the accept queue here."""
-        if self.server is None or self.sock is None:
-            return 0
+    def _accept(self) -> int:
+        """Accept what the queue holds; returns how many."""
+        assert self.sock is not None
         loop = asyncio.get_running_loop()
-        drop_new_connections(self.sock)
         taken = 0
-        while True:  # no await in this loop: nothing else runs between the last accept and the close
+        while True:
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:  # e.g. out of file descriptors: the rest are reset by the close
-                log.warning("taking connections from the accept queue at shutdown: %s", exc)
-                break
+                return taken
+            except OSError as exc:  # e.g. out of file descriptors: stop reading for a moment, as asyncio does
+                log.warning("accepting a connection: %s; retrying in %g s", exc, self.ACCEPT_RETRY_S)
+                if self._listening:
+                    loop.remove_reader(self.sock.fileno())
+                    loop.call_later(self.ACCEPT_RETRY_S, self._resume)
+                return taken
             conn.setblocking(False)
-            task = loop.create_task(loop.connect_accepted_socket(self.factory, conn))
-            self._taken.add(task)
-            task.add_done_callback(self._taken.discard)
+            task = loop.create_task(loop.connect_accepted_socket(self.factory, sock=conn))
+            self._making.add(task)
+            task.add_done_callback(self._making.discard)
             taken += 1
-        self.server.close()
-        self.server = None
+
+    def _resume(self) -> None:
+        if self._listening and self.sock is not None:
+            asyncio.get_running_loop().add_reader(self.sock.fileno(), self._accept)
+
+    async def stop(self) -> int:
+        """Stop listening; the connections already completed by the kernel are served (made, with their
+        protocols, when this returns). Returns how many were taken from the accept queue here."""
+        if self.sock is None:
+            return 0
+        sock, self.sock = self.sock, None
+        if self._listening:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            self._listening = False
+        drop_new_connections(sock)
+        self.sock = sock
+        taken = self._accept()  # no await between the last accept and the close: nothing can slip in between
+        self.sock = None
+        sock.close()
+        if self._making:
+            await asyncio.gather(*self._making, return_exceptions=True)  # a client that already left is no matter
         return taken
+
+    def close(self) -> None:
+        """Stop listening at once (startup failures); queued connections are reset by the kernel."""
+        if self.sock is not None:
+            if self._listening:
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+                self._listening = False
+            self.sock.close()
+            self.sock = None
 
 
 __all__ = ["Listener", "bind", "drop_new_connections"]
