@@ -15,7 +15,7 @@ The policy (Triton's dynamic batcher, plus one rule for latency):
 * An instance whose execution ends takes its next batch itself, on its own thread, when the queue already holds
   one that may run: it does not hand its runner back to the loop and wait to be woken with the next batch.
   Under load the model's thread then goes from one execution straight to the next while the loop answers the
-  last batch (issue 15: the two hand-offs cost ~0.5 ms per 1.7 ms execution at 16 clients).
+  last batch (the two hand-offs cost ~0.5 ms per 1.7 ms execution at 16 clients).
 * The queue is bounded (``max_queue_size``): one more request is rejected at once (503), never queued.
 * Requests carry a deadline; one that expires or is cancelled before it runs is dropped from the queue.
 
@@ -175,7 +175,7 @@ class DynamicBatcher:
         # Batch forming waits for the end of this loop turn, not for this request alone: the loop parses every
         # request that arrived together (16 clients' sockets in one select) before any of them is dispatched, so
         # they form one batch. Dispatching at once formed a batch of 1 and ran it on the loop (the inline path),
-        # which kept the others unparsed meanwhile: 435 of 700 executions were batch 1 at 16 clients (issue 15's
+        # which kept the others unparsed meanwhile: 435 of 700 executions were batch 1 at 16 clients (a
         # profile). A lone request pays one loop turn, microseconds.
         if not self._dispatch_pending:
             self._dispatch_pending = True
@@ -192,7 +192,7 @@ class DynamicBatcher:
         fut = self.submit(feed, batch, timeout_us)
         timeout = timeout_us or self.config.default_timeout_us
         # The queue drops expired items itself; this timer bounds a request whose execution overruns too. One
-        # TimerHandle per request (wait_for + shield cost a task and two futures: issue 15's profile).
+        # TimerHandle per request (wait_for + shield cost a task and two futures per request, as profiled).
         expired = False
 
         def expire() -> None:
@@ -321,7 +321,7 @@ class DynamicBatcher:
 
     def _run_inline(self, now: int) -> None:
         """A lone request on an idle model whose executions take microseconds runs right here on the loop: the two
-        thread hand-offs (pool submit, call_soon_threadsafe) cost about as much as the model itself (issue 15's
+        thread hand-offs (pool submit, call_soon_threadsafe) cost about as much as the model itself (a
         1-client profile). Only when the last execution also held a single request (nobody else is waiting, so the
         loop has nothing to overlap with) and batch-1 compute stays under INLINE_MAX_NS."""
         with self._lock:

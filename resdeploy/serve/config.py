@@ -18,7 +18,7 @@ from typing import Any
 from resdeploy.errors import InputError
 
 MODEL_CONTROL_MODES = ("none", "explicit")
-GRPC_TRANSPORTS = ("native", "grpcio", "h2")
+GRPC_TRANSPORTS = ("native", "grpcio")
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 MIB = 1 << 20
 
@@ -106,8 +106,7 @@ class ServerConfig:
                                   "requests itself; this is for A/B runs and as an escape hatch)",
                                   off="--no-http-fast-path")
     grpc_transport: str = option("native", "native: gRPC on resdeploy's own HTTP/2 connection (fast, the default); "
-                                 "grpcio: grpc.aio (for A/B runs and as an escape hatch); h2: the native mapping on python-hyper's h2 "
-                                 "state machine (A/B)", choices=GRPC_TRANSPORTS)
+                                 "grpcio: grpc.aio (for A/B runs and as an escape hatch)", choices=GRPC_TRANSPORTS)
     reuse_port: bool = False  # set in each worker of --workers N (not a user setting)
 
     def __post_init__(self) -> None:

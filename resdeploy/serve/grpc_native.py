@@ -92,10 +92,9 @@ class _Call:
 class NativeGrpc:
     """The gRPC service on resdeploy's HTTP/2 connections (see the module docstring); the H2App of each."""
 
-    def __init__(self, core: DataPlane, connection: type = H2Connection) -> None:
+    def __init__(self, core: DataPlane) -> None:
         self.core = core
         self.api = GrpcApi(core)
-        self.connection = connection  # the frame layer: resdeploy's own, or h2's (for the A/B)
         c = core.config
         self.max_message = c.max_body_bytes
         self.limits = H2Limits(max_concurrent_streams=c.max_connections)
@@ -115,7 +114,7 @@ class NativeGrpc:
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def start(self, host: str, port: int) -> int:
-        self.listener = Listener(lambda: self.connection(self, self.limits))
+        self.listener = Listener(lambda: H2Connection(self, self.limits))
         try:
             self.port = await self.listener.open(host, port, self.core.config.reuse_port)
         except OSError as exc:

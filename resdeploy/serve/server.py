@@ -105,25 +105,18 @@ class ModelServer:
         if c.grpc_port is not None:
             # grpc and the HTTP/2 code are imported only when gRPC is served
             if c.grpc_transport == "grpcio":
-                from resdeploy.serve.grpc_aio import AioGrpc
-
-                self.grpc = AioGrpc(self.core)
+                from resdeploy.serve.grpc_aio import AioGrpc as Service
             else:
-                from resdeploy.serve.grpc_native import NativeGrpc
+                from resdeploy.serve.grpc_native import NativeGrpc as Service
 
-                if c.grpc_transport == "h2":
-                    from resdeploy.serve.http2_h2 import H2LibConnection
-
-                    self.grpc = NativeGrpc(self.core, H2LibConnection)
-                else:
-                    self.grpc = NativeGrpc(self.core)
+            self.grpc = Service(self.core)
             try:
                 grpc_port = await self.grpc.start(c.host, c.grpc_port)
             except InputError:
                 await self.http.stop()
                 raise
             log.info("listening on grpc://%s:%d (KServe v2 GRPCInferenceService on %s; messages up to %d bytes, %d RPCs "
-                     "at once)", c.host, grpc_port, {"native": "resdeploy's HTTP/2", "h2": "h2", "grpcio": "grpc.aio"}[c.grpc_transport],
+                     "at once)", c.host, grpc_port, "resdeploy's HTTP/2" if c.grpc_transport == "native" else "grpc.aio",
                      c.max_body_bytes, c.max_connections)
         log.info("model control mode %s%s", c.model_control_mode,
                  f" (loading at start: {', '.join(c.load_models) or 'none'})" if c.model_control_mode == "explicit" else "")
