@@ -553,7 +553,11 @@ class H2Connection(asyncio.Protocol):
         if t.is_closing() or self._eof_sent:
             return
         if self._linger and t.can_write_eof():
-            t.write_eof()
+            try:
+                t.write_eof()
+            except OSError:  # the client is gone already (reset): nothing to wait for
+                t.close()
+                return
             self._eof_sent = True
             t.resume_reading()
             asyncio.get_running_loop().call_later(LINGER_S, t.close)
