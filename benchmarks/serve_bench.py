@@ -20,6 +20,8 @@ Side by side with the real Triton (benchmarks/side_by_side.py; Triton from bench
     .venv/bin/python benchmarks/serve_bench.py --vs-triton --out runs/vs-triton-w --only "16 clients" \
         --server-arg=--workers --server-arg=auto     # resdeploy with one worker per core
     .venv/bin/python benchmarks/serve_bench.py --vs-triton --out runs/ab --ab-against ../main   # A/B: main vs this tree
+    .venv/bin/python benchmarks/serve_bench.py --vs-triton --out runs/ab-h2 --ab-against . --only gRPC \
+        --reference-arg=--grpc-transport --reference-arg=h2     # A/B of two settings of this tree
     .venv/bin/python benchmarks/serve_bench.py --smoke --out runs/smoke     # CI: runs, every answer checked
 
 Writes OUT/vs_triton.json and OUT/vs_triton.md (with each server's CPU per request, and how much of resdeploy's is
@@ -315,8 +317,8 @@ def vs_triton(args: argparse.Namespace) -> int:
                 os.sched_setaffinity(0, cpus)
             servers.append(start_resdeploy(repo, out / "resdeploy.log", tuple(args.server_args)))
             if args.ab_against:  # the same server from another checkout (e.g. main's worktree), same arguments
-                servers.append(start_resdeploy(repo, out / "reference.log", tuple(args.server_args), name="reference",
-                                               source=Path(args.ab_against).resolve()))
+                servers.append(start_resdeploy(repo, out / "reference.log", tuple(args.server_args + args.reference_args),
+                                               name="reference", source=Path(args.ab_against).resolve()))
             else:
                 servers.append(start_triton(repo, out))
             os.sched_setaffinity(0, own)
@@ -329,10 +331,12 @@ def vs_triton(args: argparse.Namespace) -> int:
     res.update({"machine": machine_line(), "machine_info": machine_info(),
                 "server_cpus": sorted(cpus) if cpus else "all", "rounds": args.rounds, "seconds": args.seconds,
                 "loadavg_at_end": load, "server_args": args.server_args, "model": "resnet50" if args.resnet50 else "resnet20",
-                "ab_against": str(Path(args.ab_against).resolve()) if args.ab_against else None})
+                "ab_against": str(Path(args.ab_against).resolve()) if args.ab_against else None,
+                "reference_args": args.reference_args})
     errors = sum(v.get("errors", 0) for row in res["summary"].values() for v in row.values() if isinstance(v, dict))
     res["errors"] = errors
-    vs = f"the same server from {res['ab_against']}" if args.ab_against else "Triton 2.51"
+    vs = (f"the same server from {res['ab_against']}{' with ' + ' '.join(args.reference_args) if args.reference_args else ''}"
+          if args.ab_against else "Triton 2.51")
     title = (f"resdeploy serve vs {vs}, {res['model']}, {args.rounds} interleaved rounds x {args.seconds:g} s, "
              f"server CPUs {res['server_cpus']}, load average at end {' '.join(load)}; {res['machine']}")
     md = sbs_markdown(res["summary"], title, "resdeploy", other, "resdeploy", other_label)
@@ -375,6 +379,9 @@ def main() -> int:
     ap.add_argument("--ab-against", metavar="CHECKOUT",
                     help="--vs-triton with, in Triton's place, `resdeploy serve` from another checkout (an A/B of two "
                          "versions, e.g. main's worktree; same arguments, same interleaving)")
+    ap.add_argument("--reference-arg", dest="reference_args", action="append", default=[],
+                    help="--ab-against: an extra `resdeploy serve` argument for the reference server only (repeatable; "
+                         "e.g. --ab-against . --reference-arg=--grpc-transport --reference-arg=h2: one tree, two settings)")
     args = ap.parse_args()
     if args.smoke:
         args.vs_triton, args.rounds, args.seconds = True, 1, 1.0

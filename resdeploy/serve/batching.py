@@ -15,7 +15,7 @@ The policy (Triton's dynamic batcher, plus one rule for latency):
 * An instance whose execution ends takes its next batch itself, on its own thread, when the queue already holds
   one that may run: it does not hand its runner back to the loop and wait to be woken with the next batch.
   Under load the model's thread then goes from one execution straight to the next while the loop answers the
-  last batch (issue 15: the two hand-offs cost ~0.5 ms per 1.7 ms execution at 16 clients).
+  last batch (the two hand-offs cost ~0.5 ms per 1.7 ms execution at 16 clients).
 * The queue is bounded (``max_queue_size``): one more request is rejected at once (503), never queued.
 * Requests carry a deadline; one that expires or is cancelled before it runs is dropped from the queue.
 
@@ -87,6 +87,34 @@ class ExecutionRecord:
     output_ns: int
 
 
+Done = Callable[[Any, BaseException | None], None]
+
+
+async def awaited(start: Callable[[Done], asyncio.Future | None]) -> Any:
+    """Await a callback-style call: ``start(done)`` begins it and returns a handle to cancel it (or None);
+    ``done(result, None)`` or ``done(None, error)`` is called once, on the loop, possibly before ``start``
+    returns. Cancelling the awaiting task cancels the handle (a queued request is dropped)."""
+    result: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def done(value: Any, exc: BaseException | None) -> None:
+        if result.done():
+            return
+        if exc is None:
+            result.set_result(value)
+        elif isinstance(exc, asyncio.CancelledError):
+            result.cancel()
+        else:
+            result.set_exception(exc)
+
+    handle = start(done)
+    try:
+        return await result
+    except asyncio.CancelledError:
+        if handle is not None:
+            handle.cancel()  # the caller went away (a gRPC cancel, a disconnect): drop the queued request
+        raise
+
+
 class DynamicBatcher:
     """Queue + batch former + thread pool over ``runners`` (one per instance).
 
@@ -147,7 +175,7 @@ class DynamicBatcher:
         # Batch forming waits for the end of this loop turn, not for this request alone: the loop parses every
         # request that arrived together (16 clients' sockets in one select) before any of them is dispatched, so
         # they form one batch. Dispatching at once formed a batch of 1 and ran it on the loop (the inline path),
-        # which kept the others unparsed meanwhile: 435 of 700 executions were batch 1 at 16 clients (issue 15's
+        # which kept the others unparsed meanwhile: 435 of 700 executions were batch 1 at 16 clients (a
         # profile). A lone request pays one loop turn, microseconds.
         if not self._dispatch_pending:
             self._dispatch_pending = True
@@ -164,7 +192,7 @@ class DynamicBatcher:
         fut = self.submit(feed, batch, timeout_us)
         timeout = timeout_us or self.config.default_timeout_us
         # The queue drops expired items itself; this timer bounds a request whose execution overruns too. One
-        # TimerHandle per request (wait_for + shield cost a task and two futures: issue 15's profile).
+        # TimerHandle per request (wait_for + shield cost a task and two futures per request, as profiled).
         expired = False
 
         def expire() -> None:
@@ -190,25 +218,8 @@ class DynamicBatcher:
         return fut
 
     async def infer(self, feed: dict[str, np.ndarray], batch: int = 1, timeout_us: int | None = None) -> dict[str, np.ndarray]:
-        loop = asyncio.get_running_loop()
-        result: asyncio.Future = loop.create_future()
-
-        def done(outputs: dict[str, np.ndarray] | None, exc: BaseException | None) -> None:
-            if result.done():
-                return
-            if exc is None:
-                result.set_result(outputs)
-            elif isinstance(exc, asyncio.CancelledError):
-                result.cancel()
-            else:
-                result.set_exception(exc)
-
-        queued = self.call(feed, batch, timeout_us, done)
-        try:
-            return await result
-        except asyncio.CancelledError:
-            queued.cancel()  # the caller went away (a gRPC cancel, a disconnect): drop the queued request
-            raise
+        """``call`` awaited: the outputs, or the request's ServeError raised; cancelling drops the request."""
+        return await awaited(lambda done: self.call(feed, batch, timeout_us, done))
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until nothing is queued or executing (True) or ``timeout_s`` passes (False)."""
@@ -310,7 +321,7 @@ class DynamicBatcher:
 
     def _run_inline(self, now: int) -> None:
         """A lone request on an idle model whose executions take microseconds runs right here on the loop: the two
-        thread hand-offs (pool submit, call_soon_threadsafe) cost about as much as the model itself (issue 15's
+        thread hand-offs (pool submit, call_soon_threadsafe) cost about as much as the model itself (a
         1-client profile). Only when the last execution also held a single request (nobody else is waiting, so the
         loop has nothing to overlap with) and batch-1 compute stays under INLINE_MAX_NS."""
         with self._lock:
@@ -415,4 +426,4 @@ class DynamicBatcher:
         self._check_idle()
 
 
-__all__ = ["BatcherConfig", "DynamicBatcher", "ExecutionRecord"]
+__all__ = ["BatcherConfig", "Done", "DynamicBatcher", "ExecutionRecord", "awaited"]

@@ -1,4 +1,4 @@
-"""The server's connections: who is connected, what each is doing, deadlines, a cap, and the SIGTERM drain.
+"""The HTTP/1.1 server's connections: who is connected, what each is doing, deadlines, a cap, and the SIGTERM drain.
 
 aiohttp alone gives an idle keep-alive connection an hour and a request's headers no deadline at all, so one
 client that connects and trickles (or never sends) its headers holds a socket and memory forever; and its
@@ -13,79 +13,59 @@ module owns the listening socket instead of ``web.TCPSite`` and tracks every con
   ``keepalive_timeout_s``.
 * Past ``max_connections`` open connections a new one gets a 503 and is closed at once: a flood of idle
   sockets costs a file descriptor each for a moment, never the server.
-* :meth:`ConnectionGuard.drain` is the shutdown: keep listening (answering 503, ``Connection: close``)
-  until no request is in progress and nothing new is arriving, stop listening, let the connections
-  accepted up to that moment finish, then close what is left and say how many requests (if any) were
-  abandoned. Every request whose bytes reached the server gets a response.
+* :meth:`ConnectionGuard.drain` is the shutdown, bounded under any load: the requests in progress at the signal
+  are answered (those that arrive meanwhile get 503 and ``Connection: close``, and never hold it open); then the
+  listener stops (:class:`resdeploy.serve.listener.Listener`: late clients are refused, none is reset), each
+  connection accepted up to then gets its answer, and quiet ones are closed. It says how many requests (if
+  any) had to be abandoned at the deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from resdeploy.serve.fastpath import Declined
+from resdeploy.serve.listener import Listener
 
 log = logging.getLogger("resdeploy.serve")
 
 NEW, HEAD, BUSY, IDLE = "new", "head", "busy", "idle"
-SETTLE_S = 0.1  # a connection accepted this recently may still have its request bytes in flight
+SETTLE_S = 0.25  # during the drain, a connection quiet for less than this may still have a request on the wire
 SWEEP_S = 0.25  # how often deadlines are checked (a deadline is met to within this)
 
 
-@dataclass(frozen=True)
-class ConnectionLimits:
-    """Per-connection deadlines and the connection cap (``resdeploy serve`` flags of the same names)."""
-
-    header_timeout_s: float = 10.0  # from accept (or the end of the last response) to a complete request head
-    body_timeout_s: float = 60.0  # to receive a request body once its headers are in
-    keepalive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this (nginx's default)
-    max_connections: int = 1024  # open connections; one more is answered 503 and closed
-
-    def __post_init__(self) -> None:
-        from resdeploy.errors import InputError
-
-        for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise InputError(f"{name} is {getattr(self, name)}; give a positive number of seconds")
-        if self.max_connections < 1:
-            raise InputError(f"max_connections is {self.max_connections}; give at least 1")
-
-
-def _raw_response(status: int, reason: str, message: str) -> bytes:
-    import json
-
+def raw_response(status: int, reason: str, message: str) -> bytes:
+    """A whole HTTP/1.1 error response that closes the connection, written without aiohttp."""
     body = json.dumps({"error": message}).encode()
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n").encode() + body
 
 
-class _Refuse(asyncio.Protocol):
+class Refuse(asyncio.Protocol):
     """A connection over the cap: a 503 at once, then closed (after a moment, so the client can read it)."""
 
     def __init__(self, message: bytes) -> None:
-        self._message = message
+        self.message = message
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        transport.write(self._message)
+        transport.write(self.message)
         asyncio.get_running_loop().call_later(0.5, transport.close)
 
     def data_received(self, data: bytes) -> None:  # whatever the client sends is not read
         pass
 
 
-# The aiohttp internals the fast path reads to know aiohttp holds nothing of this connection's next request.
-_AIOHTTP_STATE = ("_messages", "_payload_parser", "_upgraded", "_force_close", "_close", "_request_in_progress",
-                  "_next_keepalive_close_time", "_keepalive_timeout", "_loop")
-FAST_PATH_POSSIBLE = all(hasattr(web.RequestHandler, a) for a in _AIOHTTP_STATE)
+# fast(handler, data): None when the fast path took the read (a whole plain infer request), else an object whose
+# ``rest`` says how many more bytes of that request aiohttp will read (None: unknown; see fastpath.Declined).
+FastCall = Callable[["GuardedHandler", bytes], Any]
 
 
 class GuardedHandler(web.RequestHandler):
@@ -97,22 +77,22 @@ class GuardedHandler(web.RequestHandler):
         self.guard = guard
         self.phase = NEW
         self.since = time.monotonic()
-        self.requests = 0
-        self.aiohttp_only = not FAST_PATH_POSSIBLE  # set for good once aiohttp may hold part of a later request
+        self.requests = 0  # requests started on this connection
+        self.answered = 0  # and finished
+        self.aiohttp_only = guard.fast is None  # set for good once aiohttp may hold part of a later request
         self.rest = 0  # bytes still to come of a request the fast path declined before it was whole
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.guard._opened(self, transport)
+        self.guard.opened(self, transport)
         super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
         if self.phase in (NEW, IDLE):  # the first bytes of a request: its header deadline starts now
-            fast = self.guard.fast
-            if fast is not None and not self.aiohttp_only:
+            if not self.aiohttp_only:
                 if not self.aiohttp_idle():  # still finishing a response: this read queues behind it, unframed
                     self.aiohttp_only = True
                 else:
-                    declined = fast(self, data)
+                    declined = self.guard.fast(self, data)
                     if declined is None:  # answered (or being answered) by the fast path
                         return
                     self.aiohttp_only, self.rest = declined.rest is None, declined.rest or 0
@@ -122,7 +102,8 @@ class GuardedHandler(web.RequestHandler):
         super().data_received(data)
 
     def aiohttp_idle(self) -> bool:
-        """aiohttp holds no queued, partial or in-progress request on this connection."""
+        """aiohttp holds no queued, partial or in-progress request on this connection (aiohttp internals: the
+        fast path is on only for the aiohttp versions it is tested on, see resdeploy.serve.fastpath)."""
         return not (self._messages or self._payload_parser is not None or self._upgraded or self._force_close
                     or self._close or self._request_in_progress)
 
@@ -144,7 +125,7 @@ class GuardedHandler(web.RequestHandler):
         self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.guard._closed(self)
+        self.guard.closed(self)
         super().connection_lost(exc)
 
 
@@ -153,37 +134,34 @@ class DrainReport:
     """What the drain did; ``abandoned`` > 0 means requests were cut off (the exit code says so too)."""
 
     in_progress_at_signal: int = 0
-    answered_during_drain: int = 0
+    answered_during_drain: int = 0  # every response written after the signal (503s to late arrivals included)
+    taken_from_backlog: int = 0  # connections the kernel had completed when the listener stopped
     abandoned: int = 0
     idle_closed: int = 0
     seconds: float = 0.0
     listening_s: float = 0.0
 
 
-@dataclass
 class ConnectionGuard:
-    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
-    conns: dict[GuardedHandler, asyncio.BaseTransport] = field(default_factory=dict)
-    refused: int = 0
-    header_timeouts: int = 0
-    keepalive_closes: int = 0
-    accepted: int = 0
-    last_accept: float = 0.0
-    draining: bool = False
-    answered_while_draining: int = 0
-    # The server's HTTP fast path: fast(handler, data) answers a whole plain infer request and returns None, or
-    # returns why it left the read to aiohttp (resdeploy/serve/fastpath.py). None here: everything through aiohttp.
-    fast: Callable[[GuardedHandler, bytes], Declined | None] | None = None
-    _server: asyncio.AbstractServer | None = None
-    _sweeper: asyncio.Task | None = None
+    """Every connection of one HTTP listener, its deadlines (``limits``: a ServerConfig's ``header_timeout_s``,
+    ``body_timeout_s``, ``keepalive_timeout_s`` and ``max_connections``) and the drain."""
 
-    # -- bookkeeping (called by GuardedHandler and the server's middleware) ------------------------------
-    def _opened(self, handler: GuardedHandler, transport: asyncio.BaseTransport) -> None:
+    def __init__(self, limits: Any, fast: FastCall | None = None) -> None:
+        self.limits = limits
+        self.fast = fast  # the HTTP fast path (resdeploy.serve.fastpath); None: everything through aiohttp
+        self.conns: dict[GuardedHandler, asyncio.BaseTransport] = {}
+        self.refused = self.header_timeouts = self.keepalive_closes = self.accepted = 0
+        self.draining = False
+        self.answered_while_draining = 0
+        self.listener: Listener | None = None
+        self._sweeper: asyncio.Task | None = None
+
+    # -- bookkeeping (called by GuardedHandler and the HTTP adapter's middleware) -------------------------
+    def opened(self, handler: GuardedHandler, transport: asyncio.BaseTransport) -> None:
         self.conns[handler] = transport
         self.accepted += 1
-        self.last_accept = time.monotonic()
 
-    def _closed(self, handler: GuardedHandler) -> None:
+    def closed(self, handler: GuardedHandler) -> None:
         self.conns.pop(handler, None)
 
     def request_started(self, handler: Any) -> None:
@@ -194,6 +172,7 @@ class ConnectionGuard:
     def request_finished(self, handler: Any) -> None:
         if isinstance(handler, GuardedHandler):
             handler.phase, handler.since = IDLE, time.monotonic()
+            handler.answered += 1
         if self.draining:
             self.answered_while_draining += 1
 
@@ -201,37 +180,36 @@ class ConnectionGuard:
         return sum(1 for h in self.conns if h.phase in phases)
 
     # -- listening ---------------------------------------------------------------------------------------
-    async def listen(self, runner: web.AppRunner, host: str, port: int, backlog: int = 1024, reuse_port: bool = False) -> int:
+    async def listen(self, runner: web.AppRunner, host: str, port: int, reuse_port: bool = False) -> int:
         """Start accepting on host:port (0 = any free port) with ``runner``'s application; returns the port."""
-        loop = asyncio.get_running_loop()
         manager = runner.server
         assert manager is not None, "runner.setup() first"
         # aiohttp's own keep-alive timer also runs from accept and closes silently; it stays as a backstop only,
         # later than the sweeper, so a client with a half-sent request gets the sweeper's 408 first.
         backstop = max(self.limits.keepalive_timeout_s, self.limits.header_timeout_s) + 4 * SWEEP_S
-        kwargs = dict(loop=loop, keepalive_timeout=backstop, access_log=None,
+        kwargs = dict(loop=asyncio.get_running_loop(), keepalive_timeout=backstop, access_log=None,
                       lingering_time=min(10.0, self.limits.body_timeout_s),
                       # Bodies are read raw: the server inflates gzip/deflate itself, bounded by the body's size.
                       auto_decompress=False)
-        over_cap = _raw_response(503, "Service Unavailable",
-                                 f"server has {self.limits.max_connections} open connections (--max-connections); "
-                                 "retry later or reuse a keep-alive connection")
+        over_cap = raw_response(503, "Service Unavailable",
+                                f"server has {self.limits.max_connections} open connections (--max-connections); "
+                                "retry later or reuse a keep-alive connection")
 
         def factory() -> asyncio.Protocol:
             if len(self.conns) >= self.limits.max_connections:
                 self.refused += 1
-                return _Refuse(over_cap)
+                return Refuse(over_cap)
             return GuardedHandler(self, manager, **kwargs)
 
-        self._server = await loop.create_server(factory, host, port, backlog=backlog, reuse_address=True, reuse_port=reuse_port or None,
-                                                family=socket.AF_INET if host and ":" not in host else socket.AF_UNSPEC)
+        self.listener = Listener(factory)
+        bound = await self.listener.open(host, port, reuse_port)
         self._sweeper = asyncio.ensure_future(self._sweep())
-        return self._server.sockets[0].getsockname()[1]
+        return bound
 
     async def _sweep(self) -> None:
-        timeout408 = _raw_response(408, "Request Timeout",
-                                   f"request headers not received within {self.limits.header_timeout_s} s "
-                                   "(--header-timeout); send the whole request promptly")
+        timeout408 = raw_response(408, "Request Timeout",
+                                  f"request headers not received within {self.limits.header_timeout_s} s "
+                                  "(--header-timeout); send the whole request promptly")
         while True:
             await asyncio.sleep(SWEEP_S)
             now = time.monotonic()
@@ -253,48 +231,55 @@ class ConnectionGuard:
 
     # -- shutdown ----------------------------------------------------------------------------------------
     async def drain(self, deadline: float, grace_s: float) -> DrainReport:
-        """Answer everything that arrives until the requests in progress are done; then stop listening, finish
-        what was accepted meanwhile, and close the rest. ``deadline`` is a ``time.monotonic()`` instant."""
+        """The shutdown, after the server turned not-ready (every new request gets 503 from then on).
+
+        1. Keep listening for ``grace_s`` and until each request in progress at the signal (head or body being
+           received, or being handled) is answered. Requests that arrive meanwhile are answered 503 at once and
+           do not extend this.
+        2. Stop listening (new clients are refused; those the kernel already accepted are served).
+        3. Answer every request on the connections accepted up to then; close each connection once it has been
+           quiet for ``SETTLE_S`` (its request may be on the wire until then). A request that started after the
+           signal and is still incomplete then is cut off (it was never accepted).
+        ``deadline`` (``time.monotonic()``) bounds it all; what is still in progress then is abandoned."""
         t0 = time.monotonic()
         self.draining = True
-        report = DrainReport(in_progress_at_signal=self.count(HEAD, BUSY))
+        owed = {h: h.answered + 1 for h in self.conns if h.phase in (HEAD, BUSY)}
+        report = DrainReport(in_progress_at_signal=len(owed))
 
-        def settled(now: float, listening: bool) -> bool:
-            if self.count(HEAD, BUSY):
-                return False
-            # A connection accepted a moment ago may have its request on the wire: give it time to arrive.
-            if any(h.phase == NEW and now - h.since < SETTLE_S for h in self.conns):
-                return False
-            return not listening or (now - t0 >= grace_s and now - self.last_accept >= SETTLE_S)
+        def owing() -> bool:
+            return any(h in self.conns and h.answered < n for h, n in owed.items())
 
-        # 1. Still listening: late clients get a 503 with Connection: close rather than a refused connection.
-        while time.monotonic() < deadline and not settled(time.monotonic(), True):
+        while time.monotonic() < deadline and (owing() or time.monotonic() - t0 < grace_s):
             await asyncio.sleep(0.01)
-        if self._server is not None:
-            self._server.close()  # no more accepts; the connections already accepted stay open
+        if self.listener is not None:
+            report.taken_from_backlog = await self.listener.stop()
         report.listening_s = time.monotonic() - t0
-        # 2. Connections accepted up to the close finish their requests (each gets its answer).
-        await asyncio.sleep(0)
-        while time.monotonic() < deadline and not settled(time.monotonic(), False):
+        late = raw_response(503, "Service Unavailable", "server is shutting down; retry on another replica")
+        while self.conns and time.monotonic() < deadline:
+            now = time.monotonic()
+            for h, transport in list(self.conns.items()):
+                quiet = now - h.since
+                if h.phase in (NEW, IDLE) and quiet >= SETTLE_S:
+                    report.idle_closed += 1
+                    self._close(h, transport)
+                elif h.phase == HEAD and h.answered >= owed.get(h, 0) and quiet >= SETTLE_S and isinstance(transport, asyncio.Transport):
+                    transport.write(late)  # a late request still incomplete: answered, then cut off
+                    self._close(h, transport)
             await asyncio.sleep(0.01)
         report.abandoned = self.count(HEAD, BUSY)
-        report.idle_closed = len(self.conns) - report.abandoned
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        for h, transport in list(self.conns.items()):
-            self._close(h, transport)
+        self.close()
         report.answered_during_drain = self.answered_while_draining
         report.seconds = time.monotonic() - t0
         return report
 
     def close(self) -> None:
-        """Stop listening and close every connection at once (startup failures, tests)."""
+        """Stop listening and close every connection at once (startup failures, the drain's deadline)."""
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self._server is not None:
-            self._server.close()
+        if self.listener is not None:
+            self.listener.close()
         for h, transport in list(self.conns.items()):
             self._close(h, transport)
 
 
-__all__ = ["ConnectionGuard", "ConnectionLimits", "DrainReport", "GuardedHandler"]
+__all__ = ["ConnectionGuard", "DrainReport", "GuardedHandler", "raw_response"]

@@ -1,8 +1,10 @@
 """A small HTTP/2 server connection (RFC 9113) for the gRPC endpoint: frames, flow control, HPACK.
 
-Why not grpc.aio: at 16 clients its C core costs ~0.17 ms of server CPU per trivial unary RPC and its threads
-contend with the inference thread for the GIL; this connection costs ~0.04 ms (issue 15's transport floor,
-tritonclient.grpc clients, the same protobuf work in both). It speaks only what a gRPC server needs:
+Why not grpc.aio, or python-hyper's ``h2`` under the same gRPC mapping: both were measured against this layer
+(docs/serving-transports.md). grpc.aio's C core costs ~0.17 ms of server CPU per trivial unary RPC and its
+threads contend with the inference thread for the GIL; this connection costs ~0.04 ms. h2's state machine
+more than doubled the event loop's time per RPC and cost 23-42 % of gRPC's 16-client throughput, past the 10 %
+that would have made it the replacement. It speaks only what a gRPC server needs:
 
 * the client preface, SETTINGS (and their ACK), PING ACK, GOAWAY, RST_STREAM, PRIORITY (ignored), unknown
   frame types (ignored); PUSH_PROMISE from a client is a protocol error;
@@ -26,6 +28,7 @@ passes ``write_buffer_high`` (4 MiB), so one connection holds a bounded amount o
 from __future__ import annotations
 
 import asyncio
+import functools
 import struct
 import time
 from collections.abc import Sequence
@@ -48,6 +51,7 @@ S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS, S_INITIAL_WINDOW_S
 MAX_WINDOW = (1 << 31) - 1
 DEFAULT_WINDOW = 65535
 DEFAULT_MAX_FRAME = 16384
+LINGER_S = 1.0  # after a graceful GOAWAY, how long the client has to close before the connection is cut
 
 _HEAD = struct.Struct(">HBBBL")  # 24-bit length as 16 + 8 bits, type, flags, stream id
 _U32 = struct.Struct(">L")
@@ -140,6 +144,15 @@ def encode_headers(fields: Sequence[tuple[bytes, bytes]]) -> bytes:
     return b"".join(out)
 
 
+Fields = tuple[tuple[bytes, bytes], ...]
+
+
+@functools.lru_cache(maxsize=64)
+def encode_fields(fields: Fields) -> bytes:
+    """:func:`encode_headers` of a tuple of fields, remembered: a response's constant blocks are encoded once."""
+    return encode_headers(fields)
+
+
 _CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
 _REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":path", b":authority"})
 
@@ -192,6 +205,8 @@ class H2Connection(asyncio.Protocol):
         self._paused = False  # the transport's write buffer is over write_buffer_high
         self._holding = False  # answers held for the peer's window are over write_buffer_high
         self._reading = True
+        self._linger = False  # the GOAWAY sent was graceful: end our side and wait for the client to close
+        self._eof_sent = False
 
     # -- asyncio.Protocol ----------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -278,8 +293,8 @@ class H2Connection(asyncio.Protocol):
             out, self._out = self._out, None
             if out and not self.transport.is_closing():
                 self.transport.write(b"".join(out))
-            if self.closed and not self.transport.is_closing():
-                self.transport.close()
+            if self.closed:
+                self._finish()
 
     # -- frames ----------------------------------------------------------------------------------------
     def _frame(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
@@ -511,7 +526,7 @@ class H2Connection(asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         if self._out is not None:
             self._out.append(data)
-        elif not self.transport.is_closing():
+        elif not self.transport.is_closing() and not self._eof_sent:
             self.transport.write(data)
 
     def _rst(self, sid: int, code: int) -> None:
@@ -523,17 +538,37 @@ class H2Connection(asyncio.Protocol):
             if not st.answered:
                 self.app.stream_reset(self, st)
 
-    def _goaway(self, code: int, message: str) -> None:
+    def _goaway(self, code: int, message: str, linger: bool = False) -> None:
         if self.closed:
             return
         self._write(frame(GOAWAY, 0, 0, struct.pack(">LL", self.last_sid, code) + message.encode("utf-8")[:256]))
         self.closed = True
-        if self._out is None and not self.transport.is_closing():
-            self.transport.close()
+        self._linger = linger
+        if self._out is None:
+            self._finish()
+
+    def _finish(self) -> None:
+        """After GOAWAY: close, or (graceful) end our side and drop what still comes until the client closes."""
+        t = self.transport
+        if t.is_closing() or self._eof_sent:
+            return
+        if self._linger and t.can_write_eof():
+            try:
+                t.write_eof()
+            except OSError:  # the client is gone already (reset): nothing to wait for
+                t.close()
+                return
+            self._eof_sent = True
+            t.resume_reading()
+            asyncio.get_running_loop().call_later(LINGER_S, t.close)
+        else:
+            t.close()
 
     def goaway(self, message: str = "server is closing the connection") -> None:
-        """Close gracefully: GOAWAY(NO_ERROR) with the last stream id, then close (the streams are abandoned)."""
-        self._goaway(NO_ERROR, message)
+        """Close gracefully: GOAWAY(NO_ERROR) with the last stream processed (the client may retry later ones
+        elsewhere), then our side ends and what the client still sends is read and dropped until it closes, at
+        most ``LINGER_S``: closing with unread bytes would make the kernel reset the connection."""
+        self._goaway(NO_ERROR, message, linger=True)
 
     def _header_frames(self, sid: int, block: bytes, end_stream: bool) -> list[bytes]:
         if self._table_update:
@@ -548,14 +583,20 @@ class H2Connection(asyncio.Protocol):
             out.append(frame(CONTINUATION, END_HEADERS if off + step >= len(block) else 0, sid, block[off:off + step]))
         return out
 
-    def respond(self, stream: Stream, headers: bytes, data: bytes | None = None, trailers: bytes | None = None) -> None:
+    def respond(self, stream: Stream, headers: Fields | bytes, data: bytes | None = None,
+                trailers: Fields | bytes | None = None) -> None:
         """Answer ``stream``: a header block, then ``data`` (flow-controlled, split to the peer's frame size),
         then a trailer block that ends the stream (or, with neither data nor trailers, ``headers`` ends it:
-        gRPC's trailers-only response). Blocks come from :func:`encode_headers`. Once the answer is out, a
+        gRPC's trailers-only response). A block is a tuple of (name, value) fields (encoded by :func:`encode_fields`,
+        constant ones once) or bytes from :func:`encode_headers`. Once the answer is out, a
         stream the client has not ended is reset with NO_ERROR (RFC 9113 8.1: it need not send the rest)."""
         if stream.answered or self.closed or self.streams.get(stream.sid) is not stream:
             return
         stream.answered = True
+        if not isinstance(headers, bytes):
+            headers = encode_fields(headers)
+        if trailers is not None and not isinstance(trailers, bytes):
+            trailers = encode_fields(trailers)
         only = data is None and trailers is None
         frames: list[bytes] = self._header_frames(stream.sid, headers, only)
         pending: list[tuple[int, int, bytes]] = []
@@ -639,4 +680,4 @@ class H2Connection(asyncio.Protocol):
             self.idle_since = time.monotonic()
 
 
-__all__ = ["H2App", "H2Connection", "H2Error", "H2Limits", "Stream", "check_request_headers", "encode_headers", "frame"]
+__all__ = ["H2App", "H2Connection", "H2Error", "H2Limits", "Stream", "check_request_headers", "encode_fields", "encode_headers", "frame"]

@@ -9,7 +9,7 @@ tritonclient does when it names no outputs) are appended raw after the JSON head
 Every error is a :class:`ServeError` whose ``status`` is the HTTP status and whose message names the tensor,
 what came and what was expected. Requests are untrusted: every count a request claims is checked against the
 bytes it actually carries *before* anything is allocated, so no request makes the decoder allocate more than a
-small multiple of its body (see ``MAX_DIMS`` and :func:`_decode_bytes_tensor`).
+small multiple of its body (see ``MAX_DIMS`` and :func:`decode_bytes_tensor`).
 
 Non-finite floats in JSON responses: RFC 8259 has no NaN or Infinity, so a NaN/Inf output value is written as
 the string ``"NaN"``, ``"Infinity"`` or ``"-Infinity"`` (protobuf's JSON mapping). tritonclient's
@@ -63,6 +63,21 @@ class Unavailable(ServeError):
     """Not ready, shutting down, queue full or timed out: the client may retry later."""
 
     status = 503
+
+
+class DeadlineExceeded(Unavailable):
+    """The caller's own deadline (gRPC's ``grpc-timeout``) passed before the answer was ready."""
+
+
+class InternalError(ServeError):
+    """A bug (an exception that is not a ServeError) met while serving a request; the message names it."""
+
+    status = 500
+
+
+def json_error(message: str) -> bytes:
+    """An error response body, ``{"error": message}`` (RFC 8259 JSON, the form Triton's HTTP errors take)."""
+    return json.dumps({"error": message}, separators=(",", ":")).encode("utf-8")
 
 
 # -- datatypes --------------------------------------------------------------------------------------------
@@ -200,7 +215,7 @@ def _shape(tensor: dict[str, Any], name: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _decode_bytes_tensor(raw: memoryview, count: int, name: str) -> np.ndarray:
+def decode_bytes_tensor(raw: memoryview, count: int, name: str) -> np.ndarray:
     # Every element takes at least its 4-byte length prefix, so a count the bytes cannot hold is refused before
     # the object array (8 bytes per element) is allocated: 113 bytes claiming 2e8 elements must not cost 1.6 GB.
     if count * 4 > len(raw):
@@ -324,7 +339,7 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
             raw = view[offset:offset + size]
             offset += size
             if datatype == "BYTES":
-                arr = _decode_bytes_tensor(raw, count, name)
+                arr = decode_bytes_tensor(raw, count, name)
             else:
                 if size != count * dtype.itemsize:
                     raise BadRequest(f"input '{name}': binary_data_size is {size} bytes; shape {list(shape)} of {datatype} "
@@ -402,6 +417,19 @@ def parse_raw_request(body: bytes, spec: IOSpec, model: str, max_batch_size: int
                          f"the whole input) has {len(body)} bytes; expected {want} for shape {shape} {spec.datatype}")
     arr = np.frombuffer(body, dtype=dtype).reshape(shape)
     return InferRequest(None, {spec.name: arr}, None, binary_data_output=True)
+
+
+def parse_http_infer(model: Any, body: bytes, header_length: str | None) -> InferRequest:
+    """An HTTP infer request to ``model`` (a served version: ``name``, ``inputs``, ``max_batch_size``): JSON with
+    binary tensors after ``Inference-Header-Content-Length`` bytes, or, when that header is 0, Triton's raw binary
+    request (the body is the model's one input)."""
+    hlen = parse_header_length(header_length, len(body))
+    if hlen != 0:
+        return parse_infer_request(body, hlen)
+    if len(model.inputs) != 1:
+        raise BadRequest(f"model '{model.name}' has {len(model.inputs)} inputs; a raw binary request "
+                         "(Inference-Header-Content-Length: 0) needs a model with exactly one. Send a JSON header")
+    return parse_raw_request(body, model.inputs[0], model.name, model.max_batch_size)
 
 
 def check_inputs(request: InferRequest, specs: list[IOSpec], model: str, max_batch_size: int) -> int:
@@ -483,6 +511,12 @@ def encode_infer_response(model: str, version: str, request: InferRequest, outpu
     return EncodedResponse(b"".join([header, *blobs]), len(header))
 
 
+def encode_http_infer(model: Any, request: InferRequest, outputs: dict[str, np.ndarray]) -> EncodedResponse:
+    """:func:`encode_infer_response` for a served version (``name``, ``version``, ``labels``, ``max_batch_size``)."""
+    return encode_infer_response(model.name, model.version, request, outputs, model.labels,
+                                 batched=model.max_batch_size > 0)
+
+
 _NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
@@ -503,8 +537,9 @@ def check_outputs(request: InferRequest, names: list[str], model: str) -> None:
             raise BadRequest(f"model '{model}': requested output '{o.name}' unknown; expected one of {names}")
 
 
-__all__ = ["BadRequest", "DATATYPES", "EncodedResponse", "IOSpec", "InferRequest", "MAX_DIMS", "MAX_TIMEOUT_US",
-           "NotFound", "PayloadTooLarge", "RequestTimeout", "RequestedOutput", "ServeError", "Unavailable",
-           "UnsupportedMediaType", "check_inputs", "check_outputs", "classify",
-           "config_dtype_to_triton", "encode_bytes_tensor", "encode_infer_response", "parse_header_length",
-           "parse_infer_request", "parse_raw_request", "triton_dtype", "triton_to_config_dtype"]
+__all__ = ["BadRequest", "DATATYPES", "DeadlineExceeded", "EncodedResponse", "IOSpec", "InferRequest", "InternalError",
+           "MAX_DIMS", "MAX_TIMEOUT_US", "NotFound", "PayloadTooLarge", "RequestTimeout", "RequestedOutput", "ServeError",
+           "Unavailable", "UnsupportedMediaType", "check_inputs", "check_outputs", "classify", "config_dtype_to_triton",
+           "decode_bytes_tensor", "encode_bytes_tensor", "encode_http_infer", "encode_infer_response", "json_error",
+           "parse_header_length", "parse_http_infer", "parse_infer_request", "parse_raw_request", "triton_dtype",
+           "triton_to_config_dtype"]

@@ -580,7 +580,7 @@ def warmup_samples(entry: ModelEntry, inputs: list[IOSpec]) -> list[tuple[str, d
 def _warmup_file(entry: ModelEntry, fname: str, dims: list[int], dtype: Any, datatype: str, where: str, name: str) -> Any:
     import numpy as np
 
-    from resdeploy.serve.protocol import _decode_bytes_tensor
+    from resdeploy.serve.protocol import decode_bytes_tensor
 
     folder = entry.dir / "warmup"
     path = folder / _plain_name(fname, "input_data_file", where)
@@ -597,7 +597,7 @@ def _warmup_file(entry: ModelEntry, fname: str, dims: list[int], dtype: Any, dat
     data = path.read_bytes()
     if datatype == "BYTES":
         try:
-            return _decode_bytes_tensor(memoryview(data), count, name).reshape(dims)
+            return decode_bytes_tensor(memoryview(data), count, name).reshape(dims)
         except InputError as exc:
             raise InputError(f"{where}: data file {path}: {exc}") from None
     return np.frombuffer(data, dtype).reshape(dims).copy()

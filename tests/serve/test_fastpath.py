@@ -159,7 +159,7 @@ def conversation(port: int) -> list[bytes]:
     return out
 
 
-FAST_IN_SCRIPT = 7  # the first connection's plain requests (around the refusals), the second's after the split one
+FAST_IN_SCRIPT = 9  # the first connection's plain requests (refusals included), the second's after the split one
 
 
 def test_fast_path_answers_byte_for_byte_like_aiohttp(model_repo, tmp_path):
@@ -220,3 +220,70 @@ def test_fast_path_under_concurrency_matches_the_reference(model_repo, tmp_path,
         stop_server(sp)
     assert not errors, errors[:3]
     assert fast_count(sp.log()) == 480
+
+
+# -- the aiohttp versions it runs on --------------------------------------------------------------------------
+def test_the_fast_path_runs_only_on_the_aiohttp_it_is_tested_on():
+    from aiohttp import web
+
+    from resdeploy.serve.fastpath import TESTED_AIOHTTP, unsupported_reason
+
+    (lo, lo_minor), (hi, hi_minor) = TESTED_AIOHTTP
+    assert unsupported_reason(f"{lo}.{lo_minor}.0") is None and unsupported_reason(f"{lo}.{lo_minor}.9") is None
+    for version in (f"{hi}.{hi_minor}.0", f"{lo}.{lo_minor - 1}.5", "4.0.0a1", "nonsense"):
+        why = unsupported_reason(version)
+        assert why and "outside the range" in why and f"aiohttp>={lo}.{lo_minor},<{hi}.{hi_minor}" in why, version
+
+    # aiohttp 3.13's RequestHandler has no _upgraded, for one: a handler without the attributes is refused by name
+    why = unsupported_reason(f"{lo}.{lo_minor}.0", type("Bare", (), {"_messages": None}))
+    assert why.startswith(f"aiohttp {lo}.{lo_minor}.0's RequestHandler lacks _payload_parser, _upgraded"), why
+    assert unsupported_reason(f"{lo}.{lo_minor}.0", web.RequestHandler) is None
+
+
+def test_the_installed_aiohttp_is_the_tested_one_and_pyproject_pins_that_range():
+    """CI fails here, not silently slower, when the environment or the pin drifts from the tested range."""
+    import re
+    from pathlib import Path
+
+    from resdeploy.serve.fastpath import TESTED_AIOHTTP, unsupported_reason
+
+    assert unsupported_reason() is None, unsupported_reason()
+    (lo, lo_minor), (hi, hi_minor) = TESTED_AIOHTTP
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert re.search(rf'"aiohttp>={lo}\.{lo_minor},<{hi}\.{hi_minor}"', pyproject), "pyproject.toml's aiohttp pin"
+
+
+def test_an_untested_aiohttp_turns_the_fast_path_off_with_a_log_line(model_repo, monkeypatch, caplog):
+    """In-process server with aiohttp claiming a version outside the range: it says why, and still answers."""
+    import asyncio
+    import logging
+    import threading
+    import urllib.request
+
+    import aiohttp
+
+    from resdeploy.serve.config import ServerConfig
+    from resdeploy.serve.server import ModelServer
+
+    monkeypatch.setattr(aiohttp, "__version__", "3.99.0")
+    server = ModelServer(model_repo, ServerConfig(port=0, grpc_port=None, threads=1, warmup=False, strict_readiness=False))
+    ready, result = threading.Event(), {}
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=lambda: result.update(rc=loop.run_until_complete(server.run(lambda s: ready.set()))))
+    with caplog.at_level(logging.INFO, logger="resdeploy.serve"):
+        thread.start()
+        try:
+            assert ready.wait(60)
+            body, hlen = binary_body()
+            req = urllib.request.Request(f"http://127.0.0.1:{server.http.port}/v2/models/resnet20/infer", data=body,
+                                         headers={"Inference-Header-Content-Length": str(hlen)}, method="POST")
+            with urllib.request.urlopen(req, timeout=30) as r:
+                assert r.status == 200
+        finally:
+            loop.call_soon_threadsafe(server.request_stop)
+            thread.join(30)
+            loop.close()
+    assert result["rc"] == 0
+    assert server.fast is None
+    assert "HTTP fast path off: aiohttp 3.99.0 is outside the range the fast path is tested on" in caplog.text
+    assert "HTTP request(s) served, 0 of them on the fast path" in caplog.text

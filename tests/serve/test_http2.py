@@ -354,3 +354,46 @@ def test_random_frames_never_raise_out_of_the_connection(frames, with_request):
     for f in parse_frames(bytes(t.data)):
         assert f[0] in (http2.SETTINGS, http2.WINDOW_UPDATE, http2.HEADERS, http2.DATA, http2.RST_STREAM, http2.PING,
                         http2.GOAWAY)
+
+
+class EofTransport(FakeTransport):
+    """A transport that can end its side (FIN), or whose peer is gone already (write_eof fails)."""
+
+    def __init__(self, peer_gone: bool = False) -> None:
+        super().__init__()
+        self.eof = False
+        self.peer_gone = peer_gone
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self.peer_gone:
+            raise OSError(107, "Transport endpoint is not connected")
+        self.eof = True
+
+
+@pytest.mark.parametrize("peer_gone", [False, True])
+def test_a_graceful_goaway_ends_our_side_and_drops_what_still_comes(peer_gone):
+    import asyncio
+
+    async def main() -> tuple[EofTransport, list]:
+        app = App()
+        t = EofTransport(peer_gone)
+        conn = H2Connection(app, H2Limits())
+        conn.connection_made(t)
+        client = h2_client()
+        exchange(conn, t, client)  # preface and settings
+        conn.goaway("server is shutting down")
+        frames = parse_frames(t.take())
+        client.send_headers(1, REQ, end_stream=True)  # after the GOAWAY: not processed, nothing written
+        conn.data_received(client.data_to_send())
+        return t, frames, app
+
+    t, frames, app = asyncio.run(main())
+    assert frames[-1][0] == http2.GOAWAY and struct.unpack(">LL", frames[-1][3][:8]) == (0, 0)
+    assert app.events == [] and t.take() == b""
+    if peer_gone:
+        assert t.closing and not t.eof  # write_eof failed: closed at once, no exception out of goaway
+    else:
+        assert t.eof and not t.closing  # our side ended; the client closes (or LINGER_S passes)

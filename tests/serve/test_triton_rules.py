@@ -158,6 +158,11 @@ def test_model_control_flags():
         ServerConfig(load_models=("m",))
     with pytest.raises(InputError, match="unknown"):
         ServerConfig(model_control_mode="poll")
+    from resdeploy.serve.config import from_arguments
+
     args = build_parser().parse_args(["serve", "R", "--no-grpc", "--model-control-mode", "explicit", "--load-model", "a",
                                       "--load-model", "b"])
-    assert args.no_grpc and args.load_model == ["a", "b"] and args.grpc_port == 8001
+    config = from_arguments(args)
+    assert config.grpc_port is None and config.load_models == ("a", "b") and config.model_control_mode == "explicit"
+    default = from_arguments(build_parser().parse_args(["serve", "R"]))
+    assert default == ServerConfig()  # the flags' defaults are the config's own

@@ -1,5 +1,6 @@
-"""A server with a deliberately leaking infer handler (it keeps every request body), for the stress suite's
-proof that its RSS check can fail. Test-only: nothing in resdeploy has such a switch.
+"""A server whose core deliberately leaks (it keeps ~8x every request's input tensors), for the stress suite's
+proof that its RSS check can fail. Test-only: nothing in resdeploy has such a switch. Every transport goes
+through the core's one inference sequence, so one override leaks on the fast path and aiohttp's route alike.
 
     python tests/stress/leaky_server.py REPO PORT
 """
@@ -10,22 +11,26 @@ import asyncio
 import logging
 import sys
 
-from resdeploy.serve.server import ModelServer, ServerConfig
+import numpy as np
 
-KEPT: list[bytes] = []
+from resdeploy.serve.config import ServerConfig
+from resdeploy.serve.core import DataPlane
+from resdeploy.serve.server import ModelServer
+
+KEPT: list[np.ndarray] = []
 
 
-class LeakyServer(ModelServer):
-    async def h_infer(self, request):  # noqa: ANN001, ANN201 - aiohttp types
-        KEPT.append(bytes(await request.read()) * 8)  # the leak: ~8x each body, never freed
-        return await super().h_infer(request)
+class LeakyCore(DataPlane):
+    def infer(self, name, version, parse, encode, done, deadline=None):  # noqa: ANN001, ANN201 - the core's signature
+        def leaky_parse(m):  # noqa: ANN001, ANN202
+            req = parse(m)
+            KEPT.append(np.concatenate([np.asarray(a, np.float32).ravel() for a in req.inputs.values()] * 8))
+            return req
 
-    def fast_infer(self, handler, data: bytes):  # noqa: ANN001, ANN201 - the HTTP fast path leaks the same way
-        KEPT.append(bytes(data) * 8)
-        return super().fast_infer(handler, data)
+        return super().infer(name, version, leaky_parse, encode, done, deadline)
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     cfg = ServerConfig(port=int(sys.argv[2]), threads=1, strict_readiness=False, grpc_port=None)
-    sys.exit(asyncio.run(LeakyServer(sys.argv[1], cfg).run()))
+    sys.exit(asyncio.run(ModelServer(sys.argv[1], cfg, LeakyCore(sys.argv[1], cfg)).run()))

@@ -1,4 +1,5 @@
-"""Stress: overload, SIGTERM under load x10, 1,000 idle connections, slow clients, RSS over 5 x 20 s windows
+"""Stress: overload, SIGTERM under load x10 (closed-loop clients, and clients that keep opening new connections),
+1,000 idle connections, slow clients, RSS over 5 x 20 s windows
 (and a leaking handler that trips that RSS check), a long fuzz. Marked `stress`: not in the default run.
 
     python -m pytest tests/stress -m stress -q        # prints one table at the end (about 4 minutes)
@@ -139,6 +140,49 @@ def test_sigterm_under_load_ten_rounds(model_repo, tmp_path, mnist_images):
            f"exit after max {max(x[2] for x in rounds):.2f} s, answered 200 {sum(x[3] for x in rounds)}",
            f"0 lost each round, exit 0 < {drain_timeout:g} s", ok)
     assert ok, rounds
+
+
+def test_sigterm_under_sustained_new_connections_ten_rounds(model_repo, tmp_path):
+    """A rolling update under load: 16 HTTP clients (and 4 gRPC ones) keep opening new connections through the
+    signal and after it. Every round: exit 0 within 2 s of SIGTERM, and no request lost (each connection the
+    server accepted got a whole answer: 200 or 503 / OK or UNAVAILABLE; the rest were refused). The rounds cover
+    the fast path and aiohttp, native gRPC and grpc.aio, and --workers 2 (the supervisor forwards the signal)."""
+    from tests.serve.conftest import start_server, stop_server
+    from tests.stress.drain_clients import drain_round
+
+    setups = [(), (), ("--no-http-fast-path",), ("--grpc-transport", "grpcio"), ("--workers", "2"), (),
+              ("--no-http-fast-path", "--grpc-transport", "grpcio"), ("--workers", "2"), (), ()]
+    rounds = []
+    for i, extra in enumerate(setups):
+        sp = start_server(model_repo, tmp_path, "--no-strict-readiness", "--no-warmup", *extra)
+        grpc_port = int(sp.grpc_url.rsplit(":", 1)[1])
+        try:
+            r = asyncio.run(drain_round(sp.proc, sp.port, grpc_port, clients=16, grpc_clients=4,
+                                        signal_after_s=1.0 + 0.1 * i))
+        finally:
+            stop_server(sp)
+        rounds.append((extra, r))
+        print(f"round {i} {' '.join(extra) or 'defaults'}: exit {r.exit_code} after {r.exit_s:.2f} s; HTTP "
+              f"{dict(r.http.outcomes)}; gRPC {dict(r.grpc.outcomes)}; {r.http.examples + r.grpc.examples}")
+    # grpc.aio (the escape hatch) drops a few calls at its own shutdown (C-core cancels those it has not handed to
+    # the application, and closes connections it has not read): reported, not held against it. The native
+    # transport and HTTP must lose none.
+    def lost(extra, r):  # noqa: ANN001, ANN202
+        return r.http.lost + (0 if "grpcio" in extra else r.grpc.lost + r.grpc.outcomes["cancelled"])
+
+    ok = all(r.exit_code == 0 and r.exit_s < 2.0 and lost(extra, r) == 0 and r.http.outcomes["ok"] > 0
+             for extra, r in rounds)
+    aio = sum(r.grpc.lost + r.grpc.outcomes["cancelled"] for extra, r in rounds if "grpcio" in extra)
+    answered = sum(r.http.outcomes["ok"] + r.http.outcomes["turned_away"] + r.grpc.outcomes["ok"]
+                   + r.grpc.outcomes["turned_away"] for _, r in rounds)
+    refused = sum(r.http.outcomes["refused"] + r.grpc.outcomes["refused"] for _, r in rounds)
+    record("SIGTERM, 16+4 clients opening new connections x10",
+           f"exit {sorted({r.exit_code for _, r in rounds})} after {min(r.exit_s for _, r in rounds):.2f}-"
+           f"{max(r.exit_s for _, r in rounds):.2f} s; answered {answered}, refused {refused}, "
+           f"lost {[lost(extra, r) for extra, r in rounds]} (grpc.aio rounds: {aio} dropped by grpc.aio)",
+           "each round: exit 0 < 2 s, 0 lost", ok)
+    assert ok, [(extra, r.exit_code, round(r.exit_s, 2), lost(extra, r), r.http.examples + r.grpc.examples)
+                for extra, r in rounds]
 
 
 # -- connections -------------------------------------------------------------------------------------------------
