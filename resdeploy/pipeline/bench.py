@@ -84,8 +84,8 @@ class BenchConfig:
 
     def validate(self) -> None:
         if sum(map(bool, (self.checkpoint, self.arch, self.reference))) != 1:
-            raise InputError("bench: give one of a CHECKPOINT, --arch NAME (random weights) or --model, not several "
-                             "and not none")
+            raise InputError("bench: give a CHECKPOINT or --arch NAME (random weights) or your network (--model, or "
+                             "--fp32 alone): exactly one")
         if not self.batches or any(int(b) < 1 for b in self.batches):
             raise InputError(f"bench: batch sizes must be >= 1, got {self.batches}")
         if self.runs is None and self.duration is None:
