@@ -201,9 +201,12 @@ def _onnx_input(path: Path, given: list[int]) -> tuple[int, int, int]:
         raise InputError(f"{path} has {len(art.inputs)} inputs ({names}); resdeploy deploys single-input image models: "
                          "export it with one image input")
     x = art.inputs[0]
-    if x.dtype != "float32" or len(x.shape) != 4:
-        raise InputError(f"{path}: input {x} has no batch axis in (batch, C, H, W) float32 form; re-export it "
-                         "with an NCHW float32 input whose axis 0 is the batch")
+    if len(x.shape) != 4:
+        raise InputError(f"{path}: input {x} has no batch axis (resdeploy serves NCHW images: batch, C, H, W); "
+                         "re-export it with a 4-D input whose axis 0 is the batch")
+    if x.dtype != "float32":
+        raise InputError(f"{path}: input {x} takes {x.dtype}; resdeploy feeds float32 images: re-export it with a float32 "
+                         "input (and the cast inside the graph)")
     if x.shape[0] is not None:
         raise InputError(f"{path}: input {x} has a fixed batch of {x.shape[0]} (no batch axis to batch requests on); "
                          "re-export with a dynamic batch axis, e.g. torch.onnx.export(..., dynamo=True, "
