@@ -65,6 +65,10 @@ class FactoryRef:
 
 def split_spec(spec: str) -> tuple[str, str]:
     """(module name or .py path, attribute path) of a factory spec; InputError when it is not one."""
+    if spec.endswith((".pt2", ".pt", ".pth", ".ts", ".jit", ".safetensors")):
+        raise InputError(f"--model {spec!r} is a saved file, not a factory; give the code that builds the network "
+                         "(MODULE:CALLABLE) and its weights with --weights (.safetensors or a state_dict). A .pt2 "
+                         "program or a TorchScript archive is refused: loading either runs code")
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not _ATTR.fullmatch(attr):
         raise InputError(f"--model {spec!r} is not a factory; {SPEC_HELP}")

@@ -241,10 +241,8 @@ def _model_key(r: _Runner, src: ModelSource) -> dict[str, str]:
 def _train(r: _Runner, cfg: RunConfig, src: ModelSource) -> None:
     """Train a registry architecture or the user's factory on the data (sets ``src.checkpoint``); skipped when the
     model came with its weights (a checkpoint, the factory's weights, or an ONNX file)."""
-    if src.kind != "registry" and not (src.kind == "factory" and src.weights is None):
-        given = {"checkpoint": f"given checkpoint {src.checkpoint}", "onnx": f"given ONNX {src.onnx}",
-                 "factory": f"given weights {src.weights} for {src.factory.spec if src.factory else ''}"}[src.kind]
-        r.skip("train", given)
+    if src.given:
+        r.skip("train", src.given)
         return
     out = r.root / "checkpoint"
     m, t = cfg.model, cfg.train

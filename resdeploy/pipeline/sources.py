@@ -52,6 +52,7 @@ class ModelSource:
     labels: tuple[str, ...] = ()
     identity: dict[str, Any] = field(default_factory=dict)  # what names the model in cache keys (code, sha256s)
     checkpoint: Path | None = None  # a checkpoint folder: given, or written by the train stage
+    given: str = ""  # what came trained, in one line ("" = trained here): the train stage's skip line
     _ref: Reference | None = field(default=None, repr=False)
 
     @property
@@ -147,8 +148,10 @@ def _checkpoint_source(path: Path) -> ModelSource:
     from resdeploy.models import load_checkpoint
 
     _, info = load_checkpoint(path)  # refuses a missing/corrupt/unsafe checkpoint before anything else runs
+    acc = info.metrics.get("test_accuracy")
+    given = f"given checkpoint {path} ({info.arch}" + (f", test accuracy {acc:.2%})" if isinstance(acc, float) else ")")
     return ModelSource("checkpoint", str(info.metrics.get("data", "mnist")), identity={"arch": info.arch},
-                       checkpoint=path)
+                       checkpoint=path, given=given)
 
 
 def _factory_source(model: Any, data: str, train: Any) -> ModelSource:
@@ -167,8 +170,9 @@ def _factory_source(model: Any, data: str, train: Any) -> ModelSource:
         net = load_user_model(ref, weights, spec, tuple(model.labels))
         identity = {**factory_fingerprint(ref.spec), "kwargs": dict(ref.kwargs),
                     "weights_sha256": atomic.sha256_file(weights) if weights else "initial weights"}
-        src = ModelSource("factory", data, ref, weights, spec=spec, labels=tuple(net.labels), identity=identity)
         what = f"weights {weights}" if weights else "its initial weights: no --weights"
+        src = ModelSource("factory", data, ref, weights, spec=spec, labels=tuple(net.labels), identity=identity,
+                          given=f"given {what} for {ref.spec}")
         src._ref = Reference(net, f"{ref.describe()} ({what})", weights is not None, data)
         return src
     from resdeploy.models import load_data
@@ -246,7 +250,7 @@ def _onnx_source(model: Any, data: str) -> ModelSource:
     if len(labels) != out.shape[1]:
         raise InputError(f"model.labels has {len(labels)} names for {out.shape[1]} logits; give one per class")
     return ModelSource("onnx", data, onnx=path, spec=_spec(shape, model.mean, model.std), labels=labels,
-                       identity={"onnx_sha256": onnx_fingerprint(path)})
+                       identity={"onnx_sha256": onnx_fingerprint(path)}, given=f"given ONNX {path}")
 
 
 def import_onnx(src: ModelSource, out: Path) -> dict[str, Any]:

@@ -34,6 +34,12 @@ def test_split_spec_refuses_what_is_not_a_factory(spec):
         split_spec(spec)
 
 
+@pytest.mark.parametrize("spec", ["model.pt2", "scripted.pt", "net.safetensors"])
+def test_a_saved_model_file_is_not_a_factory(spec):
+    with pytest.raises(InputError, match="is a saved file, not a factory.*refused: loading either runs code"):
+        split_spec(spec)
+
+
 def test_import_by_module_and_by_file():
     assert import_factory("torch.nn:Identity") is torch.nn.Identity
     net = import_factory(FACTORY)(width=4)
