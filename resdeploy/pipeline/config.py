@@ -118,7 +118,10 @@ class EnginesSection:
 @dataclass
 class ParitySection:
     limit: int = 0  # test images to compare on; 0 = the whole test split
-    fp32_max_abs: float = 1e-4  # FP32 engine vs PyTorch: max abs logit error
+    fp32_max_abs: float = 1e-4  # FP32 engine vs PyTorch: max abs logit error (the registry's models)
+    fp32_max_rel: float = 0.0  # gate FP32 on max |diff| / max |logit| per image instead; 0 = max_abs for the registry's
+    # models and 1e-5 for your own network (model.factory / model.onnx): its logits' scale is its own (measured:
+    # torchvision resnet18 FP32 engines 1.5e-4 abs, 1.6e-6 rel)
     fp16_min_agreement: float = 0.995  # FP16 top-1 agreement with PyTorch FP32
     int8_max_drop: float = 1.0  # INT8 accuracy drop, points
 
@@ -163,6 +166,8 @@ class RunConfig:
         if self.repository.precision == "auto" and self.engines.choose != "measure":
             raise InputError("repository.precision = \"auto\" takes the precision the engine choice measured; "
                              "set engines.choose = \"measure\" or name a precision")
+        if self.parity.fp32_max_rel < 0:
+            raise InputError(f"parity.fp32_max_rel = {self.parity.fp32_max_rel}; give a relative error >= 0 (0 = max_abs)")
         if any(b < 1 for b in self.engines.choice_batches) or self.engines.choice_seconds <= 0:
             raise InputError("engines.choice_batches must be positive sizes and engines.choice_seconds > 0")
         if self.repository.precision not in ("fp32", "auto", *self.variants.precisions):

@@ -432,6 +432,18 @@ def run_pipeline(cfg: RunConfig, *, say: Callable[[str], None] | None = None) ->
     return RunResult(root, tuple(r.records), failed, wall, files)
 
 
+def _parity_gates(cfg: RunConfig, src: ModelSource) -> Any:
+    """The run's parity gates (parity.ParityGates). FP32 of a user's network is gated on relative error unless
+    ``parity.fp32_max_rel`` says otherwise: an absolute bound set for the registry's logits means nothing for
+    logits of another scale."""
+    from resdeploy.pipeline.parity import ParityGates
+
+    p = cfg.parity
+    rel = p.fp32_max_rel or (1e-5 if src.kind in ("factory", "onnx") else None)
+    return dataclasses.replace(ParityGates(), fp32_max_abs=p.fp32_max_abs, fp32_max_rel=rel,
+                               fp16_min_agreement=p.fp16_min_agreement, int8_max_accuracy_drop=p.int8_max_drop)
+
+
 def _parity(r: _Runner, cfg: RunConfig, src: ModelSource, variants: dict[str, Path], built: dict[str, Path],
             engines: list[str]) -> str | None:
     backends = _parity_backends(cfg, engines)
@@ -440,11 +452,10 @@ def _parity(r: _Runner, cfg: RunConfig, src: ModelSource, variants: dict[str, Pa
     out = r.root / "parity.json"
 
     def run() -> tuple[str, dict[str, Any], list[Path]]:
-        from resdeploy.pipeline.parity import ParityConfig, ParityGates, run_parity
+        from resdeploy.pipeline.parity import ParityConfig, run_parity
 
         p = cfg.parity
-        gates = dataclasses.replace(ParityGates(), fp32_max_abs=p.fp32_max_abs, fp16_min_agreement=p.fp16_min_agreement,
-                                    int8_max_accuracy_drop=p.int8_max_drop)
+        gates = _parity_gates(cfg, src)
         report = run_parity(src.reference(), judged, config=ParityConfig(backends=tuple(backends), precisions=tuple(judged),
                                                               limit=p.limit or None, threads=cfg.engines.threads or None,
                                                               gates=gates),
@@ -477,8 +488,9 @@ def _bench(r: _Runner, cfg: RunConfig, src: ModelSource, variants: dict[str, Pat
 
         from resdeploy.pipeline.bench import BenchConfig, run_bench
 
-        bc = BenchConfig(reference=src.reference(), batches=tuple(b.batches), max_seconds=b.max_seconds, threads=b.threads,
-                         backends=backends, precisions=tuple(judged), anchors=tuple(b.anchors), variants=judged)
+        bc = BenchConfig(reference=src.reference(), gates=_parity_gates(cfg, src), batches=tuple(b.batches),
+                         max_seconds=b.max_seconds, threads=b.threads, backends=backends, precisions=tuple(judged),
+                         anchors=tuple(b.anchors), variants=judged)
         result = run_bench(bc, out_dir=out, stream=io.StringIO())
         batch = min(b.batches)
         best = result.best(batch)
@@ -490,7 +502,8 @@ def _bench(r: _Runner, cfg: RunConfig, src: ModelSource, variants: dict[str, Pat
             summary = f"no engine passed parity and was measured at batch {batch} within {b.max_seconds:g} s"
         return summary, result.to_dict(), [out]
 
-    r.stage("bench", {**dataclasses.asdict(b), "backends": list(backends)},
+    r.stage("bench", {**dataclasses.asdict(b), "backends": list(backends),
+                      "gates": dataclasses.asdict(_parity_gates(cfg, src))},
             {**{k: r.sha(Path(v)) for k, v in judged.items()}, **_model_key(r, src)}, run)
 
 

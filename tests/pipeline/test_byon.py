@@ -89,6 +89,7 @@ def test_factory_trained_here_ends_in_a_served_repository_and_a_report(trained):
     assert card["source"] == "factory" and card["factory"] == FACTORY and card["factory_kwargs"] == {"width": 8}
     assert card["weights_sha256"] == sha256_file(out / "checkpoint" / "model.safetensors")
     assert card["reference"] == "PyTorch FP32 eager" and isinstance(card["accuracy"]["test"], float)
+    assert summary["parity"]["gates"]["fp32_max_rel"] == 1e-5  # a user's logits have their own scale
     assert summary["skipadd"]["fp32"]["residual_adds"] == 2  # the two blocks nobody declared
     for variant in ("fp32", "int8"):
         meta = open_artifact(out / "onnx" / f"{variant}.onnx").metadata
