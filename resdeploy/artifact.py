@@ -12,7 +12,8 @@ it imports no layer) owns:
   model that points at half-written weights. Models over the protobuf limit keep their weights in
   ``<name>.data`` beside them; :func:`copy_onnx` copies a model with every data file it names.
 * **Metadata** as a typed frozen dataclass (:class:`ArtifactMetadata`, ``read``/``write``): architecture,
-  input spec, labels, precision, INT8 flavour, calibration, source and checkpoint sha256, resdeploy version.
+  input spec, labels, precision, INT8 flavour, calibration, source and checkpoint sha256, resdeploy version, and
+  for a user's network its factory and kwargs (or the sha256 of the ONNX file it was imported from).
   No other module spells a metadata_props key.
 * **Tensor names** (:class:`OnnxArtifact` ``.inputs``/``.outputs``): read from the graph, never assumed.
 """
@@ -96,15 +97,16 @@ _KEYS = {"architecture": "architecture", "arch_kwargs": "arch_kwargs", "input_sp
          "precision": "precision", "int8_flavour": "int8_flavour", "calibration": "calibration",
          "source_sha256": "source_onnx_sha256", "checkpoint_sha256": "checkpoint_sha256",
          "resdeploy_version": "resdeploy_version", "exporter": "exporter", "shortcut_rewrite": "shortcut_rewrite",
-         "mixed_precision": "mixed_precision"}
-_JSON_FIELDS = ("arch_kwargs", "input_spec", "labels", "calibration", "mixed_precision")
+         "mixed_precision": "mixed_precision", "factory": "factory", "factory_kwargs": "factory_kwargs",
+         "imported_sha256": "imported_onnx_sha256"}
+_JSON_FIELDS = ("arch_kwargs", "input_spec", "labels", "calibration", "mixed_precision", "factory_kwargs")
 
 
 @dataclass(frozen=True)
 class ArtifactMetadata:
     """What an ONNX artifact says about itself (its ``metadata_props``), typed."""
 
-    architecture: str = ""  # resdeploy architecture name ("" for a model from elsewhere)
+    architecture: str = ""  # resdeploy architecture, the user's factory's callable, or the imported ONNX file's stem
     arch_kwargs: Mapping[str, Any] = field(default_factory=dict)  # builder arguments
     input_spec: InputSpec | None = None  # shape and normalisation; None = unknown
     labels: tuple[str, ...] = ()  # class names, index order
@@ -117,6 +119,9 @@ class ArtifactMetadata:
     exporter: str = ""  # dynamo | torchscript
     shortcut_rewrite: str = ""  # e.g. option_a_conv:2 when option-A shortcuts were rewritten as 1x1 convs
     mixed_precision: Mapping[str, Any] | None = None  # nodes kept out of INT8 and why (accuracy-driven search)
+    factory: str = ""  # the user's factory (module:callable or file.py:callable) the network was built by
+    factory_kwargs: Mapping[str, Any] = field(default_factory=dict)  # the keyword arguments it was called with
+    imported_sha256: str = ""  # the user's own FP32 ONNX file this artifact was imported from (run --onnx)
     extra: Mapping[str, str] = field(default_factory=dict)  # keys resdeploy does not know, kept verbatim
 
     @classmethod

@@ -127,6 +127,20 @@ def test_metadata_round_trip_and_on_disk_keys():
     assert (v.precision, v.int8_flavour, v.calibration, v.labels) == ("fp16", "", None, ("0", "1"))
 
 
+def test_a_users_network_is_recorded_and_inherited_by_its_variants():
+    meta = ArtifactMetadata(architecture="resnet18", factory="torchvision.models:resnet18",
+                            factory_kwargs={"num_classes": 10}, checkpoint_sha256="ef" * 32, imported_sha256="",
+                            input_spec=InputSpec(3, 32, 32, (0.5,), (0.25,)), precision="fp32")
+    m = _model()
+    write_metadata(m, meta)
+    props = {p.key: p.value for p in m.metadata_props}
+    assert props["factory"] == "torchvision.models:resnet18" and json.loads(props["factory_kwargs"]) == {"num_classes": 10}
+    v = read_metadata(m).variant("int8", flavour="u8s8", source_sha256="cd" * 32)
+    assert (v.factory, dict(v.factory_kwargs), v.checkpoint_sha256) == (meta.factory, {"num_classes": 10}, "ef" * 32)
+    write_metadata(m, ArtifactMetadata(architecture="net", imported_sha256="12" * 32))
+    assert {p.key: p.value for p in m.metadata_props}["imported_onnx_sha256"] == "12" * 32
+
+
 @pytest.mark.parametrize("key, value, fragment", [
     ("input_spec", "{not json", "not JSON"),
     ("input_spec", '{"channels": 1}', "incomplete or malformed"),

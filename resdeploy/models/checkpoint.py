@@ -42,23 +42,30 @@ class CheckpointInfo:
 
 
 def save_checkpoint(
-    model: ResidualNet,
+    model: torch.nn.Module,
     out_dir: str | Path,
     metrics: dict[str, Any] | None = None,
     data_fingerprint: str | None = None,
+    *,
+    factory: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``out_dir/model.safetensors`` then ``out_dir/model.json`` (which records the weights' sha256)."""
+    """Write ``out_dir/model.safetensors`` then ``out_dir/model.json`` (which records the weights' sha256).
+
+    ``factory``: for a user's network (``{"factory": spec, "factory_kwargs": {...}}``, models.user.FactoryRef.to_dict()),
+    recorded instead of a registry architecture; loading such a checkpoint needs the factory given again."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    arch = "" if factory else model.arch
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic.atomic_path(out / WEIGHTS_NAME) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT, "arch": model.arch})
+        save_file(state, str(tmp), metadata={"format": FORMAT, "arch": arch or str(factory.get("factory", ""))})
     meta = {
         "format": FORMAT,
-        "arch": model.arch,
-        "kwargs": model.arch_kwargs,
+        "arch": arch,
+        "kwargs": {} if factory else model.arch_kwargs,
+        **(factory or {}),
         "input_spec": model.input_spec.to_dict(),
         "labels": list(model.labels),
         "metrics": metrics or {},
@@ -83,6 +90,14 @@ def _resolve(path: Path) -> tuple[Path, Path | None]:
         return path.parent / WEIGHTS_NAME, path
     sibling = path.parent / META_NAME
     return path, (sibling if path.suffix == ".safetensors" and sibling.is_file() else None)
+
+
+def read_checkpoint_meta(path: Path) -> tuple[Path, dict[str, Any]]:
+    """(weights file, model.json contents) of a checkpoint folder (or its model.json); InputError without one."""
+    weights, meta_path = _resolve(path)
+    if meta_path is None:
+        raise InputError(f"{path} is not a checkpoint folder (model.json + model.safetensors)")
+    return weights, _read_meta(meta_path)
 
 
 def _read_meta(meta_path: Path) -> dict[str, Any]:
@@ -123,6 +138,26 @@ def _pickle_calls(weights: Path) -> list[str]:
         return []
 
 
+def _code_archive(weights: Path) -> str:
+    """What kind of code-carrying archive ``weights`` is ('' for none): TorchScript or a torch.export program."""
+    import zipfile
+
+    if weights.suffix == ".pt2":
+        return "a torch.export program (.pt2; torch.export.load falls back to full unpickling)"
+    try:
+        if not zipfile.is_zipfile(weights):
+            return ""
+        with zipfile.ZipFile(weights) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return ""
+    if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
+        return "a TorchScript archive (torch.jit.save; it carries Python code)"
+    if any(n.endswith("/archive_format") or n.endswith("/models/model.json") for n in names):
+        return "a torch.export program (torch.export.save; torch.export.load falls back to full unpickling)"
+    return ""
+
+
 def read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
     """Read tensors only. A ``.pt``/``.pth`` pickle that carries code is refused, never executed."""
     if not weights.is_file():
@@ -135,6 +170,10 @@ def read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
             return load_file(str(weights))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise InputError(f"{weights} is not a readable safetensors file ({exc}); it may be truncated or corrupt, re-save it") from None
+    refused = _code_archive(weights)
+    if refused:
+        raise InputError(f"{weights} is {refused}, refused for safety: loading it runs code. Save the weights as a "
+                         "state_dict (torch.save(model.state_dict(), path)) or a safetensors file")
     if weights.suffix not in (".pt", ".pth", ".bin"):
         raise InputError(f"{weights}: unknown weights format {weights.suffix!r}; use .safetensors, .pt or .pth")
     try:
@@ -160,7 +199,8 @@ def read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                           hint: str = "check --arch and its options (num_classes, in_channels, shortcut)") -> None:
     """``load_state_dict(strict=True)`` with one message listing missing, unexpected and mis-shaped keys."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -171,9 +211,8 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
             return ", ".join(items[:12]) + (f" ... (+{len(items) - 12} more)" if len(items) > 12 else "") if items else "none"
 
         raise InputError(
-            f"weights in {source} do not match the architecture: missing keys: {show(missing)}; "
-            f"unexpected keys: {show(unexpected)}; mis-shaped keys: {show(misshaped)}. "
-            "Check --arch and its options (num_classes, in_channels, shortcut)"
+            f"weights in {source} do not match the model: missing keys: {show(missing)}; "
+            f"unexpected keys: {show(unexpected)}; mis-shaped keys: {show(misshaped)}. Fix: {hint}"
         )
     model.load_state_dict(state, strict=True)
 
@@ -183,6 +222,9 @@ def load_checkpoint(path: str | Path, arch: str | None = None, **kwargs: Any) ->
     weights, meta_path = _resolve(Path(path))
     if meta_path is not None:
         meta = _read_meta(meta_path)
+        if meta.get("factory"):
+            raise InputError(f"checkpoint {path} was trained from your factory {meta['factory']!r}; load it with "
+                             f"--model {meta['factory']} --weights {weights} (importing the factory runs its code)")
         if arch is not None and arch != meta["arch"]:
             raise InputError(f"--arch {arch} given, but checkpoint {path} is a {meta['arch']}; drop --arch")
         arch, kwargs = meta["arch"], {**meta.get("kwargs", {}), **kwargs}

@@ -1,4 +1,5 @@
-"""A small, deterministic CPU trainer for the demo models."""
+"""A small, deterministic CPU trainer: a registry architecture, or the user's own network (any ``nn.Module`` whose
+output is (batch, classes) logits, built by their factory), trained on real packaged data."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from resdeploy.models.base import ResidualNet
 from resdeploy.models.checkpoint import save_checkpoint
 from resdeploy.models.data import DataBundle, Split, fit_images, load_data, normalize
 from resdeploy.models.registry import create_model
+from resdeploy.models.spec import InputSpec
+from resdeploy.models.user import FactoryRef, attach_card, build_checked
 
 
 @dataclass
@@ -34,6 +37,15 @@ class TrainConfig:
     max_batches: int | None = None  # cap batches per epoch (smoke tests)
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    factory: FactoryRef | None = None  # train the user's network from this factory instead of ``arch``
+    input_shape: tuple[int, int, int] | None = None  # fit the data to this C,H,W; None = image_size/channels
+    mean: tuple[float, ...] = ()  # the factory network's normalisation; () = the train split's statistics
+    std: tuple[float, ...] = ()
+    labels: tuple[str, ...] = ()  # class names for the factory network; () = the data's classes
+
+    @property
+    def name(self) -> str:
+        return self.factory.name if self.factory is not None else self.arch
 
 
 @dataclass(frozen=True)
@@ -77,11 +89,23 @@ def build_for_data(arch: str, data: DataBundle, **kwargs: Any) -> ResidualNet:
     return create_model(arch, **{**defaults, **kwargs})
 
 
-def resize_data(data: DataBundle, channels: int, size: int) -> DataBundle:
+def build_factory_for_data(ref: FactoryRef, data: DataBundle, mean: tuple[float, ...] = (), std: tuple[float, ...] = (),
+                           labels: tuple[str, ...] = ()) -> torch.nn.Module:
+    """The user's network from its factory, checked against the data: it takes the data's shape and returns one
+    logit per class. Normalisation: ``mean``/``std`` when given, else the train split's statistics."""
+    c, h, w = data.shape
+    dm, ds = data.channel_stats()
+    spec = InputSpec(c, h, w, mean=tuple(mean) or dm, std=tuple(std) or ds)
+    model, classes = build_checked(ref, spec.shape, len(data.classes), data.name)
+    attach_card(model, spec, labels or data.classes, classes, f"factory {ref.spec}")
+    return model
+
+
+def resize_data(data: DataBundle, channels: int, size: int, width: int | None = None) -> DataBundle:
     """The same split at another size/channel count (the fingerprint is kept: same images, same split)."""
     import dataclasses
 
-    shape = (channels, size, size)
+    shape = (channels, size, width or size)
 
     def fit(split: Split) -> Split:
         return Split(fit_images(split.images, shape), split.labels)
@@ -95,9 +119,14 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, data: DataBund
     if config.threads:
         torch.set_num_threads(config.threads)
     data = data or load_data(config.data, seed=config.seed)
-    if config.image_size or config.channels:
+    if config.input_shape is not None and tuple(config.input_shape) != data.shape:
+        data = resize_data(data, *config.input_shape)
+    elif config.image_size or config.channels:
         data = resize_data(data, config.channels or data.shape[0], config.image_size or data.shape[1])
-    model = build_for_data(config.arch, data, **config.arch_kwargs)
+    if config.factory is not None:
+        model = build_factory_for_data(config.factory, data, config.mean, config.std, config.labels)
+    else:
+        model = build_for_data(config.arch, data, **config.arch_kwargs)
     spec = model.input_spec
     x_train = torch.from_numpy(normalize(data.train.images, spec.mean, spec.std))
     y_train = torch.from_numpy(data.train.labels)
@@ -115,7 +144,7 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, data: DataBund
     if config.progress and sys.stderr.isatty():  # a bar on a terminal only: piped into a CI log it is noise
         from tqdm import tqdm
 
-        bar = tqdm(total=config.epochs * steps_per_epoch, unit="batch", desc=f"train {config.arch}", mininterval=0.1)
+        bar = tqdm(total=config.epochs * steps_per_epoch, unit="batch", desc=f"train {config.name}", mininterval=0.1)
     for epoch in range(config.epochs):
         model.train()
         order = torch.randperm(len(y_train), generator=gen)
@@ -142,5 +171,6 @@ def train(config: TrainConfig, out_dir: str | Path | None = None, data: DataBund
     if out_dir is not None:
         metrics = {"test_accuracy": test_acc, "val_accuracy": val_acc, "train_seconds": round(seconds, 2), "epochs": config.epochs,
                    "data": data.name, "split": {"train": len(data.train), "val": len(data.val), "test": len(data.test)}}
-        ckpt = save_checkpoint(model, out_dir, metrics=metrics, data_fingerprint=data.fingerprint)
-    return TrainResult(config.arch, test_acc, val_acc, seconds, config.epochs, ckpt)
+        ckpt = save_checkpoint(model, out_dir, metrics=metrics, data_fingerprint=data.fingerprint,
+                               factory=config.factory.to_dict() if config.factory is not None else None)
+    return TrainResult(config.name, test_acc, val_acc, seconds, config.epochs, ckpt)

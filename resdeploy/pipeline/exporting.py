@@ -114,22 +114,38 @@ def export_checkpoint(
     return export_model(model, out, metadata=meta, images=images, config=config, check=check, check_images=check_images)
 
 
+def export_user_model(src: Any, out: str | Path, *, config: ExportConfig = ExportConfig(), check: bool = True,
+                      check_images: int = 2) -> ExportResult:
+    """``resdeploy export --model``: the user's network (a sources.ModelSource of kind factory) exported with
+    self-checks and metadata naming the factory, its kwargs and the weights' sha256, then the short-path check."""
+    model = src.reference().model
+    images, _ = held_out_images(model.input_spec, config.parity_images, src.data or None)
+    return export_model(model, out, metadata=src.metadata(config.exporter), images=images, config=config, check=check,
+                        check_images=check_images)
+
+
 def check_onnx(
     onnx_path: str | Path,
-    reference: str | Path | None = None,
+    reference: str | Path | Any | None = None,
     *,
     arch: str | None = None,
     images: int = 2,
+    data: str | None = None,
 ) -> SkipAddReport | ShortPathReport:
-    """``resdeploy check``: the skip-add (short-path) report of an ONNX file, against a checkpoint when given."""
+    """``resdeploy check``: the skip-add (short-path) report of an ONNX file, against a reference when given: a
+    checkpoint folder (or state_dict with ``arch``), or an in-memory module with ``input_spec`` (``--model``)."""
     art = open_artifact(onnx_path)
     if reference is None:
         return check_short_paths(onnx_path)
-    model, info = load_reference(reference, arch)
-    sample, _ = held_out_images(model.input_spec, images, info.metrics.get("data"))
+    if isinstance(reference, (str, Path)):
+        model, info = load_reference(reference, arch)
+        data = info.metrics.get("data")
+    else:
+        model = reference
+    sample, _ = held_out_images(model.input_spec, images, data)
     if art.inputs:
         dims = art.inputs[0].shape
         if len(dims) == 4 and all(dims[1:]) and tuple(dims[1:]) != tuple(model.input_spec.shape):
-            raise InputError(f"{onnx_path} takes input {tuple(dims[1:])} but {reference} is a model for "
-                             f"{tuple(model.input_spec.shape)}; give the checkpoint this ONNX file was exported from")
+            raise InputError(f"{onnx_path} takes input {tuple(dims[1:])} but the reference is a model for "
+                             f"{tuple(model.input_spec.shape)}; give the model this ONNX file was exported from")
     return check_short_paths(onnx_path, model, sample)

@@ -1,4 +1,7 @@
-"""Parity: every backend x precision against the PyTorch FP32 reference on held-out real images.
+"""Parity: every backend x precision against the FP32 reference on held-out real images.
+
+The reference is the PyTorch FP32 model; for a user's own ONNX file (``run --onnx``) it is that FP32 graph, run
+by ONNX Runtime on the CPU with graph optimisations off (:class:`Reference`), and every report says which.
 
     report = run_parity("tests/data/resnet20-mnist", backends=("onnxruntime",))
     assert report, report          # prints the table and the failing gates
@@ -193,10 +196,40 @@ class ParityData:
 
 @dataclass
 class Reference:
-    model: Any  # nn.Module in eval mode, FP32
-    name: str  # arch (+ checkpoint path)
+    """What every engine is judged against: a PyTorch FP32 module, or (``onnx``) the user's FP32 ONNX graph."""
+
+    model: Any  # nn.Module in eval mode, FP32, with input_spec and labels; None when the reference is ``onnx``
+    name: str  # arch (+ checkpoint path), the factory, or the ONNX file
     trained: bool  # False: random weights
-    data: str = "mnist"  # the data the model was trained on (or "mnist" for random weights)
+    data: str = "mnist"  # the data the model was trained on; "" = none given (MNIST digits fitted to its input)
+    onnx: Path | None = None  # the reference is this FP32 graph, run by ONNX Runtime on the CPU, optimisations off
+    spec: Any = None  # the ONNX reference's InputSpec (a module carries its own)
+    onnx_labels: tuple[str, ...] = ()  # the ONNX reference's class names
+
+    @property
+    def input_spec(self) -> Any:
+        return self.model.input_spec if self.model is not None else self.spec
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(getattr(self.model, "labels", ()) or ()) if self.model is not None else self.onnx_labels
+
+    @property
+    def kind(self) -> str:
+        """The reference in words (every report says what the engines were compared with)."""
+        if self.onnx is None:
+            return "PyTorch FP32 eager"
+        return f"ONNX Runtime FP32 on the given graph {self.onnx.name} (CPU, graph optimisations off)"
+
+    def logits(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """The reference's logits for normalised ``images``."""
+        if self.onnx is None:
+            return reference_logits(self.model, images, batch_size)
+        from resdeploy.serve.runners import open_runner
+
+        with open_runner(str(self.onnx), backend="onnxruntime", provider="cpu", optimization="disable",
+                         name="reference") as runner:
+            return run_batches(runner, images, batch_size)
 
 
 def load_reference(checkpoint: str | Path | None = None, arch: str | None = None, seed: int = 0) -> Reference:
@@ -262,21 +295,23 @@ def load_parity_data(ref: Reference, limit: int | None = None, calibration_size:
     """The test split of the model's data (all of it unless ``limit``), normalised as the model expects."""
     from resdeploy.models import load_data, normalize
 
-    spec = ref.model.input_spec
-    bundle = load_data(ref.data)
+    spec = ref.input_spec
+    bundle = load_data(ref.data or "mnist")
     test, val = bundle.test, bundle.val
     n = len(test) if limit is None else max(1, min(int(limit), len(test)))
     # Splits are ordered by class: take evenly spaced images so a subset still covers every class.
     pick, cpick = _spread(len(test), n), _spread(len(val), calibration_size)
     images, note = _fit_images(test.images[pick], spec.shape)
     calib, _ = _fit_images(val.images[cpick], spec.shape)
-    num_classes = len(getattr(ref.model, "labels", ()) or ()) or None
+    num_classes = len(ref.labels) or None
     # A checkpoint trained at another size was trained on these same resized digits (models.data.fit_images).
-    meaningful = ref.trained and (num_classes is None or num_classes == len(bundle.classes))
+    meaningful = ref.trained and bool(ref.data) and (num_classes is None or num_classes == len(bundle.classes))
     desc = (f"{bundle.name} test split, {n} real images" + (", evenly spaced over the split" if n < len(test) else "")
             + (f", {note}" if note else ""))
     if not ref.trained:
         desc += "; random weights: accuracy is meaningless, INT8 is gated on top-1 agreement with FP32"
+    elif not ref.data:
+        desc += "; no data was given (--data): these digits only exercise the model, accuracy is not gated"
     elif not meaningful:
         desc += "; the labels do not match the model's classes: accuracy is not gated"
     return ParityData(normalize(images, spec.mean, spec.std), test.labels[pick].copy(),
@@ -326,7 +361,7 @@ def prepare_variants(ref: Reference, workdir: Path, precisions: Sequence[str], c
             raise InputError(f"{k} model {p} does not exist; drop the option to build it from the checkpoint")
     out: dict[str, Path] = {}
     workdir = Path(workdir)
-    fp32 = given.get("fp32")
+    fp32 = given.get("fp32") or ref.onnx  # an ONNX reference is the FP32 model itself
     if fp32 is None and any(p not in given for p in precisions):
         say(f"exporting FP32 ONNX to {workdir / 'fp32.onnx'}")
         fp32 = export_fp32(ref.model, workdir / "fp32.onnx", sample)
@@ -466,6 +501,7 @@ class ParityReport:
     reference_accuracy: float | None
     rows: tuple[VariantParity, ...]
     gates: ParityGates
+    reference: str = "PyTorch FP32 eager"  # what the engines were compared with (Reference.kind)
 
     def __bool__(self) -> bool:
         return all(r.passed for r in self.rows) and any(r.skipped is None for r in self.rows)
@@ -474,13 +510,13 @@ class ParityReport:
         return [g for r in self.rows for g in r.gates if not g]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "data": self.data, "reference": "PyTorch FP32 eager",
+        return {"model": self.model, "data": self.data, "reference": self.reference,
                 "reference_accuracy": self.reference_accuracy, "passed": bool(self), "gates": asdict(self.gates),
                 "failures": [str(g) for g in self.failures()], "variants": [r.to_dict() for r in self.rows]}
 
     def __str__(self) -> str:
         acc = "" if self.reference_accuracy is None else f"; reference accuracy {100 * self.reference_accuracy:.2f}%"
-        lines = [f"parity of {self.model} vs PyTorch FP32 on {self.data}{acc}",
+        lines = [f"parity of {self.model} vs {self.reference} on {self.data}{acc}",
                  f"{'backend':<17} {'prec':<5} {'max abs':>9} {'max rel':>9} {'mean abs':>9} {'cos min':>9} "
                  f"{'top-1':>8} {'c-top-1':>8} {'accuracy':>9} {'delta':>8}  gate"]
         for r in self.rows:
@@ -520,13 +556,14 @@ class ParityReport:
 
 
 def _localize(onnx_path: Path, model: Any, sample: np.ndarray) -> dict[str, Any]:
-    """The skip-add check's numeric localisation, reduced to what the parity report prints."""
+    """The skip-add check's numeric localisation, reduced to what the parity report prints (structure only when
+    ``model`` is None: an ONNX reference has no PyTorch blocks to compare with)."""
     try:
         from resdeploy.export.shortpath import check_short_paths
     except ImportError as exc:
         return {"error": f"skip-add check unavailable: {exc}"}
     try:
-        rep = check_short_paths(str(onnx_path), reference=model, sample=sample)
+        rep = check_short_paths(str(onnx_path), reference=model, sample=sample if model is not None else None)
     except Exception as exc:  # the localisation is a diagnosis aid: never let it hide the gate result
         return {"error": f"skip-add check failed to run: {type(exc).__name__}: {exc}"}
     rows = [dict(r.__dict__) for r in rep.rows]
@@ -542,7 +579,8 @@ def run_parity(checkpoint: str | Path | Reference | None = None,
                *, arch: str | None = None, workdir: str | Path | None = None,
                progress: Callable[[str], None] | None = None,
                engines: Mapping[str, str | Path] | None = None) -> ParityReport:
-    """Compare every available backend x precision with PyTorch FP32 on the test split.
+    """Compare every available backend x precision with the reference (PyTorch FP32, or an FP32 ONNX graph run by
+    ONNX Runtime: see :class:`Reference`) on the test split.
 
     ``checkpoint``: a checkpoint folder (or a :class:`Reference`); with ``arch`` instead, a random-weight model.
     ``variants``: precision -> ONNX path for variants already built; missing ones are built in ``workdir``
@@ -559,7 +597,7 @@ def run_parity(checkpoint: str | Path | Reference | None = None,
     ref = checkpoint if isinstance(checkpoint, Reference) else load_reference(checkpoint, arch, config.seed)
     data = load_parity_data(ref, config.limit, config.calibration_size)
     say(f"reference {ref.name} on {data.description}")
-    ref_logits = reference_logits(ref.model, data.images)
+    ref_logits = ref.logits(data.images)
     labels = data.labels
     ref_acc = float((ref_logits.argmax(1) == labels).mean()) if data.labels_meaningful else None
     with tempfile.TemporaryDirectory(prefix="resdeploy-parity-") as tmp:
@@ -597,5 +635,5 @@ def run_parity(checkpoint: str | Path | Reference | None = None,
                     div = localized[onnx_path]
                 rows.append(VariantParity(backend, prec, str(path), desc, m, gates, divergence=div,
                                           sha256=atomic.sha256_file(path)))
-    return ParityReport(ref.name, data.description, ref_acc, tuple(rows), config.gates)
+    return ParityReport(ref.name, data.description, ref_acc, tuple(rows), config.gates, ref.kind)
 

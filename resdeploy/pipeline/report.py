@@ -27,8 +27,11 @@ the stage's result class, unchanged::
                                              "versions": {"torch": str, "onnx": str, "onnxruntime": str,
                                                           "openvino": str or null, ...more libraries allowed}}
     model              object               {"architecture": str, "parameters": int, "data": str,
-                                             "data_fingerprint": str, "accuracy": {"test": float (0..1), ...},
-                                             "labels": [str], "checkpoint": str}
+                                             "data_fingerprint": str, "accuracy": {"test": float (0..1) or null
+                                             (not measured), ...}, "labels": [str], "checkpoint": str; optional:
+                                             "source": "registry"|"checkpoint"|"factory"|"onnx", "reference": str,
+                                             "factory": str, "factory_kwargs": object, "weights": str,
+                                             "weights_sha256": str, "onnx": str, "onnx_sha256": str}
     stages             [object]             in run order: {"name": str, "status": "ran"|"cached"|"failed"|"skipped",
                                              "seconds": float, "summary": str (the stage's one-line result),
                                              "key": str (its cache key)}
@@ -130,7 +133,7 @@ def validate_summary(summary: Mapping[str, Any]) -> None:
         _need(summary["machine"], key, typ, "summary.machine")
     for key, typ in _MODEL.items():
         _need(summary["model"], key, typ, "summary.model")
-    _need(summary["model"]["accuracy"], "test", _NUM, "summary.model.accuracy")
+    _need(summary["model"]["accuracy"], "test", _NUM, "summary.model.accuracy", nullable=True)
     for i, st in enumerate(summary["stages"]):
         for key, typ in _STAGE.items():
             _need(st, key, typ, f"summary.stages[{i}]")
@@ -286,7 +289,9 @@ def _verdict(summary: Mapping[str, Any]) -> tuple[bool, str, list[str], list[tup
         why = "bench skipped" if not summary.get("bench") else "no engine passing parity was measured"
         lines.append(f"speed: not measured ({why})")
     else:
-        ratio = f", {sp['speedup']:.2f}x PyTorch eager" if sp.get("speedup") is not None else ", PyTorch eager not measured"
+        no_torch = (summary["model"].get("source") == "onnx")
+        ratio = (f", {sp['speedup']:.2f}x PyTorch eager" if sp.get("speedup") is not None else
+                 ", no PyTorch baseline (the model came as ONNX)" if no_torch else ", PyTorch eager not measured")
         busy = any(str(n).startswith("the machine was busy") for n in summary["bench"].get("notes") or [])
         lines.append(f"speed: best engine {sp['name']} p50 {sp['p50_ms']:.3f} ms at batch {sp['batch']}{ratio}"
                      + (" (measured on a busy machine: noisy, see Latency)" if busy else ""))
@@ -296,11 +301,18 @@ def _verdict(summary: Mapping[str, Any]) -> tuple[bool, str, list[str], list[tup
 def _model_card(s: Mapping[str, Any]) -> Section:
     m = s["model"]
     acc = ", ".join(f"{k} {_pct(v)}" for k, v in m["accuracy"].items() if isinstance(v, (int, float)))
+    acc = acc or "not measured (no data with labels that match the model's classes)"
     labels = [str(x) for x in m["labels"]]
     shown = ", ".join(labels[:20]) + (f" ... ({len(labels)} in all)" if len(labels) > 20 else f" ({len(labels)})")
     rows = [("architecture", m["architecture"], ""), ("parameters", f"{m['parameters']:,}", ""),
             ("data", m["data"], ""), ("data fingerprint", m["data_fingerprint"], "mono"), ("accuracy", acc, ""),
-            ("labels", shown, ""), ("checkpoint", m["checkpoint"], "mono")]
+            ("labels", shown, ""), ("checkpoint" if m.get("source", "registry") in ("registry", "checkpoint") else
+                                    "from", m["checkpoint"], "mono")]
+    extra = (("source", m.get("source"), ""), ("factory", m.get("factory"), "mono"),
+             ("factory kwargs", json.dumps(m["factory_kwargs"], sort_keys=True) if m.get("factory_kwargs") else None, "mono"),
+             ("weights sha256", m.get("weights_sha256"), "mono"), ("ONNX sha256", m.get("onnx_sha256"), "mono"),
+             ("reference", m.get("reference"), ""))
+    rows += [row for row in extra if row[1]]
     return Section("Model card", "model", [Table(("", ""), tuple((Cell(k), _c(v, cls)) for k, v, cls in rows))])
 
 
@@ -451,8 +463,9 @@ def _gate_text(g: Mapping[str, Any]) -> str:
 
 
 def _parity(s: Mapping[str, Any]) -> Section:
-    sec = Section("Parity with PyTorch FP32", "parity")
     p = s.get("parity")
+    sec = Section("Parity with " + ("the FP32 ONNX reference" if p and "ONNX" in str(p.get("reference")) else
+                                    "PyTorch FP32"), "parity")
     if not p:
         sec.blocks.append(Para("Parity did not run in this run: no parity gate was checked.", "missing"))
         return sec

@@ -38,6 +38,7 @@ import resdeploy
 from resdeploy import atomic
 from resdeploy.errors import BackendUnavailable, CheckFailed, InputError
 from resdeploy.pipeline.config import RunConfig
+from resdeploy.pipeline.sources import ModelSource, key_of, resolve_source
 
 RUN_FORMAT = 1  # bump when stage records change meaning: every cached stage then reruns
 _VERSIONED = ("torch", "numpy", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt")
@@ -228,56 +229,90 @@ def _parity_backends(cfg: RunConfig, engines: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _train(r: _Runner, cfg: RunConfig) -> Path:
-    if cfg.model.checkpoint:
-        from resdeploy.models import load_checkpoint
+def _model_key(r: _Runner, src: ModelSource) -> dict[str, str]:
+    """Cache-key inputs that name the reference model and its data: the checkpoint's files, the factory's code and
+    kwargs with the weights' sha256, or the ONNX file's sha256."""
+    out = {"data": src.data, "model": key_of(src)}
+    if src.checkpoint is not None:
+        out["checkpoint"] = r.sha(src.checkpoint)
+    return out
 
-        ckpt = Path(cfg.model.checkpoint)
-        _, info = load_checkpoint(ckpt)  # refuses a missing/corrupt/unsafe checkpoint before anything else runs
-        acc = info.metrics.get("test_accuracy")
-        r.skip("train", f"given checkpoint {ckpt} ({info.arch}"
-               + (f", test accuracy {acc:.2%})" if isinstance(acc, float) else ")"))
-        return ckpt
+
+def _train(r: _Runner, cfg: RunConfig, src: ModelSource) -> None:
+    """Train a registry architecture or the user's factory on the data (sets ``src.checkpoint``); skipped when the
+    model came with its weights (a checkpoint, the factory's weights, or an ONNX file)."""
+    if src.given:
+        r.skip("train", src.given)
+        return
     out = r.root / "checkpoint"
+    m, t = cfg.model, cfg.train
 
     def run() -> tuple[str, dict[str, Any], list[Path]]:
         from resdeploy.models.train import TrainConfig, train
 
-        t = cfg.train
-        result = train(TrainConfig(arch=cfg.model.arch, data=t.data, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
+        result = train(TrainConfig(arch=m.arch, data=src.data, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
                                    seed=t.seed, threads=t.threads or None, image_size=t.image_size or None,
-                                   channels=t.channels or None, augment=t.augment, max_batches=t.max_batches or None),
+                                   channels=t.channels or None, augment=t.augment, max_batches=t.max_batches or None,
+                                   factory=src.factory, input_shape=tuple(m.input_shape) or None,  # type: ignore[arg-type]
+                                   mean=tuple(m.mean), std=tuple(m.std), labels=tuple(m.labels)),
                        out_dir=out)
         return (f"{result.arch}: test accuracy {result.test_accuracy:.2%} after {result.epochs} epochs",
                 {"test_accuracy": result.test_accuracy, "val_accuracy": result.val_accuracy}, [out])
 
-    r.stage("train", {"arch": cfg.model.arch, **dataclasses.asdict(cfg.train)}, {}, run)
-    return out
+    own = ({"arch": m.arch} if src.factory is None else
+           {"factory": key_of(src), "input_shape": m.input_shape, "mean": m.mean, "std": m.std, "labels": m.labels})
+    r.stage("train", {**own, **dataclasses.asdict(t), "data": src.data}, {}, run)
+    src.checkpoint = out
 
 
-def _export(r: _Runner, cfg: RunConfig, ckpt: Path) -> Path:
+def _export(r: _Runner, cfg: RunConfig, src: ModelSource) -> Path:
+    """The FP32 ONNX: exported from the checkpoint or the factory's network, or the user's ONNX imported; then the
+    short-path check (against the PyTorch model; structure only for an imported ONNX)."""
     out = r.root / "onnx" / "fp32.onnx"
+    e = cfg.export
 
     def run() -> tuple[str, dict[str, Any], list[Path]]:
+        if src.kind == "onnx":
+            return _import(src, out)
         from resdeploy.export import ExportConfig
-        from resdeploy.pipeline.exporting import export_checkpoint
+        from resdeploy.pipeline.exporting import export_checkpoint, export_user_model
 
-        e = cfg.export
-        res = export_checkpoint(ckpt, out, config=dataclasses.replace(ExportConfig(), exporter=e.exporter, opset=e.opset,
-                                                                       parity_images=e.parity_images))
+        config = dataclasses.replace(ExportConfig(), exporter=e.exporter, opset=e.opset, parity_images=e.parity_images)
+        if src.kind == "factory":
+            res = export_user_model(src, out, config=config)
+        else:
+            res = export_checkpoint(src.checkpoint, out, config=config)
         rep, check = res.export, res.check
         if not res:
-            raise CheckFailed(f"export of {ckpt} failed its checks:\n{res}")
+            raise CheckFailed(f"export of {src.name} failed its checks:\n{res}")
         adds = sum(1 for a in check.adds) if check is not None else 0
         return (f"opset {rep.opset}, max abs {rep.parity.max_abs_err:.1e} vs PyTorch, {adds} residual adds checked",
                 {"sha256": rep.sha256, "opset": rep.opset, "exporter": rep.exporter, "parity": dataclasses.asdict(rep.parity),
                  "external_data": rep.external_data, "skipadd": check.to_dict() if check else None}, [out])
 
-    r.stage("export", dataclasses.asdict(cfg.export), {"checkpoint": r.sha(ckpt)}, run)
+    m = cfg.model
+    own = {"input_shape": m.input_shape, "mean": m.mean, "std": m.std, "labels": m.labels} if src.kind in ("factory", "onnx") else {}
+    r.stage("export", {**dataclasses.asdict(e), **own}, _model_key(r, src), run)
     return out
 
 
-def _variant(r: _Runner, cfg: RunConfig, ckpt: Path, fp32: Path, precision: str, flavour: str | None) -> Path:
+def _import(src: ModelSource, out: Path) -> tuple[str, dict[str, Any], list[Path]]:
+    """The export stage for the user's ONNX: copied with resdeploy's metadata, then the short-path check on its
+    structure (no PyTorch model to compare numbers with)."""
+    from resdeploy.export import check_short_paths
+    from resdeploy.pipeline.sources import import_onnx
+
+    info = import_onnx(src, out)
+    check = check_short_paths(out)
+    if not check:
+        raise CheckFailed(f"the short-path check of {src.onnx} (structure only) failed:\n{check}")
+    adds = len(check.adds)
+    return (f"imported {src.onnx.name} (sha256 {info['source_sha256'][:12]}), opset {info['opset']}, {adds} residual "
+            "adds found (structure only: the reference is this graph in ONNX Runtime)",
+            {**info, "parity": None, "skipadd": check.to_dict()}, [out])
+
+
+def _variant(r: _Runner, cfg: RunConfig, src: ModelSource, fp32: Path, precision: str, flavour: str | None) -> Path:
     name = f"variant-{precision}" + (f"-{flavour}" if flavour and flavour != "u8s8" else "")
     out = r.root / "onnx" / (f"{precision}.onnx" if not flavour or flavour == "u8s8" else f"{precision}-{flavour}.onnx")
     v = cfg.variants
@@ -285,7 +320,7 @@ def _variant(r: _Runner, cfg: RunConfig, ckpt: Path, fp32: Path, precision: str,
     def run() -> tuple[str, dict[str, Any], list[Path]]:
         from resdeploy.pipeline.quantizing import QuantizeConfig, quantize_model
 
-        qc = QuantizeConfig(precision=precision, flavour=flavour, data=_data_of(ckpt),
+        qc = QuantizeConfig(precision=precision, flavour=flavour, data=src.data or "mnist",
                             calibration_images=v.calibration_images, max_int8_drop=v.max_int8_drop,
                             min_fp16_agreement=v.min_fp16_agreement, threads=cfg.engines.threads or None)
         qc.int8.method = v.int8_method
@@ -294,7 +329,7 @@ def _variant(r: _Runner, cfg: RunConfig, ckpt: Path, fp32: Path, precision: str,
 
             # the configured method first, then the others
             qc.search = SearchConfig(methods=tuple(dict.fromkeys((v.int8_method, "minmax", "percentile", "entropy"))))
-        res = quantize_model(fp32, out, config=qc, reference=ckpt)
+        res = quantize_model(fp32, out, config=qc, reference=src.reference().model)
         acc = res.accuracy
         summary = (f"{precision}" + (f" {flavour}" if flavour else "") + f": {acc}" if acc else precision)
         search = res.search
@@ -310,18 +345,11 @@ def _variant(r: _Runner, cfg: RunConfig, ckpt: Path, fp32: Path, precision: str,
            {"int8_method": v.int8_method, "calibration_images": v.calibration_images, "max_int8_drop": v.max_int8_drop,
             "int8_search": v.int8_search})
     r.stage(name, {**own, "precision": precision, "flavour": flavour, "threads": cfg.engines.threads},
-            {"fp32": r.sha(fp32), "checkpoint": r.sha(ckpt)}, run)
+            {"fp32": r.sha(fp32), **_model_key(r, src)}, run)
     return out
 
 
-def _data_of(ckpt: Path) -> str:
-    from resdeploy.models import load_checkpoint
-
-    _, info = load_checkpoint(ckpt)
-    return str(info.metrics.get("data", "mnist"))
-
-
-def _engine(r: _Runner, cfg: RunConfig, ckpt: Path, backend: str, precision: str, src: Path) -> Path:
+def _engine(r: _Runner, cfg: RunConfig, data: str, backend: str, precision: str, src: Path) -> Path:
     name = f"engine-{backend}-{precision}"
 
     def run() -> tuple[str, dict[str, Any], list[Path]]:
@@ -329,7 +357,7 @@ def _engine(r: _Runner, cfg: RunConfig, ckpt: Path, backend: str, precision: str
 
         if backend == "onnxruntime":
             out = r.root / "engines" / f"onnxruntime-{precision}"
-            rep = build(src, out, config=BuildConfig(threads=cfg.engines.threads or None, data=_data_of(ckpt),
+            rep = build(src, out, config=BuildConfig(threads=cfg.engines.threads or None, data=data or "mnist",
                                                      rewrite_option_a=cfg.variants.rewrite_option_a and precision == "fp32"))
             f = rep.fusion
             forms = ", ".join(f"{n} {form}" for form, n in sorted(f.by_form().items())) or "no residual adds"
@@ -357,6 +385,8 @@ def run_pipeline(cfg: RunConfig, *, say: Callable[[str], None] | None = None) ->
     cfg.validate()
     say = say or (lambda line: print(line, flush=True))
     t0 = time.perf_counter()
+    # Before the run folder is touched: the factory imported and run on a batch, weights loaded, the ONNX checked.
+    src = resolve_source(cfg.model, data=cfg.train.data, train=cfg.train, precisions=cfg.variants.precisions)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
@@ -368,24 +398,23 @@ def run_pipeline(cfg: RunConfig, *, say: Callable[[str], None] | None = None) ->
     for n in notes:
         say(f"note: {n}")
     failed: str | None = None
-    ckpt: Path | None = None
     variants: dict[str, Path] = {}
     built: dict[str, Path] = {}
     try:
-        ckpt = _train(r, cfg)
-        variants["fp32"] = _export(r, cfg, ckpt)
+        _train(r, cfg, src)
+        variants["fp32"] = _export(r, cfg, src)
         for p in cfg.variants.precisions:
-            variants[p] = _variant(r, cfg, ckpt, variants["fp32"], p, "u8s8" if p == "int8" else None)
+            variants[p] = _variant(r, cfg, src, variants["fp32"], p, "u8s8" if p == "int8" else None)
         if "tensorrt" in engines and "int8" in variants:  # TensorRT needs symmetric int8 activations
-            variants["int8-s8s8"] = _variant(r, cfg, ckpt, variants["fp32"], "int8", "s8s8")
+            variants["int8-s8s8"] = _variant(r, cfg, src, variants["fp32"], "int8", "s8s8")
         for backend in engines:
             for p in precisions:
-                src = variants["int8-s8s8"] if backend == "tensorrt" and p == "int8" else variants[p]
-                built[f"{backend} {p}"] = _engine(r, cfg, ckpt, backend, p, src)
-        failed = _parity(r, cfg, ckpt, variants, built, engines)
+                model = variants["int8-s8s8"] if backend == "tensorrt" and p == "int8" else variants[p]
+                built[f"{backend} {p}"] = _engine(r, cfg, src.data, backend, p, model)
+        failed = _parity(r, cfg, src, variants, built, engines)
         if failed is None:
-            choice = _engine_choice(r, cfg, ckpt, variants) if cfg.engines.choose == "measure" else None
-            _bench(r, cfg, ckpt, variants)
+            choice = _engine_choice(r, cfg, src.data, variants) if cfg.engines.choose == "measure" else None
+            _bench(r, cfg, src, variants)
             _repository(r, cfg, variants, choice)
         else:
             if cfg.engines.choose == "measure":
@@ -399,11 +428,23 @@ def run_pipeline(cfg: RunConfig, *, say: Callable[[str], None] | None = None) ->
             if name not in done:
                 r.skip(name, "not run: an earlier stage failed")
     wall = time.perf_counter() - t0
-    files = _write_summary(r, cfg, ckpt, variants, failed, started, wall)
+    files = _write_summary(r, cfg, src, failed, started, wall)
     return RunResult(root, tuple(r.records), failed, wall, files)
 
 
-def _parity(r: _Runner, cfg: RunConfig, ckpt: Path, variants: dict[str, Path], built: dict[str, Path],
+def _parity_gates(cfg: RunConfig, src: ModelSource) -> Any:
+    """The run's parity gates (parity.ParityGates). FP32 of a user's network is gated on relative error unless
+    ``parity.fp32_max_rel`` says otherwise: an absolute bound set for the registry's logits means nothing for
+    logits of another scale."""
+    from resdeploy.pipeline.parity import ParityGates
+
+    p = cfg.parity
+    rel = p.fp32_max_rel or (1e-5 if src.kind in ("factory", "onnx") else None)
+    return dataclasses.replace(ParityGates(), fp32_max_abs=p.fp32_max_abs, fp32_max_rel=rel,
+                               fp16_min_agreement=p.fp16_min_agreement, int8_max_accuracy_drop=p.int8_max_drop)
+
+
+def _parity(r: _Runner, cfg: RunConfig, src: ModelSource, variants: dict[str, Path], built: dict[str, Path],
             engines: list[str]) -> str | None:
     backends = _parity_backends(cfg, engines)
     judged = {p: variants[p] for p in ("fp32", *cfg.variants.precisions)}
@@ -411,12 +452,11 @@ def _parity(r: _Runner, cfg: RunConfig, ckpt: Path, variants: dict[str, Path], b
     out = r.root / "parity.json"
 
     def run() -> tuple[str, dict[str, Any], list[Path]]:
-        from resdeploy.pipeline.parity import ParityConfig, ParityGates, run_parity
+        from resdeploy.pipeline.parity import ParityConfig, run_parity
 
         p = cfg.parity
-        gates = dataclasses.replace(ParityGates(), fp32_max_abs=p.fp32_max_abs, fp16_min_agreement=p.fp16_min_agreement,
-                                    int8_max_accuracy_drop=p.int8_max_drop)
-        report = run_parity(ckpt, judged, config=ParityConfig(backends=tuple(backends), precisions=tuple(judged),
+        gates = _parity_gates(cfg, src)
+        report = run_parity(src.reference(), judged, config=ParityConfig(backends=tuple(backends), precisions=tuple(judged),
                                                               limit=p.limit or None, threads=cfg.engines.threads or None,
                                                               gates=gates),
                             engines=plans, progress=lambda _m: None)
@@ -427,14 +467,14 @@ def _parity(r: _Runner, cfg: RunConfig, ckpt: Path, variants: dict[str, Path], b
         return summary, report.to_dict(), [out]
 
     rec = r.stage("parity", {**dataclasses.asdict(cfg.parity), "backends": backends},
-                  {k: r.sha(v) for k, v in {**judged, **plans}.items()}, run)
+                  {**{k: r.sha(v) for k, v in {**judged, **plans}.items()}, **_model_key(r, src)}, run)
     if rec.result.get("passed"):
         return None
     fails = rec.result.get("failures") or ["no backend ran"]
     return f"parity gate: {fails[0]}" + (f" (+{len(fails) - 1} more)" if len(fails) > 1 else "")
 
 
-def _bench(r: _Runner, cfg: RunConfig, ckpt: Path, variants: dict[str, Path]) -> None:
+def _bench(r: _Runner, cfg: RunConfig, src: ModelSource, variants: dict[str, Path]) -> None:
     b = cfg.bench
     if not b.enabled:
         r.skip("bench", "disabled (bench.enabled = false)")
@@ -448,8 +488,9 @@ def _bench(r: _Runner, cfg: RunConfig, ckpt: Path, variants: dict[str, Path]) ->
 
         from resdeploy.pipeline.bench import BenchConfig, run_bench
 
-        bc = BenchConfig(checkpoint=str(ckpt), batches=tuple(b.batches), max_seconds=b.max_seconds, threads=b.threads,
-                         backends=backends, precisions=tuple(judged), anchors=tuple(b.anchors), variants=judged)
+        bc = BenchConfig(reference=src.reference(), gates=_parity_gates(cfg, src), batches=tuple(b.batches),
+                         max_seconds=b.max_seconds, threads=b.threads, backends=backends, precisions=tuple(judged),
+                         anchors=tuple(b.anchors), variants=judged)
         result = run_bench(bc, out_dir=out, stream=io.StringIO())
         batch = min(b.batches)
         best = result.best(batch)
@@ -461,11 +502,12 @@ def _bench(r: _Runner, cfg: RunConfig, ckpt: Path, variants: dict[str, Path]) ->
             summary = f"no engine passed parity and was measured at batch {batch} within {b.max_seconds:g} s"
         return summary, result.to_dict(), [out]
 
-    r.stage("bench", {**dataclasses.asdict(b), "backends": list(backends)}, {k: r.sha(Path(v)) for k, v in judged.items()},
-            run)
+    r.stage("bench", {**dataclasses.asdict(b), "backends": list(backends),
+                      "gates": dataclasses.asdict(_parity_gates(cfg, src))},
+            {**{k: r.sha(Path(v)) for k, v in judged.items()}, **_model_key(r, src)}, run)
 
 
-def _engine_choice(r: _Runner, cfg: RunConfig, ckpt: Path, variants: dict[str, Path]) -> dict[str, Any] | None:
+def _engine_choice(r: _Runner, cfg: RunConfig, data: str, variants: dict[str, Path]) -> dict[str, Any] | None:
     """Time every CPU engine x precision that passed parity and record the fastest (engines/engine-choice.json).
     With a fixed ``repository.precision`` the choice is among that precision's engines; with ``auto``, among all."""
     from resdeploy.pipeline.engine_choice import CPU_ENGINES
@@ -487,7 +529,7 @@ def _engine_choice(r: _Runner, cfg: RunConfig, ckpt: Path, variants: dict[str, P
         from resdeploy.artifact import open_artifact
 
         spec = open_artifact(variants["fp32"]).metadata.input_spec
-        image = held_out_images(spec, 1, _data_of(ckpt))[0] if spec is not None else None
+        image = held_out_images(spec, 1, data or None)[0] if spec is not None else None
         cands = [EngineCandidate(v["backend"], v["precision"], variants[v["precision"]], bool(v.get("passed")),
                                  "; ".join(g.get("metric", "") for g in v.get("gates", []) if not g.get("passed", True)))
                  for v in pool]
@@ -544,18 +586,36 @@ def machine_summary() -> dict[str, Any]:
             "python": platform.python_version(), "platform": platform.platform(), "versions": library_versions()}
 
 
-def _write_summary(r: _Runner, cfg: RunConfig, ckpt: Path | None, variants: dict[str, Path], failed: str | None,
+def _model_card(src: ModelSource, recs: dict[str, StageRecord]) -> dict[str, Any]:
+    """The report's model card: what the model is, its accuracy (from training, else the reference's on the parity
+    split, else null), and where it came from (factory and kwargs, weights or ONNX sha256, the reference)."""
+    from resdeploy.models.checkpoint import read_checkpoint_meta
+
+    try:
+        ref = src.reference()
+    except InputError:  # the run stopped before the model existed (training failed): the card says what is known
+        ref = None
+    meta: dict[str, Any] = {}
+    if src.checkpoint is not None and (src.checkpoint / "model.json").is_file():
+        _, meta = read_checkpoint_meta(src.checkpoint)
+    metrics = meta.get("metrics") or {}
+    acc = {k.removesuffix("_accuracy"): v for k, v in metrics.items() if k.endswith("_accuracy")}
+    if "test" not in acc:
+        acc["test"] = (recs["parity"].result or {}).get("reference_accuracy") if "parity" in recs else None
+    if ref is not None and ref.model is not None:
+        params = int(sum(p.numel() for p in ref.model.parameters()))
+    else:
+        params = int((recs["export"].result or {}).get("parameters", 0)) if "export" in recs else 0
+    return {"architecture": meta.get("arch") or src.name, "parameters": params,
+            "data": str(metrics.get("data") or src.data), "data_fingerprint": meta.get("data_fingerprint") or "",
+            "accuracy": acc, "labels": list(ref.labels) if ref is not None else [],
+            "checkpoint": str(src.checkpoint or src.weights or src.onnx or ""), **(src.card() if ref is not None else {})}
+
+
+def _write_summary(r: _Runner, cfg: RunConfig, src: ModelSource, failed: str | None,
                    started: str, wall: float) -> tuple[Path, ...]:
     recs = {s.name: s for s in r.records}
-    model: dict[str, Any] = {}
-    if ckpt is not None and (Path(ckpt) / "model.json").is_file():
-        from resdeploy.models import load_checkpoint
-
-        net, info = load_checkpoint(ckpt)
-        model = {"architecture": info.arch, "parameters": int(sum(p.numel() for p in net.parameters())),
-                 "data": str(info.metrics.get("data", "")), "data_fingerprint": info.data_fingerprint or "",
-                 "accuracy": {k.removesuffix("_accuracy"): v for k, v in info.metrics.items() if k.endswith("_accuracy")},
-                 "labels": list(info.labels), "checkpoint": str(ckpt)}
+    model = _model_card(src, recs)
     skipadd = {}
     if "export" in recs and recs["export"].result.get("skipadd"):
         skipadd["fp32"] = recs["export"].result["skipadd"]

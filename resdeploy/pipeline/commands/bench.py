@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import argparse
 
+from resdeploy.pipeline.commands.model_args import add_model_args
+
 
 def csv_list(text: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in text.split(",") if s.strip())
@@ -36,18 +38,26 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="parity gate: FP32 on max relative error instead of max abs 1e-4 (random nets have large logits)")
     p.add_argument("--ort-config", action="append", default=[], metavar="KEY=VALUE",
                    help="extra ONNX Runtime session config entry for every ORT case (repeatable)")
-    p.add_argument("--fp32", dest="fp32", help="use this FP32 ONNX model instead of exporting one")
+    p.add_argument("--fp32", dest="fp32", help="use this FP32 ONNX model instead of exporting one; alone, it is also the "
+                                               "reference (ONNX Runtime)")
     p.add_argument("--fp16", help="use this FP16 ONNX model")
     p.add_argument("--int8", help="use this INT8 ONNX model")
     p.add_argument("--out", required=True, help="folder for bench.json, bench.md and bench.png")
+    add_model_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
     import sys
+    import tempfile
+    from pathlib import Path
 
     from resdeploy.errors import InputError
     from resdeploy.pipeline.bench import BenchConfig, run_bench
+    from resdeploy.pipeline.commands.model_args import source_from_args
+    from resdeploy.pipeline.parity import ParityGates
+    from resdeploy.pipeline.sources import imported_fp32
 
     ort_config = {}
     for item in args.ort_config:
@@ -55,18 +65,19 @@ def run(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise InputError(f"--ort-config {item!r}: write KEY=VALUE, e.g. session.intra_op.allow_spinning=0")
         ort_config[key] = value
-    import dataclasses
-
-    from resdeploy.pipeline.parity import ParityGates
-
     gates = ParityGates() if args.fp32_max_rel is None else dataclasses.replace(ParityGates(), fp32_max_rel=args.fp32_max_rel)
-    config = BenchConfig(gates=gates, checkpoint=args.checkpoint, arch=args.arch, batches=tuple(args.batches), warmup=args.warmup,
-                         runs=args.runs if args.runs is not None else (None if args.duration else 100),
-                         duration=args.duration, max_seconds=args.max_seconds, threads=args.threads,
-                         backends=tuple(args.backends), precisions=tuple(args.precisions), anchors=tuple(args.anchors),
-                         gpu=args.gpu, parity_samples=args.parity_samples, ort_session_config=ort_config,
-                         variants={k: v for k, v in {"fp32": args.fp32, "fp16": args.fp16, "int8": args.int8}.items() if v})
-    result = run_bench(config, out_dir=args.out)
+    alone = None if args.checkpoint or args.arch or args.model else args.fp32  # an FP32 ONNX alone is its own reference
+    src = source_from_args(args, precisions=tuple(args.precisions), onnx=alone)
+    with tempfile.TemporaryDirectory(prefix="resdeploy-bench-") as tmp:
+        fp32 = imported_fp32(src, Path(tmp), args.fp32) if src is not None else args.fp32
+        config = BenchConfig(gates=gates, checkpoint=args.checkpoint, arch=args.arch,
+                             reference=src.reference() if src is not None else None, batches=tuple(args.batches),
+                             warmup=args.warmup, runs=args.runs if args.runs is not None else (None if args.duration else 100),
+                             duration=args.duration, max_seconds=args.max_seconds, threads=args.threads,
+                             backends=tuple(args.backends), precisions=tuple(args.precisions), anchors=tuple(args.anchors),
+                             gpu=args.gpu, parity_samples=args.parity_samples, ort_session_config=ort_config,
+                             variants={k: v for k, v in {"fp32": fp32, "fp16": args.fp16, "int8": args.int8}.items() if v})
+        result = run_bench(config, out_dir=args.out)
     print(result)
     if not result:
         print("resdeploy bench: no resdeploy engine was measured with a passing parity gate", file=sys.stderr)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import argparse
 
 from resdeploy.pipeline.commands.bench import csv_list
+from resdeploy.pipeline.commands.model_args import add_model_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -10,7 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", nargs="?", help="checkpoint folder (model.json + model.safetensors)")
     p.add_argument("--arch", help="instead of a checkpoint: an architecture with random weights (seed 0); "
                                   "data = MNIST digits resized and replicated to its input")
-    p.add_argument("--onnx", "--fp32", dest="fp32", help="FP32 ONNX model (default: exported from the checkpoint)")
+    p.add_argument("--onnx", "--fp32", dest="fp32", help="FP32 ONNX model (default: exported from the checkpoint or "
+                                                               "--model); alone, it is also the reference (ONNX Runtime)")
     p.add_argument("--fp16", help="FP16 ONNX model (default: converted from the FP32 model)")
     p.add_argument("--int8", help="INT8 Q/DQ ONNX model (default: quantized u8s8 with val-split calibration)")
     p.add_argument("--backends", type=csv_list, default=("onnxruntime", "openvino", "onnxruntime-cuda", "tensorrt"),
@@ -29,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="INT8 gate metric on random-weight models: top1 agreement (default) or centered top-1 (stricter)")
     p.add_argument("--workdir", help="keep the ONNX variants built here (default: a temporary folder)")
     p.add_argument("--json", help="write the report as JSON to this file")
+    add_model_args(p)
     p.set_defaults(func=run)
 
 
@@ -40,8 +43,17 @@ def run(args: argparse.Namespace) -> int:
     from resdeploy.errors import InputError
     from resdeploy.pipeline.parity import ParityConfig, ParityGates, run_parity
 
-    if bool(args.checkpoint) == bool(args.arch):
-        raise InputError("parity: give a CHECKPOINT folder or --arch NAME (random weights), not both and not neither")
+    import tempfile
+    from pathlib import Path
+
+    from resdeploy.pipeline.commands.model_args import source_from_args
+    from resdeploy.pipeline.sources import imported_fp32
+
+    alone = None if args.checkpoint or args.arch or args.model else args.fp32  # an FP32 ONNX alone is its own reference
+    src = source_from_args(args, precisions=tuple(args.precisions), onnx=alone)
+    if sum(map(bool, (args.checkpoint, args.arch, src))) != 1:
+        raise InputError("parity: give one of a CHECKPOINT folder, --arch NAME (random weights), --model (your network) "
+                         "or --fp32 FILE alone (your ONNX as its own reference)")
     overrides = {k: v for k, v in {"fp32_max_abs": args.fp32_max_abs, "fp32_max_rel": args.fp32_max_rel, "fp16_min_agreement": args.fp16_min_agreement,
                                    "int8_max_accuracy_drop": args.int8_max_drop,
                                    "int8_min_agreement": args.int8_min_agreement,
@@ -50,7 +62,12 @@ def run(args: argparse.Namespace) -> int:
     config = ParityConfig(backends=tuple(args.backends), precisions=tuple(args.precisions), limit=args.limit,
                           threads=args.threads, gates=dataclasses.replace(ParityGates(), **overrides))
     variants = {k: v for k, v in {"fp32": args.fp32, "fp16": args.fp16, "int8": args.int8}.items() if v}
-    report = run_parity(args.checkpoint, variants, config=config, arch=args.arch, workdir=args.workdir)
+    reference = src.reference() if src is not None else args.checkpoint
+    with tempfile.TemporaryDirectory(prefix="resdeploy-parity-") as tmp:
+        if src is not None:
+            variants["fp32"] = imported_fp32(src, Path(args.workdir or tmp), variants.get("fp32"))
+        report = run_parity(reference, {k: v for k, v in variants.items() if v}, config=config, arch=args.arch,
+                            workdir=args.workdir)
     print(report)
     if args.json:
         atomic.write_json(args.json, report.to_dict())

@@ -2,14 +2,17 @@ from __future__ import annotations
 
 import argparse
 
+from resdeploy.pipeline.commands.model_args import add_model_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="write the FP16 or INT8 (Q/DQ) variant of an exported FP32 ONNX model, checked")
-    p.add_argument("model", help="the exported FP32 ONNX model")
+    p.add_argument("onnx_model", metavar="MODEL", help="the exported FP32 ONNX model")
     p.add_argument("--precision", choices=("fp16", "int8"), required=True)
     p.add_argument("--out", required=True, help="ONNX file to write (atomically, only when every check passes)")
     p.add_argument("--data", default="mnist", help="data for calibration (val split) and the accuracy gate (test split)")
-    p.add_argument("--reference", default=None, help="checkpoint the skip-add check compares the variant with")
+    p.add_argument("--reference", default=None, help="checkpoint the skip-add check compares the variant with (or your "
+                                                     "network: --model with --weights)")
     p.add_argument("--backend", choices=("onnxruntime", "openvino", "tensorrt"), default="onnxruntime",
                    help="engine the INT8 variant is for; picks the flavour (onnxruntime/openvino u8s8, tensorrt s8s8)")
     p.add_argument("--flavour", choices=("u8s8", "s8s8"), default=None, help="force the INT8 flavour")
@@ -29,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rewrite-option-a", action="store_true",
                    help="rewrite option-A shortcuts as exact strided 1x1 convs before quantizing (ONNX Runtime then fuses their Adds)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_model_args(p, data=False)
     p.set_defaults(func=run)
 
 
@@ -66,7 +70,14 @@ def run(args: argparse.Namespace) -> int:
             search.smooth_alpha = None
         config.search = search
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if args.accuracy_drop is not None else None
-    result = quantize_model(args.model, args.out, config=config, reference=args.reference, say=say)
+    from resdeploy.errors import InputError
+    from resdeploy.pipeline.commands.model_args import source_from_args
+
+    src = source_from_args(args, data=args.data)
+    if src is not None and args.reference:
+        raise InputError("quantize: give --reference CHECKPOINT or --model, not both")
+    reference = src.reference().model if src is not None else args.reference
+    result = quantize_model(args.onnx_model, args.out, config=config, reference=reference, say=say)
     if args.json:
         r = result.report
         print(json.dumps({"path": str(result.path), "precision": result.precision, "flavour": result.flavour,

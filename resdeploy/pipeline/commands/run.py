@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from resdeploy.pipeline.commands.model_args import add_model_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="the whole pipeline: train/checkpoint -> export -> check -> variants -> engines -> parity "
+    p = sub.add_parser("run", help="the whole pipeline: train/checkpoint/your network/your ONNX -> export -> check -> variants -> engines -> parity "
                                    "-> bench -> model repository -> report, cached by content",
                        description="Run every stage into one run folder. A stage whose inputs, config and library "
                                    "versions are unchanged is not redone (it says 'cached'). Exit 0 when every gate "
@@ -16,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder (config key `out`, default runs/run)")
     p.add_argument("--checkpoint", help="start from this checkpoint instead of training ([model] checkpoint)")
     p.add_argument("--arch", help="architecture to train ([model] arch)")
-    p.add_argument("--data", help="training data ([train] data)")
+    add_model_args(p, data=False, onnx=True)
+    p.add_argument("--data", help="the data: training, calibration, parity ([train] data): mnist, digits, an image folder "
+                                  "with one subfolder per class, or an .npz")
     p.add_argument("--epochs", type=int, help="training epochs ([train] epochs)")
     p.add_argument("--no-bench", action="store_true", help="skip the latency stage ([bench] enabled = false)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -29,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     import sys
 
+    from resdeploy.pipeline.commands.model_args import model_section
     from resdeploy.pipeline.config import load_config
     from resdeploy.pipeline.run import run_pipeline
 
@@ -40,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if args.no_bench:
         overrides.append("bench.enabled=false")
     cfg = load_config(args.config, overrides)
+    cfg.model = model_section(args, cfg.model)  # --model, --weights, --onnx ... over the config's [model]
     result = run_pipeline(cfg)  # prints one line per stage as it goes
     print(result.verdict())
     if args.json:
