@@ -18,8 +18,8 @@ from typing import Any
 
 from resdeploy.errors import InputError
 from resdeploy.pipeline.degradation_rule import MARGIN, Verdict, family_gap, judge, mean, spread
-from resdeploy.pipeline.degradation_train import (NETS, DegradationConfig, RunResult, depth, family_ends, load_tensors, lr_at,
-                                                  train_one)
+from resdeploy.pipeline.degradation_train import (NETS, DegradationConfig, RunResult, depth, family_ends,
+                                                  load_tensors, lr_at, train_one)
 
 PREVIEW_LINE = ("preview: --quick trains {iterations} iterations x {seeds} seed(s), not the protocol; no verdict. "
                 "Run without --quick for the verdict")
@@ -95,23 +95,26 @@ class DegradationResult:
 
     def machine_line(self) -> str:
         m = self.machine
-        load = f"load average {m.get('load_average_start', ['?'])[0]} at start, {m.get('load_average_end', ['?'])[0]} at end"
-        return (f"machine: {m.get('cpu_model', '?')} ({m.get('core', '?')}; {', '.join(m.get('simd', [])) or 'no SIMD flags'}), "
-                f"{m.get('usable_cpus', '?')} CPUs; {m.get('processes', '?')} process(es) x {self.config.threads} "
-                f"torch thread(s); {load}; wall {self.seconds:.0f} s")
+        start, end = (m.get(k) or ["?"] for k in ("load_average_start", "load_average_end"))
+        simd = ", ".join(m.get("simd", [])) or "no SIMD flags"
+        return (f"machine: {m.get('cpu_model', '?')} ({m.get('core', '?')}; {simd}), {m.get('usable_cpus', '?')} CPUs; "
+                f"load average {start[0]} at start, {end[0]} at end; {m.get('processes', '?')} process(es) x "
+                f"{self.config.threads} torch thread(s); wall {self.seconds:.0f} s")
 
     def __str__(self) -> str:
         lines = [f"degradation experiment on {self.data}", self.protocol_line(), self.machine_line(),
-                 f"{'net':<10} {'params':>9} {'final train error':>18} {'final test error':>17} {'s/run':>7} {'cpu s/run':>9}"]
+                 f"{'net':<10} {'params':>9} {'final train error':>18} {'final test error':>17} {'s/run':>7} "
+                 f"{'cpu s/run':>9}"]
         for s in self.summary():
             lines.append(f"{s.net:<10} {s.params:>9,} {100 * s.train_error:>8.2f} ± {100 * s.train_spread:5.2f} % "
-                         f"{100 * s.test_error:>7.2f} ± {100 * s.test_spread:5.2f} % {s.seconds:>7.0f} {s.cpu_seconds:>9.0f}")
+                         f"{100 * s.test_error:>7.2f} ± {100 * s.test_spread:5.2f} % {s.seconds:>7.0f} "
+                         f"{s.cpu_seconds:>9.0f}")
         lines.append(f"(mean ± sample standard deviation over {self.config.seeds} seed(s))")
         v = self.verdict()
         if self.config.preview:
             lines.append(self.preview_line())
         elif v is None:
-            lines.append("no verdict: the rule compares two depths of plain and of resnet nets (e.g. the default --nets)")
+            lines.append("no verdict: the rule compares two depths of plain and of resnet nets (the default --nets)")
         else:
             lines.append(str(v))
         return "\n".join(lines)

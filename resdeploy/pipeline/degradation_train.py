@@ -209,7 +209,7 @@ def train_one(config: DegradationConfig, net: str, seed: int,
     batches = batch_order(len(d.train_y), config.batch_size, seed)
     first_pass = len(d.train_y) // min(config.batch_size, len(d.train_y))  # minibatches in one pass
     first: list[Any] = []
-    points = sorted({max(1, round(k * config.iterations / config.curve_points)) for k in range(1, config.curve_points + 1)})
+    points = {max(1, round(k * config.iterations / config.curve_points)) for k in range(1, config.curve_points + 1)}
     warming = config.warmup and net in {deep for _, deep in family_ends(config.nets).values()}
     recent: list[float] = []  # training error of the last 10 minibatches (train mode), for the warm-up's exit
     curve: tuple[list[int], list[float], list[float]] = ([], [], [])
@@ -218,7 +218,8 @@ def train_one(config: DegradationConfig, net: str, seed: int,
         idx = next(batches)
         if len(first) < first_pass:
             first.append(idx)
-        warming = warming and lr_at(config, it - 1) == config.lr and (len(recent) < 10 or sum(recent) / 10 >= config.warmup_until)
+        above = len(recent) < 10 or sum(recent) / 10 >= config.warmup_until
+        warming = warming and above and lr_at(config, it - 1) == config.lr  # never past the first lr drop
         warm_its += warming
         for group in opt.param_groups:
             group["lr"] = config.warmup_lr if warming else lr_at(config, it - 1)
@@ -230,7 +231,7 @@ def train_one(config: DegradationConfig, net: str, seed: int,
         opt.step()
         recent = (recent + [float((logits.argmax(1) != d.train_y[idx]).float().mean())])[-10:]
         if it in points:
-            n = len(d.train_y) if it == points[-1] else config.curve_train_images
+            n = len(d.train_y) if it == config.iterations else config.curve_train_images
             curve[0].append(it)
             curve[1].append(error_rate(model, d.train_x[:n], d.train_y[:n]))
             curve[2].append(error_rate(model, d.test_x, d.test_y))
