@@ -144,8 +144,8 @@ def _mean_joins(a: Ancestry, found: dict[int, _Found], claimed: set[int]) -> Non
         if n.op not in ("div", "mul") or len(n.inputs) != 1 or len(n.consts) != 1 or n.consts[0][0] != 1:
             continue
         top = a.node_of(n.inputs[0])
-        if top is None or top.op != "add" or len(top.inputs) != 2:
-            continue
+        if top is None or top.op != "add" or len(top.inputs) != 2 or len(a.consumers.get(n.inputs[0], [])) != 1:
+            continue  # a sum read elsewhere too (a residual add scaled on one of its uses) is no join
         leaves, tree = _add_tree(a, n.inputs[0])
         c = n.consts[0][1]
         divisor = c if n.op == "div" else (1.0 / c if c else float("inf"))
@@ -164,7 +164,7 @@ def _add_tree(a: Ancestry, tensor: str) -> tuple[list[str], list[int]]:
     while stack:
         t = stack.pop()
         p = a.node_of(t)
-        if p is not None and p.op == "add" and len(p.inputs) == 2 and len(a.consumers.get(t, [])) <= 1 \
+        if p is not None and p.op == "add" and len(p.inputs) == 2 and len(a.consumers.get(t, [])) == 1 \
                 and _rank_ok(a.graph, t):
             tree.append(a.producer[t])
             stack.extend(reversed(p.inputs))

@@ -198,8 +198,9 @@ def run_check(model: onnx.ModelProto | str | Path, reference: Any | None = None,
               report_type: type[ShortPathReport] | None = None) -> ShortPathReport:
     """One run of the engine on ``model`` (against ``reference``, numerically on ``sample`` or seeded random inputs),
     reporting the short paths of ``kinds``. ``reference``: an nn.Module, or the :class:`Trace` of one (from
-    :func:`trace`, to check several graphs against one reference without tracing it each time). ``report_type`` None: SkipAddReport when every short path found is a
-    plain add, else ShortPathReport. Never raises for defects; raises InputError for unreadable input."""
+    :func:`trace`: several graphs checked against one reference without tracing it each time). ``report_type``
+    None: SkipAddReport when every short path on both sides is a plain add, else ShortPathReport. Never raises for
+    defects; raises InputError for unreadable input."""
     proto, path, label = open_model(model)
     dg, _ = onnx_datagraph(proto)
     paths = discover(dg)

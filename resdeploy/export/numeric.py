@@ -8,8 +8,8 @@ input) and, when that differs, with the others of the same shape, so operands wr
 
 A float graph passes when ``max |onnx - torch| / max |torch| <= FLOAT_RTOL`` (an operand's error is taken relative
 to the larger of its own and the output's magnitude; a float16 graph's operands get ``LOW_PRECISION_OPERAND_RTOL``);
-a quantized one when the cosine similarity is at least ``QUANT_MIN_COSINE``. The first pair that fails is the first divergent block; later ones
-are its consequences and are marked ``diverged`` without a defect of their own.
+a quantized one when the cosine similarity is at least ``QUANT_MIN_COSINE``. The first pair that fails is the first
+divergent block; later ones are its consequences and are marked ``diverged`` without a defect of their own.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def onnx_values(model: onnx.ModelProto, path: Path | None, outputs: Sequence[str
     m = expose_outputs(model, list(outputs))
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # a graph that cannot run becomes one InputError below, not an ORT log line too
     try:
         if path is not None and any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer):
             # External weights are resolved relative to the model's folder: write the copy beside it.
@@ -83,12 +83,14 @@ def onnx_values(model: onnx.ModelProto, path: Path | None, outputs: Sequence[str
         raise InputError(f"ONNX Runtime cannot load the model for numeric localisation ({exc}); check it with "
                          "`onnx.checker` or drop --reference sample data") from None
     feed = sess.get_inputs()[0]
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4
     want = [o.name for o in sess.get_outputs() if o.name in set(outputs)]
     vals: dict[str, list[np.ndarray]] = {n: [] for n in want}
     batches = [x[i:i + 1] for i in range(len(x))] if isinstance(feed.shape[0], int) else [x]
     for xb in batches:
         try:
-            res = sess.run(want, {feed.name: xb.astype(np.float32)})
+            res = sess.run(want, {feed.name: xb.astype(np.float32)}, quiet)
         except Exception as exc:  # noqa: BLE001
             raise InputError(f"ONNX Runtime cannot run the model on the sample images of shape {xb.shape} ({exc}); "
                              "give images shaped and normalised as the model's input") from None
