@@ -36,7 +36,7 @@ class SkipAddRow:
     rel_err: float | None = None
     cosine: float | None = None
     short_path: str = "add"  # the short-path kind (add, scaled_add, concat, gated_add, mean_join)
-    operand_rel_err: float | None = None  # worst operand vs PyTorch's (a skip wired to another tensor shows here)
+    operand_rel_err: float | None = None  # worst operand vs PyTorch's (1 - cosine when quantized): a wrong wire shows here
 
 
 def shape_text(s: tuple[object, ...] | None) -> str:
