@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 RUN ?= runs/demo
 
-.PHONY: setup triton-venv lint-docker browser demo test clean
+.PHONY: setup zoo-venv triton-venv lint-docker browser demo test clean
 
 $(BIN)/resdeploy: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,22 @@ $(BIN)/resdeploy: pyproject.toml
 	touch $@
 
 setup: $(BIN)/resdeploy
+
+# The second test tier (tests/zoo, marker `zoo`): real torchvision and timm networks, in a venv of their own so
+# the main one stays lean (torchvision cannot install beside the pinned torch 2.13 CPU wheel). About 5.5 GB; made
+# once and reused while pyproject.toml is unchanged (the stamp file). `make demo` never needs it.
+ZOO_VENV ?= .venv-zoo
+ZOO_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+ZOO_BIN := $(ZOO_VENV)/bin
+$(ZOO_VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(ZOO_VENV)
+	$(ZOO_BIN)/python -m pip install --quiet --upgrade pip
+	$(ZOO_BIN)/python -m pip install --quiet $(ZOO_TORCH_SPEC)
+	$(ZOO_BIN)/python -m pip install --quiet timm
+	$(ZOO_BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+zoo-venv: $(ZOO_VENV)/.stamp
 
 # The main job on the embedded default (CPU, ONNX Runtime), one command: train -> export -> skip-add check ->
 # precision variants -> engines with fusion reports -> parity gates -> latency -> a Triton model repository -> report.
@@ -41,8 +57,10 @@ triton-venv:
 lint-docker: setup
 	$(BIN)/hadolint --failure-threshold style Dockerfile
 
-test: setup triton-venv lint-docker browser
+# The main suite, then the zoo tier (pytest exits 5 when it collects nothing: that fails too).
+test: setup triton-venv lint-docker browser zoo-venv
 	$(BIN)/python -m pytest
+	$(ZOO_BIN)/python -m pytest -m zoo tests/zoo
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(ZOO_VENV) runs build *.egg-info

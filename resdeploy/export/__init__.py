@@ -1,32 +1,33 @@
-"""PyTorch -> ONNX export that verifies itself, and the skip-add graph check (generalised: the short-path check).
+"""PyTorch -> ONNX export that verifies itself, and the short-path check (residual adds and every other kind).
+
+The check is one engine (:mod:`resdeploy.export.engine`): discover (:mod:`~resdeploy.export.discover`, on the
+DataGraph of :mod:`~resdeploy.export.onnx_graph` or :mod:`~resdeploy.export.torch_graph`) -> align
+(:mod:`~resdeploy.export.align`) -> diff the structure (:mod:`~resdeploy.export.structure`) -> compare numbers
+(:mod:`~resdeploy.export.numeric`). :func:`check_skip_adds` and :func:`check_short_paths` are its two views.
 
 This package never imports ``resdeploy.models``: callers hand in an ``nn.Module`` plus plain metadata.
 """
 
+from resdeploy.export.check_report import Defect, ShortPathReport, SkipAddReport, SkipAddRow, require_pass
+from resdeploy.export.discover import KINDS, ResidualAdd, ShortPath
 from resdeploy.export.onnx_export import ExportConfig, ExportReport, Parity, check_parity, export_onnx, fold_batchnorm
-from resdeploy.export.skipadd import (
-    Defect,
-    ResidualAdd,
-    SkipAddReport,
-    SkipAddRow,
-    check_skip_adds,
-    find_residual_adds,
-    load_onnx,
-    require_pass,
-)
 from resdeploy.export.shortpath import (
-    ShortPath,
-    ShortPathReport,
     check_short_paths,
     find_short_paths,
     require_short_paths_pass,
     trace_short_paths,
 )
-from resdeploy.export.torch_structure import TorchResidualAdd, trace_residual_adds
+from resdeploy.export.skipadd import (
+    TorchResidualAdd,
+    check_skip_adds,
+    find_residual_adds,
+    load_onnx,
+    trace_residual_adds,
+)
 
 __all__ = [
-    "Defect", "ExportConfig", "ExportReport", "Parity", "ResidualAdd", "SkipAddReport", "SkipAddRow", "TorchResidualAdd",
-    "check_parity", "check_skip_adds", "export_onnx", "find_residual_adds", "fold_batchnorm", "load_onnx",
-    "require_pass", "trace_residual_adds",
+    "Defect", "ExportConfig", "ExportReport", "KINDS", "Parity", "ResidualAdd", "SkipAddReport", "SkipAddRow",
+    "TorchResidualAdd", "check_parity", "check_skip_adds", "export_onnx", "find_residual_adds", "fold_batchnorm",
+    "load_onnx", "require_pass", "trace_residual_adds",
     "ShortPath", "ShortPathReport", "check_short_paths", "find_short_paths", "require_short_paths_pass", "trace_short_paths",
 ]

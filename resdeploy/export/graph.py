@@ -1,41 +1,27 @@
-"""Residual structure of a dataflow graph, the same rule for ONNX graphs and for torch.export/FX graphs.
+"""The dataflow graph every short-path rule reads: the same for ONNX graphs and torch.export graphs.
 
-Both sides are first reduced to a :class:`DataGraph`: nodes in topological order, each with a normalised op
-class and the *data* tensors it reads (weights, constants and shape metadata are not data). Ops that do not
-change values (Identity, Cast, Quantize/DequantizeLinear, Dropout, no-op Reshape/Transpose and
-Reshape/Transpose pairs that undo each other) are seen through by the front-ends, so a Q/DQ-quantized or
-optimizer-rewritten graph reduces to the same DataGraph as the float graph it came from.
+Both front-ends (:mod:`resdeploy.export.onnx_graph`, :mod:`resdeploy.export.torch_graph`) reduce their graph to a
+:class:`DataGraph`: nodes in topological order, each with a normalised op class and the *data* tensors it reads
+(weights, constants and shape metadata are not data). Ops that do not change values (Identity, Cast,
+Quantize/DequantizeLinear, Dropout, no-op Reshape/Transpose and Reshape/Transpose pairs that undo each other) are
+seen through, so a Q/DQ-quantized or optimizer-rewritten graph reduces to the same DataGraph as its float source.
 
-The rule (documented here because the ONNX side and the torch side must agree on it):
-
-* A **merge** is an elementwise binary node (Add; also Sub/Mul/Div/Max/Min, which are only ever defects when
-  they sit where a residual add should be) whose two data operands are distinct feature maps (rank >= 3)
-  of the same shape.
-* Its **fork** is the latest (in topological order) tensor that is an ancestor of both operands, or one of
-  the operands itself. For a residual block this is the block input; for the pre-activation net's
-  projection blocks, whose shortcut conv reads ``relu(bn1(x))``, it is that tensor, which both paths reach.
-* For each operand, its **path** is the set of nodes that are ancestors of the operand but not of the fork.
-  The **shortcut** is the operand whose path has fewer convolutions (ties: fewer nodes; then the second
-  operand); the other is the **branch**.
-* The shortcut's **kind**: ``identity`` when the shortcut operand is the fork itself; ``option_a`` when its
-  path has no learned op (subsample / pad / concat with zeros) or a single conv whose weight is a fixed 0/1
-  selection (option A rewritten for engines); ``projection`` when its path holds exactly one learned conv
-  (with whatever BN or per-channel affine ops remain); otherwise ``unknown`` (a defect).
-* A merge is **well formed** when it is an Add, its kind is known, the branch holds at least one conv and
-  more convs than the shortcut, and the branch holds no other merge (a skip that spans two blocks).
-* The fork's **position** is (index of the latest merge among the fork's ancestors, or -1 for the graph
-  input; number of convs between that merge and the fork). Two graphs of the same network give the same
-  positions, whatever names their tensors have.
+:class:`Ancestry` answers the questions the rules ask of a DataGraph: which nodes lie on the path from a fork to a
+tensor, how many learned ops that path holds, and which tensor is the latest common ancestor of several.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 CONV = "conv"
-MERGE_OPS = ("add", "sub", "mul", "div", "max", "min")
 LEARNED = (CONV, "linear")
+# Elementwise two-operand ops: Add is the residual merge; the others are only ever defects in its place.
+MERGE_OPS = ("add", "sub", "mul", "div", "max", "min")
+GLOBAL_POOL = "gpool"  # a reduction over spatial (or any) axes that keeps a broadcastable 1: SE's squeeze
+POOL = "pool"  # a windowed average/max pool: ResNet-D's shortcut subsample
+EXPAND = "expand"  # an op that restores the axes a reduction removed (Expand, Resize, Tile, upsample)
 
 
 @dataclass
@@ -43,18 +29,17 @@ class DNode:
     """One node of a DataGraph."""
 
     name: str  # ONNX node name, or FX node name
-    op: str  # normalised class: conv, linear, add, sub, mul, ..., slice, pad, relu, other
+    op: str  # normalised class: conv, linear, add, sub, mul, ..., slice, pad, relu, pool, gpool, expand, other
     inputs: list[str]  # data tensors read (already seen through no-op nodes)
     outputs: list[str]
     selection: bool = False  # a conv whose weight is a fixed 0/1 selection (an exact subsample/pad)
     scope: str = ""  # module path the front-end knows for this node ("" if none)
     raw_op: str = ""  # the op as written (ONNX op_type or aten target), for messages
-    # Scalar constant operands of an elementwise op: (operand position, value). The residual rule ignores
-    # them; the short-path rules read them (the 1 of a Highway gate's 1 - T, a stochastic-depth scale p, the
-    # n of a mean join's division).
+    # Scalar constant operands of an elementwise op: (operand position, value). The rules read them: the 1 of a
+    # Highway gate's 1 - T, a stochastic-depth scale p, the n of a mean join's division.
     consts: tuple[tuple[int, float], ...] = ()
     # A conv that only scales each channel (a depthwise 1x1 conv: ORT's NCHWc pass rewrites a per-channel Mul,
-    # e.g. a BatchNorm before a conv, that way). The short-path rules do not count it as a learned conv.
+    # e.g. a BatchNorm before a conv, that way). Not a learned conv for the rules.
     channel_scale: bool = False
 
 
@@ -65,6 +50,8 @@ class DataGraph:
     shapes: dict[str, tuple[object, ...] | None] = field(default_factory=dict)  # tensor -> shape (dims may be str)
     # tensors seen through -> (the data tensor they stand for, the op that made them), in topological order
     aliases: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # tensors whose values cannot be compared with the reference's: fused away, or in a blocked memory layout
+    opaque: set[str] = field(default_factory=set)
 
     def relu_fed(self) -> set[str]:
         """Tensors whose every consumer is a ReLU (so a fused kernel may write the ReLU'd value instead)."""
@@ -74,150 +61,24 @@ class DataGraph:
                 consumers.setdefault(t, []).append(n.op)
         return {t for t, ops in consumers.items() if ops and all(op == "relu" for op in ops)}
 
-    def producer_index(self) -> dict[str, int]:
-        idx = {t: -1 - i for i, t in enumerate(self.inputs)}
-        for i, n in enumerate(self.nodes):
-            for o in n.outputs:
-                idx[o] = i
-        return idx
+    def readable_as(self, tensor: str) -> list[str]:
+        """``tensor`` and the aliases that stand for it (a DequantizeLinear after it, a getitem of it), in order:
+        the names under which a runtime can hand its value back."""
+        return [tensor, *(t for t, (canonical, _) in self.aliases.items() if canonical == tensor)]
 
 
-@dataclass(frozen=True)
-class Merge:
-    """A merge node found in a DataGraph, with the facts the residual rule derives."""
-
-    index: int  # node index in the DataGraph
-    op: str
-    operands: tuple[str, str]
-    output: str
-    fork: str
-    shortcut: str
-    branch: str
-    kind: str  # identity | projection | option_a | unknown
-    shape: tuple[object, ...] | None
-    branch_convs: int
-    shortcut_convs: int
-    branch_merges: tuple[int, ...]  # merge indices (into the merge list) inside the branch path
-    position: tuple[int, int]  # (merge list index the fork comes after, or -1; convs since then)
-    problems: tuple[str, ...]
-
-    @property
-    def well_formed(self) -> bool:
-        return not self.problems
-
-
-def _same_shape(a: tuple[object, ...] | None, b: tuple[object, ...] | None) -> bool | None:
+def same_shape(a: tuple[object, ...] | None, b: tuple[object, ...] | None) -> bool | None:
+    """Whether two shapes agree: None when either is unknown. Unknown dims (None) match anything; named (dynamic)
+    dims must carry the same name."""
     if a is None or b is None:
         return None
     if len(a) != len(b):
         return False
-    # Unknown dims (None) match anything; named (dynamic) dims must carry the same name.
     return all(x is None or y is None or x == y for x, y in zip(a, b))
 
 
-def analyse(graph: DataGraph, exclude: frozenset[int] | set[int] = frozenset()) -> list[Merge]:
-    """Find every merge and derive fork, shortcut, branch, kind and position per the module docstring.
-
-    ``exclude``: node indices that belong to another kind of short path (a Highway gate's Muls and Add, a
-    FractalNet join's Adds; see :mod:`resdeploy.export.shortpath`), which are not residual merges."""
-    nodes = graph.nodes
-    prod = graph.producer_index()
-    n_in = len(graph.inputs)
-    # Ancestor sets as Python int bitsets over (graph inputs + nodes): bit k for input k, bit n_in+i for node i.
-    anc: dict[str, int] = {t: 1 << k for k, t in enumerate(graph.inputs)}
-    for i, n in enumerate(nodes):
-        bits = 1 << (n_in + i)
-        for t in n.inputs:
-            bits |= anc.get(t, 0)
-        for o in n.outputs:
-            anc[o] = bits
-    conv_mask = 0
-    learned_conv_mask = 0
-    for i, n in enumerate(nodes):
-        if n.op == CONV:
-            conv_mask |= 1 << (n_in + i)
-            if not n.selection:
-                learned_conv_mask |= 1 << (n_in + i)
-
-    candidates: list[tuple[int, DNode]] = []
-    for i, n in enumerate(nodes):
-        if n.op not in MERGE_OPS or len(n.inputs) != 2 or n.inputs[0] == n.inputs[1] or i in exclude:
-            continue
-        sa, sb = graph.shapes.get(n.inputs[0]), graph.shapes.get(n.inputs[1])
-        if (sa is not None and len(sa) < 3) or (sb is not None and len(sb) < 3):
-            continue
-        if _same_shape(sa, sb) is False:
-            continue
-        if not (anc.get(n.inputs[0], 0) & anc.get(n.inputs[1], 0)):
-            continue  # two unrelated inputs: not a skip
-        candidates.append((i, n))
-    merge_bit = {n_in + i: k for k, (i, _) in enumerate(candidates)}
-    merge_mask = 0
-    for b in merge_bit:
-        merge_mask |= 1 << b
-
-    def tensor_of(bit: int, a: str, b: str) -> str:
-        if bit < n_in:
-            return graph.inputs[bit]
-        node = nodes[bit - n_in]
-        for o in node.outputs:  # the output that feeds the operands (multi-output nodes are rare)
-            if anc.get(a, 0) & anc.get(o, 0) and (anc.get(a, 0) | anc.get(o, 0)) == anc.get(a, 0):
-                return o
-        return node.outputs[0]
-
-    merges: list[Merge] = []
-    for k, (i, n) in enumerate(candidates):
-        a, b = n.inputs
-        common = anc[a] & anc[b]
-        top = common.bit_length() - 1
-        fork = tensor_of(top, a, b)
-        fork_anc = anc.get(fork, 0)
-        path = {t: anc[t] & ~fork_anc for t in (a, b)}
-        # Selection convs (option A rewritten as a 0/1 conv) are exact data movement, not learned convs.
-        convs = {t: bin(path[t] & learned_conv_mask).count("1") for t in (a, b)}
-        size = {t: bin(path[t]).count("1") for t in (a, b)}
-        shortcut = a if (convs[a], size[a]) < (convs[b], size[b]) else b
-        branch = b if shortcut == a else a
-        sp = path[shortcut]
-        problems: list[str] = []
-        if shortcut == fork:
-            kind = "identity"
-        elif not sp & learned_conv_mask and not _has_learned(sp, nodes, n_in):
-            kind = "option_a"
-        elif bin(sp & learned_conv_mask).count("1") == 1 and not _has(sp, nodes, n_in, {"relu", "add", *MERGE_OPS}):
-            kind = "projection"
-        else:
-            kind = "unknown"
-            problems.append(f"the shortcut path from the fork holds {bin(sp & conv_mask).count('1')} convs and "
-                            f"{bin(sp).count('1')} ops; a shortcut is the fork itself, a parameter-free subsample/pad, "
-                            "or one conv (+BN)")
-        if n.op != "add":
-            problems.append(f"the residual merge is a {n.raw_op or n.op}; expected an Add")
-        bpath = path[branch]
-        inner = tuple(sorted(merge_bit[j] for j in _bits(bpath & merge_mask)))
-        if convs[branch] < 1:
-            problems.append("the branch holds no conv: the Add adds a tensor to (a function of) itself")
-        elif convs[branch] <= convs[shortcut]:
-            problems.append(f"the branch holds {convs[branch]} convs, not more than the shortcut's {convs[shortcut]}")
-        if inner:
-            problems.append(f"the branch holds {len(inner)} other residual merge(s): the skip spans more than one block")
-        # Position of the fork: the latest merge that is an ancestor of (or is) the fork's producer.
-        prior = fork_anc & merge_mask
-        if prior:
-            top_merge = prior.bit_length() - 1
-            since = fork_anc & ~anc[nodes[top_merge - n_in].outputs[0]]
-            position = (merge_bit[top_merge], bin(since & learned_conv_mask).count("1"))
-        else:
-            position = (-1, bin(fork_anc & learned_conv_mask).count("1"))
-        sa, sb = graph.shapes.get(a), graph.shapes.get(b)
-        shape = sa if sa is not None else sb
-        merges.append(Merge(i, n.op, (a, b), n.outputs[0], fork, shortcut, branch, kind,
-                            tuple(shape[1:]) if shape is not None else None, convs[branch], convs[shortcut], inner,
-                            position, tuple(problems)))
-    return merges
-
-
-def _bits(mask: int) -> list[int]:
+def bits(mask: int) -> list[int]:
+    """The set bit positions of ``mask``, lowest first."""
     out = []
     while mask:
         low = mask & -mask
@@ -226,9 +87,73 @@ def _bits(mask: int) -> list[int]:
     return out
 
 
-def _has(mask: int, nodes: Sequence[DNode], n_in: int, ops: set[str]) -> bool:
-    return any(b >= n_in and nodes[b - n_in].op in ops for b in _bits(mask))
+class Ancestry:
+    """Ancestor sets of every tensor of a DataGraph as Python-int bitsets over (graph inputs + nodes): bit k is
+    input k, bit ``n_in + i`` is node i. Built once per graph; every query is a few integer operations."""
 
+    def __init__(self, graph: DataGraph) -> None:
+        self.graph = graph
+        self.nodes = graph.nodes
+        self.n_in = len(graph.inputs)
+        self.anc: dict[str, int] = {t: 1 << k for k, t in enumerate(graph.inputs)}
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = {}
+        self.learned = 0  # learned ops: convs and linears that are neither a 0/1 selection nor a channel scale
+        for i, n in enumerate(self.nodes):
+            b = 1 << (self.n_in + i)
+            for t in n.inputs:
+                b |= self.anc.get(t, 0)
+                self.consumers.setdefault(t, []).append(i)
+            for o in n.outputs:
+                self.anc[o] = b
+                self.producer[o] = i
+            if n.op in LEARNED and not n.selection and not n.channel_scale:
+                self.learned |= 1 << (self.n_in + i)
+        self.reduced = self._reduced()
 
-def _has_learned(mask: int, nodes: Sequence[DNode], n_in: int) -> bool:
-    return any(b >= n_in and nodes[b - n_in].op in LEARNED and not nodes[b - n_in].selection for b in _bits(mask))
+    def node_of(self, tensor: str) -> DNode | None:
+        """The node that makes ``tensor`` (None for a graph input)."""
+        i = self.producer.get(tensor)
+        return None if i is None else self.nodes[i]
+
+    def bit_of(self, node_index: int) -> int:
+        return 1 << (self.n_in + node_index)
+
+    def node_at(self, bit: int) -> DNode | None:
+        return self.nodes[bit - self.n_in] if bit >= self.n_in else None
+
+    def fork_of(self, operands: Sequence[str]) -> str:
+        """The latest tensor every operand starts from (one of the operands when it feeds the others); "" if none."""
+        common = -1
+        for t in operands:
+            common &= self.anc.get(t, 0)
+        if common <= 0:
+            return ""
+        top = common.bit_length() - 1
+        if top < self.n_in:
+            return self.graph.inputs[top]
+        outs = self.nodes[top - self.n_in].outputs
+        return next((o for o in outs if o in operands), outs[0])
+
+    def path(self, fork: str, tensor: str) -> int:
+        """The nodes that are ancestors of ``tensor`` but not of ``fork`` (the path from the fork)."""
+        return self.anc.get(tensor, 0) & ~self.anc.get(fork, 0)
+
+    def learned_in(self, mask: int) -> int:
+        return bin(mask & self.learned).count("1")
+
+    def ops_in(self, mask: int) -> list[DNode]:
+        return [self.nodes[b - self.n_in] for b in bits(mask) if b >= self.n_in]
+
+    def has_op(self, mask: int, ops: Iterable[str]) -> bool:
+        wanted = set(ops)
+        return any(n.op in wanted for n in self.ops_in(mask))
+
+    def _reduced(self) -> set[str]:
+        """Tensors that broadcast: made by a reduction (global pool, mean) and nothing since that restores the
+        reduced axes. A merge with such an operand is a gate or a bias (squeeze-excitation), never a short path."""
+        out: set[str] = set()
+        for n in self.nodes:
+            if n.op == GLOBAL_POOL or (n.op != EXPAND and n.inputs and all(t in out for t in n.inputs)):
+                out.update(n.outputs)
+        return out

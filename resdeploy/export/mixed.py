@@ -25,7 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from resdeploy.errors import InputError
-from resdeploy.export.onnx_graph import topo_nodes
+from resdeploy.export.onnx_graph import expose_outputs, topo_nodes
 
 
 # -- activation ranges --------------------------------------------------------------------------------------------
@@ -67,12 +67,7 @@ def activation_ranges(model: onnx.ModelProto, images: np.ndarray, tensors: Seque
         tensors = list(dict.fromkeys(wanted))
     inits = {t.name for t in model.graph.initializer}
     tensors = [t for t in tensors if t not in inits]
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for t in tensors:
-        if t not in have:
-            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
+    m = expose_outputs(model, tensors)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph's own tensors
     so.log_severity_level = 3
@@ -208,11 +203,11 @@ def smooth_activations(model: onnx.ModelProto, ranges: dict[str, ChannelRange], 
     activation tensors. ``ranges`` from :func:`activation_ranges` on the FP32 model."""
     if not 0.0 <= alpha <= 1.0:
         raise InputError(f"smoothquant alpha {alpha} must lie in [0, 1] (0.5 is SmoothQuant's default)")
-    from resdeploy.export.precision import _inline_constant_identities
+    from resdeploy.export.precision import inline_constant_identities
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    _inline_constant_identities(out)  # each conv's own bias initializer (the exporter shares equal ones)
+    inline_constant_identities(out)  # each conv's own bias initializer (the exporter shares equal ones)
     g = out.graph
     producer = {o: n for n in g.node for o in n.output}
     consumers = _consumers(g)

@@ -16,6 +16,7 @@ import contextlib
 import copy
 import io
 import os
+import re
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -98,14 +99,17 @@ def _torch_export(model: Any, example: Any, config: ExportConfig) -> onnx.ModelP
     import logging
 
     kwargs: dict[str, Any] = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=config.opset)
-    # The exporters log progress and deprecation notes at WARNING; they are not actionable for the user.
-    onnx_log = logging.getLogger("torch.onnx")
-    level = onnx_log.level
-    onnx_log.setLevel(logging.ERROR)
+    # The exporters log progress and deprecation notes at WARNING, and internal tracebacks at ERROR before they
+    # raise; none of it is actionable for the user (a failure becomes one InputError naming the op and the fix).
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.CRITICAL)
     try:
         return _run_exporter(model, example, config, kwargs)
     finally:
-        onnx_log.setLevel(level)
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
 
 
 def _run_exporter(model: Any, example: Any, config: ExportConfig, kwargs: dict[str, Any]) -> onnx.ModelProto:
@@ -128,6 +132,47 @@ def _run_exporter(model: Any, example: Any, config: ExportConfig, kwargs: dict[s
         else:
             raise InputError(f"unknown exporter {config.exporter!r}; use 'dynamo' or 'torchscript'")
     return proto
+
+
+_OP_PATTERNS = (
+    re.compile(r"(?:torch\.ops\.)?aten(?:::|\.)[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?"),  # aten ops, both exporters
+    re.compile(r"operator '([^']+)'"),  # the TorchScript exporter's "Exporting the operator 'x' ... not supported"
+    re.compile(r"target=([A-Za-z0-9_.:]+)"),  # an FX node the dynamo exporter could not translate
+)
+# What torch.export says when the batch axis cannot stay dynamic (the model fixes or guards on it).
+_DYNAMIC_SHAPE_SIGNS = ("Constraints violated", "specializ", "is inconsistent", "dynamic_shapes")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Loggers that print the exporter's internal tracebacks at ERROR before it raises: the InputError says it all.
+_NOISY_LOGGERS = ("torch.onnx", "torch._guards", "torch._dynamo", "torch.export", "torch._export",
+                  "torch.fx.experimental.symbolic_shapes")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """An exception and those it was raised from, outermost first (the exporters wrap the real cause)."""
+    out: list[BaseException] = []
+    while exc is not None and all(exc is not e for e in out):
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return out
+
+
+def exporter_failure(exc: BaseException, config: ExportConfig) -> str:
+    """One message for an exporter failure: the op that failed (when the exporter names one), the innermost cause,
+    and the fixes (the other exporter; a fixed batch when the batch axis could not stay dynamic)."""
+    chain = _chain(exc)
+    text = _ANSI.sub("", "\n".join(f"{type(e).__name__}: {e}" for e in chain))
+    op = next((m.group(1) if m.groups() else m.group(0) for pat in _OP_PATTERNS if (m := pat.search(text))), None)
+    cause = chain[-1]
+    first = next((ln.strip() for ln in _ANSI.sub("", str(cause)).splitlines() if ln.strip()), "")
+    fixes = []
+    if config.dynamic_batch and any(sign in text for sign in _DYNAMIC_SHAPE_SIGNS):
+        fixes.append("export a fixed batch of 1 (--static-batch, ExportConfig(dynamic_batch=False))")
+    fixes.append(f"try the other exporter (--exporter {'torchscript' if config.exporter == 'dynamo' else 'dynamo'})")
+    if config.dynamic_batch and len(fixes) == 1:
+        fixes.append("or a fixed batch (--static-batch)")
+    where = f"at op {op}" if op else "(its error names no op)"
+    return (f"the {config.exporter} exporter failed {where}: {type(cause).__name__}: {first[:300].rstrip('.')}. Fix: "
+            + "; ".join(fixes) + "; or rewrite that part of the model's forward")
 
 
 def fold_batchnorm(model: onnx.ModelProto) -> int:
@@ -233,8 +278,9 @@ def check_parity(path: Path, model: Any, images: np.ndarray, *, inputs: str = "r
     step = batch or len(x)
     outs = [sess.run([OUTPUT_NAME], {INPUT_NAME: x[i:i + step]})[0] for i in range(0, len(x), step)]
     got = np.concatenate(outs)
-    with torch.no_grad():
-        ref = model(torch.from_numpy(x)).detach().cpu().numpy()
+    with torch.no_grad():  # in the same batches: a static-batch model may only run batch 1 in PyTorch too
+        ref = np.concatenate([model(torch.from_numpy(x[i:i + step])).detach().cpu().numpy()
+                              for i in range(0, len(x), step)])
     if got.shape != ref.shape:
         raise CheckFailed(f"{path} returns logits of shape {got.shape}; PyTorch gives {ref.shape}")
     diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
@@ -256,7 +302,9 @@ def export_onnx(
     """Export ``model`` (an nn.Module, eval mode is enforced on a copy) to ``out`` and verify it.
 
     ``sample``: held-out real images, (N, C, H, W) float32 normalised as the model expects; None uses seeded
-    random inputs (said so in the report). Raises CheckFailed when a check fails (nothing is written then).
+    random inputs (said so in the report). A dynamic batch axis is exported from a batch-2 example. Raises
+    InputError when the exporter cannot export the model (naming the op and the fixes), CheckFailed when a check of
+    the written graph fails; nothing is written then.
     """
     import torch
 
@@ -274,15 +322,17 @@ def export_onnx(
         kind = "real images"
         if images.ndim != 4 or tuple(images.shape[1:]) != tuple(input_shape):
             raise InputError(f"sample images have shape {images.shape}; expected (N, {', '.join(map(str, input_shape))})")
-    example = torch.from_numpy(images[:1].copy())
+    # A dynamic batch is exported from a batch-2 example: from batch 1 torch.export specialises the axis to 1 and
+    # the dynamic-shape constraint then fails on models that broadcast over it (ConvNeXt's layer scale).
+    example = torch.from_numpy(np.ascontiguousarray(
+        np.concatenate([images[:1], images[:1]]) if config.dynamic_batch and len(images) < 2
+        else images[:2 if config.dynamic_batch else 1]))
     try:
         proto = _torch_export(ref, example, config)
     except (InputError, CheckFailed):
         raise
     except Exception as exc:  # noqa: BLE001 - exporter failures come in many types
-        raise CheckFailed(f"torch.onnx.export ({config.exporter}) failed: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}; try --exporter "
-                          f"{'torchscript' if config.exporter == 'dynamo' else 'dynamo'}") from None
+        raise InputError(exporter_failure(exc, config)) from None
     notes: list[str] = []
     if config.fold_bn:
         n_bn = fold_batchnorm(proto)

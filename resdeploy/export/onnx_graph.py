@@ -1,4 +1,4 @@
-"""ONNX front-end of the residual analysis: reduce a ModelProto to a :class:`~resdeploy.export.graph.DataGraph`.
+"""ONNX front-end of the short-path engine: reduce a ModelProto to a :class:`~resdeploy.export.graph.DataGraph`.
 
 Seen through (a node whose output is treated as its data input): Identity, Cast, CastLike, Dropout,
 QuantizeLinear, DequantizeLinear, a Reshape or Transpose that changes nothing, and a Reshape/Transpose that
@@ -27,7 +27,13 @@ OP_CLASS = {
     "Slice": "slice", "Pad": "pad", "Concat": "concat", "Relu": "relu", "BatchNormalization": "bn",
     "QLinearAdd": "add", "QLinearMul": "mul", "QLinearConcat": "concat",  # QOperator-format graphs (com.microsoft)
     "Gemm": "linear", "MatMul": "linear", "MatMulInteger": "linear", "QLinearMatMul": "linear",
+    "AveragePool": "pool", "MaxPool": "pool", "LpPool": "pool", "QLinearAveragePool": "pool",
+    "GlobalAveragePool": "gpool", "GlobalMaxPool": "gpool", "GlobalLpPool": "gpool", "QLinearGlobalAveragePool": "gpool",
+    "ReduceMean": "gpool", "ReduceMax": "gpool", "ReduceMin": "gpool", "ReduceSum": "gpool", "ReduceL1": "gpool",
+    "ReduceL2": "gpool", "ReduceProd": "gpool", "ReduceSumSquare": "gpool", "ReduceLogSumExp": "gpool",
+    "Expand": "expand", "Resize": "expand", "Upsample": "expand", "Tile": "expand",
 }
+BLOCKED_LAYOUT_DOMAIN = "com.microsoft.nchwc"  # ORT's NCHWc ops: their outputs are not in NCHW order
 METADATA_OPS = {"Shape", "Size", "Constant", "ConstantOfShape", "Range", "EyeLike"}
 SCALAR_OPERAND_OPS = {"Add", "Sub", "Mul", "Div"}  # elementwise ops whose scalar constants the short-path rules read
 
@@ -198,7 +204,8 @@ def is_selection_conv(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto],
     w = _weight(node.input[1], consts, producers)
     if w is None or w.ndim != 4 or w.shape[2:] != (1, 1):
         return False
-    if not np.all((w == 0) | (w == 1)) or np.any(w.reshape(w.shape[0], -1).sum(axis=1) > 1):
+    # At least one 1: an all-zero weight (a zero-initialised last conv of an untrained block) is a conv, not a move.
+    if not np.all((w == 0) | (w == 1)) or np.any(w.reshape(w.shape[0], -1).sum(axis=1) > 1) or not w.any():
         return False
     if len(node.input) > 2 and node.input[2]:
         b = _weight(node.input[2], consts, producers)
@@ -242,40 +249,24 @@ def to_datagraph(model: onnx.ModelProto) -> tuple[DataGraph, dict[str, onnx.Node
 
     dnodes: list[DNode] = []
     by_name: dict[str, onnx.NodeProto] = {}
+    opaque: set[str] = set()
     for i, n in enumerate(nodes):
+        if n.domain == BLOCKED_LAYOUT_DOMAIN:
+            opaque.update(n.output)
         data_in = [x for x in n.input if x not in const_like]
         if n.op_type in METADATA_OPS or not data_in:
             const_like.update(n.output)
             continue
-        src = data_in[0]
-        if n.op_type in SEE_THROUGH and n.input and n.input[0] not in const_like:
-            alias[n.output[0]] = resolve(n.input[0])
+        seen = _seen_through(n, const_like, producers, static)
+        if seen is not None:
+            alias[n.output[0]] = resolve(seen)
             continue
-        if n.op_type in ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten") and n.input[0] not in const_like:
-            before = producers.get(n.input[0])
-            out_shape = static(n.output[0])
-            if out_shape is not None and out_shape == static(n.input[0]) and _keeps_order(n):
-                alias[n.output[0]] = resolve(n.input[0])
-                continue
-            if (before is not None and before.op_type == n.op_type and before.input
-                    and _undoes(before, n, static(before.input[0]), out_shape)):
-                alias[n.output[0]] = resolve(before.input[0])
-                continue
         name = n.name or f"{n.op_type}_{i}"
         is_conv = n.op_type in CONV_OPS or (n.domain == "com.microsoft.nchwc" and n.op_type == "Conv")
         if is_conv and n.op_type in ("Conv", "FusedConv") and len(n.input) > 3 and n.input[3] \
                 and n.input[3] not in const_like:
-            # ORT fused the residual Add (and maybe the activation) into the conv: activation(conv(x) + sum).
-            # Split it back so the residual rule sees conv -> Add(conv, skip) -> activation.
-            conv_out, sum_out = f"{n.output[0]}{FUSED_MARK}conv", f"{n.output[0]}{FUSED_MARK}sum"
-            act = next((a.s.decode() for a in n.attribute if a.name == "activation"), "")
-            dnodes.append(DNode(f"{name}{FUSED_MARK}conv", "conv", [resolve(n.input[0])], [conv_out],
-                                is_selection_conv(n, consts, producers), _namespace(n), n.op_type))
-            dnodes.append(DNode(name, "add", [conv_out, resolve(n.input[3])], [sum_out if act else n.output[0]],
-                                False, _namespace(n), "Add"))
-            if act:
-                dnodes.append(DNode(f"{name}{FUSED_MARK}act", act.lower(), [sum_out], [n.output[0]], False,
-                                    _namespace(n), act))
+            dnodes += _split_fused_conv(n, name, resolve(n.input[0]), resolve(n.input[3]),
+                                        is_selection_conv(n, consts, producers))
             by_name[name] = n
             continue
         op = "conv" if is_conv else OP_CLASS.get(n.op_type, "other")
@@ -295,7 +286,39 @@ def to_datagraph(model: onnx.ModelProto) -> tuple[DataGraph, dict[str, onnx.Node
     inputs = [i.name for i in g.input if i.name not in consts]
     kinds = {n.output[0]: n.op_type for n in nodes if n.output}
     aliases = {t: (resolve(t), kinds.get(t, "")) for t in alias}
-    return DataGraph(dnodes, inputs, shapes, aliases), by_name
+    opaque.update(o for n in dnodes for o in n.outputs if FUSED_MARK in o)
+    return DataGraph(dnodes, inputs, shapes, aliases, opaque), by_name
+
+
+def _seen_through(n: onnx.NodeProto, const_like: set[str], producers: dict[str, onnx.NodeProto],
+                  static: Any) -> str | None:
+    """The tensor ``n``'s output stands for when ``n`` changes no value (see the module docstring), else None."""
+    if not n.input or n.input[0] in const_like:
+        return None
+    if n.op_type in SEE_THROUGH:
+        return n.input[0]
+    if n.op_type not in ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"):
+        return None
+    out_shape = static(n.output[0])
+    if out_shape is not None and out_shape == static(n.input[0]) and _keeps_order(n):
+        return n.input[0]
+    before = producers.get(n.input[0])
+    if before is not None and before.op_type == n.op_type and before.input \
+            and _undoes(before, n, static(before.input[0]), out_shape):
+        return before.input[0]
+    return None
+
+
+def _split_fused_conv(n: onnx.NodeProto, name: str, x: str, skip: str, selection: bool) -> list[DNode]:
+    """ORT fused the residual Add (and maybe the activation) into the conv: activation(conv(x) + sum). Split it
+    back so the rules see conv -> Add(conv, skip) -> activation; the split-off tensors carry FUSED_MARK."""
+    conv_out, sum_out = f"{n.output[0]}{FUSED_MARK}conv", f"{n.output[0]}{FUSED_MARK}sum"
+    act = next((a.s.decode() for a in n.attribute if a.name == "activation"), "")
+    out = [DNode(f"{name}{FUSED_MARK}conv", "conv", [x], [conv_out], selection, _namespace(n), n.op_type),
+           DNode(name, "add", [conv_out, skip], [sum_out if act else n.output[0]], False, _namespace(n), "Add")]
+    if act:
+        out.append(DNode(f"{name}{FUSED_MARK}act", act.lower(), [sum_out], [n.output[0]], False, _namespace(n), act))
+    return out
 
 
 def _keeps_order(n: onnx.NodeProto) -> bool:
@@ -312,6 +335,18 @@ def _undoes(first: onnx.NodeProto, second: onnx.NodeProto, first_in: tuple[objec
         p2 = next((list(a.ints) for a in second.attribute if a.name == "perm"), None)
         return p1 is not None and p2 is not None and [p1[k] for k in p2] == list(range(len(p1)))
     return first_in is not None and first_in == second_out
+
+
+def expose_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph outputs also include ``tensors`` (typed by the runtime), so a session run
+    returns their values."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for name in tensors:
+        if name not in have:
+            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return m
 
 
 def replace_repeated(field, items: list) -> None:  # noqa: ANN001 - a protobuf repeated message field

@@ -52,7 +52,7 @@ class AddFusion:
 
     node: str  # source Add node
     output: str  # source Add output tensor
-    kind: str  # identity | projection | option_a ("" when unclassified)
+    kind: str  # identity | projection | pooled | option_a ("" when unclassified)
     block: str
     form: str  # conv_sum | qlinear_add | standalone | unknown
     into: str = ""  # optimised node that computes it

@@ -106,7 +106,7 @@ class AddRef:
     name: str  # node name
     output: str
     inputs: tuple[str, str]  # the Add's two inputs as written in the graph
-    kind: str = ""  # identity | projection | option_a ("" when the fallback finder was used)
+    kind: str = ""  # identity | projection | pooled | option_a ("" when the fallback finder was used)
     block: str = ""  # module path of the block when known
 
 
@@ -373,7 +373,7 @@ def check_int8_graph(model: onnx.ModelProto, flavour: str, *, per_channel: bool 
                           nonzero, tuple(problems))
 
 
-def _inline_constant_identities(model: onnx.ModelProto) -> int:
+def inline_constant_identities(model: onnx.ModelProto) -> int:
     """Replace ``Identity(initializer)`` by a copy of the initializer under the Identity's output name.
 
     Exporters de-duplicate equal tensors (e.g. equal conv biases) and re-expose them through Identity nodes; ORT's
@@ -461,7 +461,7 @@ def quantize_int8(model_path: str | Path, out_path: str | Path, calibration: Cal
         src = Path(tmp) / "source.onnx"
         prepared = onnx.ModelProto()
         prepared.CopyFrom(source)
-        _inline_constant_identities(prepared)
+        inline_constant_identities(prepared)
         save_onnx(prepared, src, external_data=external)
         if config.preprocess:
             from onnxruntime.quantization.shape_inference import quant_pre_process

@@ -286,7 +286,7 @@ class AddFusion:
     tactic: str = ""
     dtype: str = ""  # output dtype(s) of the engine layer
     input_dtypes: tuple[str, ...] = ()
-    kind: str = ""  # identity | projection | option_a, from the skip-add check (with --onnx)
+    kind: str = ""  # identity | projection | pooled | option_a, from the skip-add check (with --onnx)
     block: str = ""
     warning: str = ""
 

@@ -134,3 +134,53 @@ def test_bad_arguments(seednet, tmp_path):
         export_onnx(seednet, tmp_path / "m.bin", input_shape=(1, 28, 28))
     with pytest.raises(InputError, match="sample images"):
         export_onnx(seednet, tmp_path / "m.onnx", input_shape=(1, 28, 28), sample=np.zeros((2, 3, 8, 8), np.float32))
+
+
+class _NoOnnxOp(torch.nn.Module):
+    """A forward with an op the dynamo exporter has no ONNX function for (kthvalue)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+
+    def forward(self, x):
+        return torch.kthvalue(self.conv(x).flatten(1), 2)[0].unsqueeze(1).expand(-1, 10)
+
+
+class _BatchOfOne(torch.nn.Module):
+    """A forward that fixes the batch to 1 (``view(1, -1)``): its batch axis cannot be dynamic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(1, 4, 3), torch.nn.Linear(4 * 26 * 26, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).view(1, -1))
+
+
+def test_exporter_failure_names_the_op_and_the_fix(tmp_path):
+    x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    with pytest.raises(InputError) as err:
+        export_onnx(_NoOnnxOp().eval(), tmp_path / "k.onnx", input_shape=(1, 28, 28), sample=x)
+    msg = str(err.value)
+    assert err.value.exit_code == 2 and "aten.kthvalue" in msg and "--exporter torchscript" in msg, msg
+    assert "\n" not in msg and not list(tmp_path.iterdir())
+
+
+def test_a_batch_fixed_by_the_forward_points_to_static_batch(tmp_path):
+    x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    model = _BatchOfOne().eval()
+    with pytest.raises(InputError, match=r"failed.*Fix: export a fixed batch of 1 \(--static-batch"):
+        export_onnx(model, tmp_path / "b.onnx", input_shape=(1, 28, 28), sample=x)
+    report = export_onnx(model, tmp_path / "b.onnx", input_shape=(1, 28, 28), sample=x,
+                         config=ExportConfig(dynamic_batch=False))
+    assert report and onnx.load(str(report.path)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+
+
+def test_dynamic_batch_from_a_single_sample_image(seednet, tmp_path):
+    """The batch axis is exported from a batch-2 example even when one image is given (torch.export would
+    specialise a batch-1 example to 1)."""
+    report = export_onnx(seednet, tmp_path / "one.onnx", input_shape=(1, 28, 28), sample=_x(seednet, 1))
+    assert report and report.parity.images == 1
+    sess = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"input": _x(seednet, 3)})[0].shape == (3, 10)

@@ -27,6 +27,8 @@ def test_check_json(exported, trained_resnet20_dir, capsys):
     assert main(["check", str(exported), "--reference", str(trained_resnet20_dir), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["passed"] and data["numeric"] and [r["block"] for r in data["rows"]][3] == "layer2.0"
+    assert data["residual_adds"] == 9 and data["short_paths"] == 9
+    assert data["kinds"] == {"add": 9, "scaled_add": 0, "concat": 0, "gated_add": 0, "mean_join": 0}
 
 
 def test_check_without_reference_prints_topology(exported, capsys):

@@ -6,13 +6,15 @@ from resdeploy.pipeline.commands.model_args import add_model_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("check", help="check the residual (skip) adds of an ONNX model, against a checkpoint when given")
+    p = sub.add_parser("check", help="check the short paths (residual adds, concats...) of an ONNX model, against a "
+                                     "checkpoint when given")
     p.add_argument("onnx_model", metavar="MODEL", help="ONNX file")
     p.add_argument("--reference", default=None, help="checkpoint the model was exported from: compare structure and numbers "
                                                      "(or your network: --model with --weights)")
     p.add_argument("--arch", default=None, help="architecture of a bare state_dict reference")
     p.add_argument("--images", type=int, default=2, help="held-out images for the per-block numeric comparison")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the report as JSON (residual_adds, and short paths per kind under \"kinds\")")
     add_model_args(p)
     p.set_defaults(func=run)
 
