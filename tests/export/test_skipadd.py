@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 
@@ -190,3 +191,27 @@ def test_option_a_as_selection_conv(r20, surgery, trained_resnet20, r20_images):
     assert [a.kind for a in adds] == [b.kind for b in trained_resnet20[0].residual_blocks()]
     report = _check(rewritten, trained_resnet20, r20_images)
     assert report, str(report)
+
+
+def test_float16_graph_judged_at_float16_tolerance(r20_onnx, r20, surgery, trained_resnet20, r20_images, tmp_path):
+    """A float16 graph's adds drift past 1e-3 of their magnitude in deep trained nets (float16 rounds at 5e-4 per
+    op): a branch conv's weights off by 0.4 %, as such drift makes them, still passes, while a removed skip fails."""
+    from onnx import numpy_helper
+
+    from resdeploy.export.precision import fp16_variant
+    from resdeploy.export.numeric import FLOAT_RTOL, LOW_PRECISION_RTOL
+
+    fp16 = tmp_path / "fp16.onnx"
+    fp16_variant(r20_onnx, fp16)
+    m = onnx.load(str(fp16))
+    producers = {o: n for n in m.graph.node for o in n.output}
+    add = next(n for n in m.graph.node if n.op_type == "Add" and all(i in producers for i in n.input))
+    conv = next(producers[i] for i in add.input if producers[i].op_type == "Conv")  # layer1.0's branch conv
+    w = next(t for t in m.graph.initializer if t.name == conv.input[1])
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * np.float16(1.004), w.name))
+    report = check_skip_adds(m, trained_resnet20[0], r20_images[:2])
+    worst = max(r.rel_err for r in report.rows if r.rel_err is not None)
+    assert FLOAT_RTOL < worst < LOW_PRECISION_RTOL and report, str(report)
+    onnx.save(surgery.remove_skip(onnx.load(str(fp16)), 4), str(tmp_path / "broken.onnx"))
+    broken = check_skip_adds(tmp_path / "broken.onnx", trained_resnet20[0], r20_images[:2])
+    assert not broken and broken.defects[0].block == "layer2.1", str(broken)
