@@ -53,7 +53,7 @@ from resdeploy import atomic  # noqa: E402
 from resdeploy.pipeline.bench import machine_info  # noqa: E402
 from resdeploy.pipeline.repository import make_model_repository  # noqa: E402
 from resdeploy.serve.loadgen import LoadConfig, encode_request, run_load  # noqa: E402
-from resdeploy.serve.runners import open_runner  # noqa: E402
+from resdeploy.engines import open_runner  # noqa: E402
 
 
 def export_checkpoint(checkpoint: Path, out: Path) -> Path:

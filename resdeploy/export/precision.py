@@ -29,7 +29,7 @@ import onnx
 from onnx import numpy_helper
 
 from resdeploy import atomic
-from resdeploy.artifact import external_tensors, load_onnx, read_metadata, save_onnx, write_metadata
+from resdeploy.artifact import external_tensors, load_onnx, precision_of, read_metadata, save_onnx, write_metadata
 from resdeploy.errors import CheckFailed, InputError
 from resdeploy.export.calibration import CalibrationSet, chunk_batches, even_batch_size, make_reader
 from resdeploy.export.onnx_graph import replace_repeated
@@ -74,19 +74,6 @@ def _check_choice(value: str, allowed: Sequence[str], what: str) -> None:
 
 
 # -- loading and metadata (through the artifact contract) -------------------------------------------------------
-
-def precision_of(model: onnx.ModelProto) -> str:
-    """The precision recorded in metadata, else inferred from the graph (Q/DQ -> int8, fp16 weights -> fp16)."""
-    recorded = read_metadata(model).precision
-    if recorded:
-        return recorded
-    ops = {n.op_type for n in model.graph.node}
-    if ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger"}:
-        return "int8"
-    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
-        return "fp16"
-    return "fp32"
-
 
 def _data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     inits = {t.name for t in model.graph.initializer}

@@ -545,7 +545,7 @@ def _time_call(runner: Any, feed: dict[str, np.ndarray], clock: Callable[[], flo
 def build_cases(cfg: BenchConfig, ref: par.Reference, paths: dict[str, Path], skipped: list[str],
                 workdir: Path | None = None, calibration: np.ndarray | None = None) -> list[Case]:
     """The cases this config asks for that can run here; the others go to ``skipped`` with the reason."""
-    from resdeploy.serve.runners import open_runner
+    from resdeploy.engines import open_runner
 
     if ref.model is None:
         skipped.append(f"PyTorch anchors: no PyTorch model (the reference is {ref.kind}); the engines are timed side "
@@ -591,9 +591,9 @@ def build_cases(cfg: BenchConfig, ref: par.Reference, paths: dict[str, Path], sk
             cases.append(Case("openvino default", "anchor", "openvino", "bf16",
                               lambda: par.open_backend("openvino", paths["fp32"], cfg.threads, precision_hint="default")))
     if cfg.gpu:
-        from resdeploy.serve.runners import _cuda_device_present
+        from resdeploy.device import cuda_device_present
 
-        if not _cuda_device_present():
+        if not cuda_device_present():
             skipped.append("--gpu: no CUDA device here; the GPU section is empty")
         else:
             cases.insert(0, Case(GPU_REFERENCE, "gpu", "torch", "fp16",

@@ -225,7 +225,7 @@ class Reference:
         """The reference's logits for normalised ``images``."""
         if self.onnx is None:
             return reference_logits(self.model, images, batch_size)
-        from resdeploy.serve.runners import open_runner
+        from resdeploy.engines import open_runner
 
         with open_runner(str(self.onnx), backend="onnxruntime", provider="cpu", optimization="disable",
                          name="reference") as runner:
@@ -389,10 +389,10 @@ def backend_available(backend: str) -> str | None:
     if backend == "openvino" and importlib.util.find_spec("openvino") is None:
         return "OpenVINO is not installed (`pip install 'resdeploy[openvino]'`)"
     if backend in GPU_BACKENDS:
-        from resdeploy.serve.runners import _cuda_device_present
-        from resdeploy.serve.runners.onnxruntime_runner import PROVIDERS, available_providers
+        from resdeploy.device import cuda_device_present
+        from resdeploy.engines.onnxruntime import PROVIDERS, available_providers
 
-        if not _cuda_device_present():
+        if not cuda_device_present():
             return "no CUDA device"
         if backend == "tensorrt":
             return None if importlib.util.find_spec("tensorrt") else "TensorRT is not installed (the gpu extra)"
@@ -423,7 +423,7 @@ def engine_for(backend: str, precision: str, paths: Mapping[str, Path], workdir:
             make_variant(reference, Path(paths["fp32"]), src, "int8", flavour="s8s8", calibration_images=len(calibration))
     plan = Path(workdir) / f"{src.stem}.b{max_batch}.plan"
     if not plan.is_file():
-        from resdeploy.export.tensorrt_build import TrtBuildConfig, build_engine
+        from resdeploy.engines.tensorrt_build import TrtBuildConfig, build_engine
 
         build_engine(src, plan, TrtBuildConfig(min_batch=1, opt_batch=min(8, max_batch), max_batch=max_batch))
     return plan
@@ -431,7 +431,7 @@ def engine_for(backend: str, precision: str, paths: Mapping[str, Path], workdir:
 
 def open_backend(backend: str, onnx_path: Path, threads: int | None = None, **extra: Any) -> Any:
     """A runner (not yet active) for ``backend`` on ``onnx_path`` with ``threads`` intra-op threads."""
-    from resdeploy.serve.runners import open_runner
+    from resdeploy.engines import open_runner
 
     kind, opts = BACKENDS[backend]
     opts = {**opts, **extra}

@@ -363,7 +363,7 @@ def _engine(r: _Runner, cfg: RunConfig, data: str, backend: str, precision: str,
             forms = ", ".join(f"{n} {form}" for form, n in sorted(f.by_form().items())) or "no residual adds"
             return (f"{f.fused}/{len(f.adds)} residual adds fused ({forms})",
                     {"fusion": f.to_dict(), "build": rep.build}, [out])
-        from resdeploy.export.tensorrt_build import TrtBuildConfig
+        from resdeploy.engines.tensorrt_build import TrtBuildConfig
 
         plan = r.root / "engines" / f"tensorrt-{precision}.plan"
         rep = build(src, plan, config=BuildConfig(backend="tensorrt", trt=TrtBuildConfig(

@@ -226,8 +226,8 @@ def _onnx_input(path: Path, given: list[int]) -> tuple[int, int, int]:
 
 
 def _onnx_source(model: Any, data: str) -> ModelSource:
-    from resdeploy.export.precision import precision_of
-    from resdeploy.serve.runners import open_runner
+    from resdeploy.artifact import precision_of
+    from resdeploy.engines import open_runner
 
     path = Path(model.onnx)
     shape = _onnx_input(path, list(model.input_shape))

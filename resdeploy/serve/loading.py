@@ -136,7 +136,7 @@ class ModelLoader:
 
     def _open(self, model: LoadedModel, threads: int) -> None:
         """Open one runner per instance, complete/check the config, read labels, warm up. Runs in a thread."""
-        from resdeploy.serve.runners import open_runner
+        from resdeploy.engines import open_runner
 
         entry = model.entry
         artifact = entry.artifact

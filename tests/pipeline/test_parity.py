@@ -120,7 +120,7 @@ def test_a_tensorrt_or_cuda_failure_is_a_skipped_row_not_an_abort(trained_resnet
     """On a GPU machine a plan can fail to build or a CUDA call can fail: parity reports that backend as skipped with
     the reason and still judges the others (here the device is simulated: there is no GPU in CI)."""
     from resdeploy.pipeline import parity
-    from resdeploy.serve.runners.tensorrt_runner import CudaError
+    from resdeploy.engines.tensorrt import CudaError
 
     monkeypatch.setattr(parity, "backend_available", lambda b: None)
 

@@ -122,7 +122,7 @@ def test_tiny_run_goes_from_training_to_a_served_repository(tiny_run, tmp_path):
 
     proc, port = _serve(out / "model_repository", tmp_path / "serve.log")
     try:
-        from resdeploy.serve.runners import open_runner
+        from resdeploy.engines import open_runner
 
         x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
         client = http.InferenceServerClient(f"127.0.0.1:{port}")

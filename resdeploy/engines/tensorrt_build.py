@@ -40,7 +40,7 @@ from typing import Any
 from resdeploy.artifact import ArtifactMetadata, open_artifact
 from resdeploy.atomic import sha256_file, write_bytes, write_json, write_text
 from resdeploy.errors import InputError
-from resdeploy.export.trt_fusion import FusionReport, fusion_report, parse_layer_info
+from resdeploy.engines.tensorrt_fusion import FusionReport, fusion_report, parse_layer_info
 from resdeploy.device import (INSTALL_HINT, GpuInfo, Sidecar, gpu_info, require_tensorrt, sidecar_path,
                                                verify_plan)
 
