@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from resdeploy.export.skipadd import check_skip_adds, find_residual_adds
     from resdeploy.models import load_checkpoint, load_data, normalize
     from resdeploy.models.data import fit_images
-    from resdeploy.pipeline.parity import export_fp32
+    from resdeploy.pipeline.workbench import export_fp32
     from resdeploy.pipeline.quantizing import _predict
 
     if args.threads:

@@ -260,7 +260,7 @@ def resnet50_onnx(out: Path) -> Path:
     import torch
 
     from resdeploy.models.registry import create_model
-    from resdeploy.pipeline.parity import export_fp32
+    from resdeploy.pipeline.workbench import export_fp32
 
     torch.manual_seed(0)
     model = create_model("resnet50", num_classes=1000, image_size=224).eval()

@@ -42,7 +42,8 @@ import numpy as np
 
 from resdeploy import atomic
 from resdeploy.errors import InputError, ResdeployError
-from resdeploy.pipeline import parity as par
+from resdeploy.pipeline import workbench as wb
+from resdeploy.pipeline.gates import ParityGates, compare
 from resdeploy.pipeline.stats import Budget, LatencyStats, speedup
 
 ANCHORS = ("eager", "compile", "openvino")
@@ -58,7 +59,7 @@ COMPILE_SECONDS = 25.0  # torch.compile's fixed cost per new shape on a 2-core C
 class BenchConfig:
     checkpoint: str | None = None  # a trained checkpoint folder; or
     arch: str | None = None  # an architecture with random weights (seed 0); or
-    reference: par.Reference | None = None  # a loaded reference (a user's network, or an FP32 ONNX graph)
+    reference: wb.Reference | None = None  # a loaded reference (a user's network, or an FP32 ONNX graph)
     batches: tuple[int, ...] = (1, 8, 32)  # batch sizes
     warmup: int = 5  # untimed runs per case and batch size (the first also compiles/allocates)
     runs: int | None = 100  # timed runs per case and batch size; None: use ``duration``
@@ -77,7 +78,7 @@ class BenchConfig:
     # block: the case before it leaves spinning threads (ORT spins after each run) and its own data in cache. Timed
     # right after another engine, resnet50 224x224 OpenVINO INT8 read p50 15.7 ms; after a settle call, 11.3 ms
     reserve_seconds: float = 4.0  # kept free for writing the JSON, markdown and plot
-    gates: par.ParityGates = field(default_factory=par.ParityGates)
+    gates: ParityGates = field(default_factory=ParityGates)
     ort_session_config: dict[str, str] = field(default_factory=dict)  # extra ORT session entries (all ORT cases)
     variants: dict[str, str] = field(default_factory=dict)  # precision -> ONNX path already built
     seed: int = 0  # round order shuffles and random weights
@@ -100,11 +101,11 @@ class BenchConfig:
         if unknown:
             raise InputError(f"bench: unknown anchors {unknown}; use some of {', '.join(ANCHORS)}")
         for b in self.backends:
-            if b not in par.BACKENDS:
-                raise InputError(f"bench: unknown backend {b!r}; use some of {', '.join(par.BACKENDS)}")
+            if b not in wb.BACKENDS:
+                raise InputError(f"bench: unknown backend {b!r}; use some of {', '.join(wb.BACKENDS)}")
         for p in self.precisions:
-            if p not in par.PRECISIONS:
-                raise InputError(f"bench: unknown precision {p!r}; use some of {', '.join(par.PRECISIONS)}")
+            if p not in wb.PRECISIONS:
+                raise InputError(f"bench: unknown precision {p!r}; use some of {', '.join(wb.PRECISIONS)}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -542,7 +543,7 @@ def _time_call(runner: Any, feed: dict[str, np.ndarray], clock: Callable[[], flo
     return clock() - t0
 
 
-def build_cases(cfg: BenchConfig, ref: par.Reference, paths: dict[str, Path], skipped: list[str],
+def build_cases(cfg: BenchConfig, ref: wb.Reference, paths: dict[str, Path], skipped: list[str],
                 workdir: Path | None = None, calibration: np.ndarray | None = None) -> list[Case]:
     """The cases this config asks for that can run here; the others go to ``skipped`` with the reason."""
     from resdeploy.engines import open_runner
@@ -558,11 +559,11 @@ def build_cases(cfg: BenchConfig, ref: par.Reference, paths: dict[str, Path], sk
                           lambda: open_runner(ref.model, backend="torch", compile=True)))
     ort_cfg = dict(cfg.ort_session_config)
     backends = tuple(cfg.backends)
-    if cfg.gpu and not set(backends) & set(par.GPU_BACKENDS):
-        backends += par.GPU_BACKENDS  # --gpu alone: the GPU engines next to the GPU baseline
+    if cfg.gpu and not set(backends) & set(wb.GPU_BACKENDS):
+        backends += wb.GPU_BACKENDS  # --gpu alone: the GPU engines next to the GPU baseline
     for backend in backends:
-        why = par.backend_available(backend)
-        if backend in par.GPU_BACKENDS and not cfg.gpu:
+        why = wb.backend_available(backend)
+        if backend in wb.GPU_BACKENDS and not cfg.gpu:
             why = why or "GPU engines run in the --gpu section only"
         for prec in cfg.precisions:
             name = f"{backend} {prec}"
@@ -575,21 +576,21 @@ def build_cases(cfg: BenchConfig, ref: par.Reference, paths: dict[str, Path], sk
             extra = {"session_config": ort_cfg} if backend.startswith("onnxruntime") and ort_cfg else {}
 
             def factory(b: str = backend, p: str = prec, e: dict[str, Any] = extra) -> Any:
-                artifact = par.engine_for(b, p, paths, Path(workdir or "."), calibration, max(int(x) for x in cfg.batches),
+                artifact = wb.engine_for(b, p, paths, Path(workdir or "."), calibration, max(int(x) for x in cfg.batches),
                                           reference=ref)
-                return par.open_backend(b, artifact, cfg.threads, **e)
+                return wb.open_backend(b, artifact, cfg.threads, **e)
 
-            cases.append(Case(name, "gpu" if backend in par.GPU_BACKENDS else "engine", backend, prec, factory))
+            cases.append(Case(name, "gpu" if backend in wb.GPU_BACKENDS else "engine", backend, prec, factory))
     if "openvino" in cfg.anchors and "fp32" in paths:
-        why = par.backend_available("openvino")
+        why = wb.backend_available("openvino")
         if why:
             skipped.append(f"openvino anchors: {why}")
         else:
             if "openvino" not in cfg.backends:
                 cases.append(Case("openvino fp32", "anchor", "openvino", "fp32",
-                                  lambda: par.open_backend("openvino", paths["fp32"], cfg.threads)))
+                                  lambda: wb.open_backend("openvino", paths["fp32"], cfg.threads)))
             cases.append(Case("openvino default", "anchor", "openvino", "bf16",
-                              lambda: par.open_backend("openvino", paths["fp32"], cfg.threads, precision_hint="default")))
+                              lambda: wb.open_backend("openvino", paths["fp32"], cfg.threads, precision_hint="default")))
     if cfg.gpu:
         from resdeploy.device import cuda_device_present
 
@@ -620,9 +621,9 @@ def _activate(case: Case, say: Progress, skipped: list[str]) -> bool:
 
 
 def _parity(case: Case, images: np.ndarray, ref_logits: np.ndarray, labels: np.ndarray | None,
-            gates: par.ParityGates, meaningful: bool) -> dict[str, Any]:
-    logits = par.run_batches(case.runner, images, 16)
-    m = par.compare(ref_logits, logits, labels if meaningful else None)
+            gates: ParityGates, meaningful: bool) -> dict[str, Any]:
+    logits = wb.run_batches(case.runner, images, 16)
+    m = compare(ref_logits, logits, labels if meaningful else None)
     checks = gates.check(case.backend, case.precision, m, meaningful)
     failed = [g for g in checks if not g]
     return {"n": m.n, "top1_agreement": m.top1_agreement, "centered_top1_agreement": m.centered_top1_agreement,
@@ -648,8 +649,8 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None, *, stream:
     macs = 0
     tmp = tempfile.TemporaryDirectory(prefix="resdeploy-bench-")
     try:
-        ref = cfg.reference or par.load_reference(cfg.checkpoint, cfg.arch, cfg.seed)
-        data = par.load_parity_data(ref, cfg.parity_samples, cfg.calibration_size)
+        ref = cfg.reference or wb.load_reference(cfg.checkpoint, cfg.arch, cfg.seed)
+        data = wb.load_parity_data(ref, cfg.parity_samples, cfg.calibration_size)
         say(f"{ref.name}; parity sample: {data.description}")
         ref_logits = ref.logits(data.images)
         fwd = _forward_seconds(ref, data.images[:1])
@@ -694,7 +695,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None, *, stream:
     return result
 
 
-def _forward_seconds(ref: par.Reference, x1: np.ndarray) -> float:
+def _forward_seconds(ref: wb.Reference, x1: np.ndarray) -> float:
     """One warm batch-1 call of the reference: sizes the setup estimates (export ~ tens of forwards, calibration
     ~ a few per image)."""
     import torch
@@ -711,7 +712,7 @@ def _forward_seconds(ref: par.Reference, x1: np.ndarray) -> float:
         return time.perf_counter() - t0
 
 
-def _prepare(cfg: BenchConfig, ref: par.Reference, data: par.ParityData, work: Path, budget: Budget, fwd: float,
+def _prepare(cfg: BenchConfig, ref: wb.Reference, data: wb.ParityData, work: Path, budget: Budget, fwd: float,
              say: Progress, skipped: list[str]) -> dict[str, Path]:
     """Build (or take) the ONNX variants the engines need, each step only when its estimate fits the budget."""
     need = set(cfg.precisions) if cfg.backends else set()
@@ -727,14 +728,14 @@ def _prepare(cfg: BenchConfig, ref: par.Reference, data: par.ParityData, work: P
     if "fp32" not in paths and need - set(paths):
         if budget.allows(estimates["fp32"], cfg.reserve_seconds + 10):
             say("exporting FP32 ONNX")
-            paths["fp32"] = par.export_fp32(ref.model, work / "fp32.onnx", data.images[:16])
+            paths["fp32"] = wb.export_fp32(ref.model, work / "fp32.onnx", data.images[:16])
         else:
             skipped.append(f"ONNX export: ~{estimates['fp32']:.0f} s does not fit the budget; only PyTorch cases run")
             return {}
     if "int8" in need and "int8" not in paths and "fp32" in paths:
         # calibration runs ONNX Runtime: size it by one ORT forward (PyTorch eager suffers far more on a busy machine)
         try:
-            with par.open_backend("onnxruntime", paths["fp32"], cfg.threads) as r:
+            with wb.open_backend("onnxruntime", paths["fp32"], cfg.threads) as r:
                 one = {r.inputs[0].name: data.images[:1]}
                 r.infer(one)
                 t0 = time.perf_counter()
@@ -749,7 +750,7 @@ def _prepare(cfg: BenchConfig, ref: par.Reference, data: par.ParityData, work: P
             skipped.append(f"{prec} model: preparing it (~{estimates[prec]:.0f} s) does not fit the budget")
             continue
         say(f"building the {prec} model" + (f" ({len(data.calibration)} calibration images, val split)" if prec == "int8" else ""))
-        paths[prec] = par.make_variant(ref, paths["fp32"], work / f"{prec}.onnx", prec,
+        paths[prec] = wb.make_variant(ref, paths["fp32"], work / f"{prec}.onnx", prec,
                                        flavour="u8s8" if prec == "int8" else None, calibration_images=len(data.calibration))
     return paths
 

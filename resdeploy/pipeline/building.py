@@ -138,23 +138,24 @@ def cpu_engine_candidates(model_path: Path, sample: np.ndarray | None, min_agree
                           threads: int | None) -> list[Any]:
     """ONNX Runtime and (when installed) OpenVINO on ``model_path``, each checked against the model run by ONNX
     Runtime without graph optimisation on ``sample`` (top-1 agreement >= ``min_agreement``)."""
-    from resdeploy.pipeline import parity as par
+    from resdeploy.pipeline import workbench as wb
+    from resdeploy.pipeline.gates import compare
     from resdeploy.pipeline.engine_choice import EngineCandidate
     from resdeploy.artifact import precision_of
     from resdeploy.artifact import load_onnx
 
     precision = precision_of(load_onnx(model_path))
-    backends = ["onnxruntime"] + (["openvino"] if par.backend_available("openvino") is None else [])
+    backends = ["onnxruntime"] + (["openvino"] if wb.backend_available("openvino") is None else [])
     if sample is None:
         return [EngineCandidate(b, precision, model_path, True, "no real images to check on") for b in backends]
     from resdeploy.engines import open_runner
 
     with open_runner(str(model_path), backend="onnxruntime", provider="cpu", optimization="disable", threads=threads) as r:
-        ref = par.run_batches(r, sample, 16)
+        ref = wb.run_batches(r, sample, 16)
     out = []
     for b in backends:
-        with par.open_backend(b, model_path, threads) as r:
-            m = par.compare(ref, par.run_batches(r, sample, 16))
+        with wb.open_backend(b, model_path, threads) as r:
+            m = compare(ref, wb.run_batches(r, sample, 16))
         ok = m.top1_agreement >= min_agreement
         out.append(EngineCandidate(b, precision, model_path, ok,
                                    f"top-1 agreement {m.top1_agreement:.1%} with the model on {m.n} images, max abs {m.max_abs:.2g}"))

@@ -100,9 +100,9 @@ class EngineChoice:
 
 
 def _default_open(c: EngineCandidate, threads: int | None) -> Any:
-    from resdeploy.pipeline import parity as par
+    from resdeploy.pipeline import workbench as wb
 
-    return par.open_backend(c.backend, c.model, threads)
+    return wb.open_backend(c.backend, c.model, threads)
 
 
 def choose_engine(candidates: Sequence[EngineCandidate], *, batches: Sequence[int] = (1,), threads: int | None = None,

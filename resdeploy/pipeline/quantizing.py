@@ -19,7 +19,7 @@ import numpy as np
 from resdeploy import atomic
 from resdeploy.errors import CheckFailed, InputError
 from resdeploy.export.calibration import CalibrationSet
-from resdeploy.pipeline.parity import points
+from resdeploy.pipeline.gates import points
 from resdeploy.artifact import load_onnx, open_artifact, precision_of, staged_onnx
 from resdeploy.export.precision import (
     FLAVOURS, Fp16Config, Int8Config, QuantizeReport, flavour_for_backend, flavour_reason, fp16_variant,

@@ -433,10 +433,10 @@ def run_pipeline(cfg: RunConfig, *, say: Callable[[str], None] | None = None) ->
 
 
 def _parity_gates(cfg: RunConfig, src: ModelSource) -> Any:
-    """The run's parity gates (parity.ParityGates). FP32 of a user's network is gated on relative error unless
+    """The run's parity gates (gates.ParityGates). FP32 of a user's network is gated on relative error unless
     ``parity.fp32_max_rel`` says otherwise: an absolute bound set for the registry's logits means nothing for
     logits of another scale."""
-    from resdeploy.pipeline.parity import ParityGates
+    from resdeploy.pipeline.gates import ParityGates
 
     p = cfg.parity
     rel = p.fp32_max_rel or (1e-5 if src.kind in ("factory", "onnx") else None)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from resdeploy.errors import CheckFailed, InputError
-from resdeploy.pipeline.parity import (ParityConfig, ParityGates, Reference, compare, load_parity_data,
-                                       prepare_variants, run_parity)
+from resdeploy.pipeline.gates import ParityGates, compare
+from resdeploy.pipeline.parity import ParityConfig, run_parity
+from resdeploy.pipeline.workbench import Reference, load_parity_data, prepare_variants
 
 
 def test_compare_identical_logits():
@@ -198,7 +199,7 @@ def test_random_weight_reference_gets_batchnorm_statistics_from_real_images():
     import torch
 
     from resdeploy.models import create_model
-    from resdeploy.pipeline.parity import recalibrate_batchnorm
+    from resdeploy.pipeline.workbench import recalibrate_batchnorm
 
     torch.manual_seed(0)
     raw = create_model("resnet56").eval()
