@@ -22,7 +22,7 @@ the stage's result class, unchanged::
     failed_gate        str or null          the first failed gate, in words (null when passed)
     run_dir            str                  the run folder as given on the command line
     config             object or null       the run config as a dict (RunConfig.to_dict(); one row per section)
-    machine            object               {"cpu": str (CPU model), "isa": [str] (SIMD flags, e.g. bench.SIMD_FLAGS
+    machine            object               {"cpu": str (CPU model), "isa": [str] (SIMD flags, e.g. machine.SIMD_FLAGS
                                              found in /proc/cpuinfo), "cores": int, "python": str,
                                              "versions": {"torch": str, "onnx": str, "onnxruntime": str,
                                                           "openvino": str or null, ...more libraries allowed}}

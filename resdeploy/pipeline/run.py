@@ -579,7 +579,7 @@ def _arch_of(onnx_path: Path) -> str:
 
 # -- run.json and the report -------------------------------------------------------------------------------
 def machine_summary() -> dict[str, Any]:
-    from resdeploy.pipeline.bench import machine_info
+    from resdeploy.pipeline.machine import machine_info
 
     m = machine_info()
     return {"cpu": m.get("cpu_model") or platform.processor(), "isa": m.get("simd", []), "cores": m.get("logical_cpus"),

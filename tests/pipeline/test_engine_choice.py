@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from resdeploy.errors import CheckFailed, InputError
-from resdeploy.pipeline.bench import cpu_isa, fraction_of_peak
+from resdeploy.pipeline.machine import cpu_isa, fraction_of_peak
 from resdeploy.pipeline.engine_choice import EngineCandidate, choose_engine, read_choice, write_choice
 
 
