@@ -7,7 +7,8 @@ networks take their INT8/FP16 from the graph, not from builder flags).
   (reductions, exp/log, unfused normalisation) kept in float32.
 * ``int8``: QuantizeLinear/DequantizeLinear around every conv, per-channel symmetric int8 weights, activation
   scales calibrated on real images, and both inputs of every residual Add quantized, so an engine can fold the
-  Add into the INT8 convolution (TensorRT issue 1992: an un-quantized residual branch leaves the Add out).
+  Add into the INT8 convolution (an external bug report, TensorRT GitHub issue #1992: an un-quantized residual
+  branch leaves the Add out).
   Two flavours because the engines disagree: ``s8s8`` (symmetric int8 activations) is what TensorRT requires,
   ``u8s8`` (asymmetric uint8 activations) is what ONNX Runtime's fast CPU kernels need; OpenVINO runs both.
 """
@@ -332,7 +333,7 @@ def check_int8_graph(model: onnx.ModelProto, flavour: str, *, per_channel: bool 
     if len(adds_q) < len(adds):
         missing = next(a.name for a in adds if a not in adds_q)
         problems.append(f"{len(adds) - len(adds_q)} of {len(adds)} residual Adds have an input that is not quantized "
-                        f"(e.g. {missing!r}); an engine cannot fuse such an Add into the INT8 conv (TensorRT issue 1992)")
+                        f"(e.g. {missing!r}); an engine cannot fuse such an Add into the INT8 conv (TensorRT GitHub issue #1992)")
     weight_inputs = {n.input[1] for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1}
     act_dtypes: set[str] = set()
     nonzero = 0
