@@ -165,7 +165,7 @@ class ModelLoader:
         """The config's model_warmup samples (checked first: an invalid one fails the load, as on Triton), run on
         every instance; without them (and unless --no-warmup) one zero batch of 1 and of max_batch_size."""
         samples = warmup_samples(model.entry, model.inputs)
-        for name, feed, times in samples:
+        for _name, feed, times in samples:
             for r in model.runners:
                 for _ in range(times):
                     r.infer(feed)

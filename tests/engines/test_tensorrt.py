@@ -21,7 +21,7 @@ def test_dtype_mapping():
     assert {k: trt_dtype_to_numpy(k) for k, v in TRT_DTYPE_TO_NUMPY.items() if v} == {
         "FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32", "INT64": "int64", "BOOL": "bool",
         "UINT8": "uint8", "DOUBLE": "float64"}
-    for name, np_name in TRT_DTYPE_TO_NUMPY.items():
+    for np_name in TRT_DTYPE_TO_NUMPY.values():
         if np_name:
             np.dtype(np_name)  # every target is a real numpy dtype
     assert trt_dtype_to_numpy(type("DataType", (), {"name": "HALF"})()) == "float16"  # enum members carry .name

@@ -4,7 +4,6 @@ trained resnet20's export and held-out images, r20_onnx and r20_images, are in t
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
