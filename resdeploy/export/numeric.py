@@ -15,7 +15,7 @@ divergent block; later ones are its consequences and are marked ``diverged`` wit
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,6 +183,14 @@ def operand_error(p: ShortPath, t: ShortPath, onnx_side: Side, torch_side: Side,
     return worst
 
 
+def fused_relu(onnx_output: str, reference_output: str, onnx_relu_fed: Collection[str],
+               reference_relu_fed: Collection[str]) -> bool:
+    """Whether the ONNX graph fused the ReLU after a merge into it (quantizers do: a uint8 Q/DQ pair clamps at 0), so
+    its value is the reference's after the ReLU: every consumer of the reference's merge is a ReLU, none of the
+    ONNX one's is."""
+    return reference_output in reference_relu_fed and onnx_output not in onnx_relu_fed
+
+
 def compare(pairs: Sequence[tuple[int, int, int]], onnx_side: Side, torch_side: Side, status: dict[int, str], *,
             quantized: bool, relu_fed: tuple[set[str], frozenset[str]], inputs: str,
             rtol: float = FLOAT_RTOL) -> Numbers:
@@ -193,8 +201,8 @@ def compare(pairs: Sequence[tuple[int, int, int]], onnx_side: Side, torch_side: 
     for k, i, j in pairs:
         p, t = onnx_side.paths[i], torch_side.paths[j]
         o, r = onnx_side.values.get(p.output), torch_side.values.get(t.output)
-        if r is not None and t.output in torch_relu_fed and p.output not in onnx_relu_fed:
-            r = np.maximum(r, 0)  # the ReLU after the merge was fused into it (quantizers do)
+        if r is not None and fused_relu(p.output, t.output, onnx_relu_fed, torch_relu_fed):
+            r = np.maximum(r, 0)
         out_bad = False
         if o is not None and r is not None and o.shape == r.shape:
             res.output[k] = errors(o, r)

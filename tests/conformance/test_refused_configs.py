@@ -78,7 +78,7 @@ def refused_pair(start_pair, refused_repo):
 
 def _case(name):
     text, files, loads, reason = CASES[name]
-    assert reason is None, f"{name}: a known difference must be fixed or listed in the README with its reason"
+    assert reason is None, f"{name}: a known difference must be fixed or listed in docs/serving.md with its reason"
     return pytest.param(name, loads, id=name)
 
 

@@ -1,4 +1,4 @@
-"""The stress suite: marked `stress`, excluded from the default run. One command (see the README):
+"""The stress suite: marked `stress`, excluded from the default run. One command (see docs/serving.md):
 
     python -m pytest tests/stress -m stress -q
 
