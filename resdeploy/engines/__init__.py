@@ -22,8 +22,6 @@ from resdeploy.errors import BackendUnavailable, InputError
 from resdeploy.engines.base import Runner, RunnerError, TensorSpec
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino")
-
-
 PLACEMENTS = ("auto", "cpu", "gpu")
 
 
