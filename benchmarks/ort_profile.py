@@ -3,7 +3,7 @@
     python benchmarks/ort_profile.py int8.onnx [--threads 2] [--runs 50]
 
 Prints per op type: calls per run, total ms per run, share of the run, and the model's MACs per op type so the
-achieved GOPS of the convolutions can be set against the CPU's peak (bench.cpu_isa)."""
+achieved GOPS of the convolutions can be set against the CPU's peak (machine.cpu_isa)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
 
     from resdeploy.artifact import open_artifact
-    from resdeploy.pipeline.bench import _isa_line, machine_info, model_macs
+    from resdeploy.pipeline.bench import model_macs
+    from resdeploy.pipeline.machine import isa_line, machine_info
 
     art = open_artifact(args.model)
     shape = [1 if not isinstance(d, int) else d for d in art.inputs[0].shape]
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     conv_ms = sum(ms for op, ms in by_op.items() if "Conv" in op) / runs
     if conv_ms:
         print(f"convolutions: {2 * macs / (conv_ms / 1e3) / 1e9:.1f} GOPS achieved over {args.threads} thread(s)")
-    print("ISA: " + _isa_line(machine_info()))
+    print("ISA: " + isa_line(machine_info()))
     return 0
 
 

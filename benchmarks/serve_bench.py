@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import os
 import signal
 import socket
@@ -50,10 +49,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.side_by_side import model_stats  # noqa: E402
 from resdeploy import atomic  # noqa: E402
-from resdeploy.pipeline.bench import machine_info  # noqa: E402
+from resdeploy.pipeline.machine import machine_info, machine_line  # noqa: E402
 from resdeploy.pipeline.repository import make_model_repository  # noqa: E402
 from resdeploy.serve.loadgen import LoadConfig, encode_request, run_load  # noqa: E402
-from resdeploy.serve.runners import open_runner  # noqa: E402
+from resdeploy.engines import open_runner  # noqa: E402
 
 
 def export_checkpoint(checkpoint: Path, out: Path) -> Path:
@@ -260,18 +259,11 @@ def resnet50_onnx(out: Path) -> Path:
     import torch
 
     from resdeploy.models.registry import create_model
-    from resdeploy.pipeline.parity import export_fp32
+    from resdeploy.pipeline.workbench import export_fp32
 
     torch.manual_seed(0)
     model = create_model("resnet50", num_classes=1000, image_size=224).eval()
     return export_fp32(model, out)
-
-
-def machine_line() -> str:
-    """CPU, core count and ISA in one line: results are compared only within one run, and this says which CPU."""
-    info = machine_info()
-    return (f"{info['cpu_model']} ({info['isa']['core']}, int8 {info['isa']['int8']}, bf16 {info['isa']['bf16']}), "
-            f"{info['usable_cpus']} of {info['logical_cpus']} CPUs usable")
 
 
 def vs_triton(args: argparse.Namespace) -> int:
@@ -328,7 +320,8 @@ def vs_triton(args: argparse.Namespace) -> int:
             for s in servers:
                 s.stop()
     load = Path("/proc/loadavg").read_text().split()[:3]
-    res.update({"machine": machine_line(), "machine_info": machine_info(),
+    info = machine_info()
+    res.update({"machine": machine_line(info), "machine_info": info,
                 "server_cpus": sorted(cpus) if cpus else "all", "rounds": args.rounds, "seconds": args.seconds,
                 "loadavg_at_end": load, "server_args": args.server_args, "model": "resnet50" if args.resnet50 else "resnet20",
                 "ab_against": str(Path(args.ab_against).resolve()) if args.ab_against else None,
@@ -411,7 +404,8 @@ def main() -> int:
         finally:
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(60)
-    res = {"machine": machine_line(), "machine_info": machine_info(),
+    info = machine_info()
+    res = {"machine": machine_line(info), "machine_info": info,
            "threads": args.threads, "preferred": args.preferred, "max_queue_delay_us": args.max_queue_delay_us,
            "runner_ms_per_sample": curve, "overhead": ov, "throughput": tp, "server_exit": rc}
     atomic.write_json(out / "serve_bench.json", res)

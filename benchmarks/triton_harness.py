@@ -313,8 +313,8 @@ def start_triton(repo: str | os.PathLike[str], *, install: TritonInstall | None 
         grpc_port, metrics_port = free_port(), free_port()
     shm_prefix = f"resdeploy_triton_{os.getpid()}_{http_port}_"
     cmd = [str(install.tritonserver), f"--model-repository={Path(repo).resolve()}", f"--backend-directory={backends}",
-           f"--http-address=127.0.0.1", f"--http-port={http_port}", f"--grpc-address=127.0.0.1", f"--grpc-port={grpc_port}",
-           f"--metrics-address=127.0.0.1", f"--metrics-port={metrics_port}", "--allow-gpu-metrics=false",
+           "--http-address=127.0.0.1", f"--http-port={http_port}", "--grpc-address=127.0.0.1", f"--grpc-port={grpc_port}",
+           "--metrics-address=127.0.0.1", f"--metrics-port={metrics_port}", "--allow-gpu-metrics=false",
            f"--model-control-mode={model_control_mode}", f"--exit-on-error={str(exit_on_error).lower()}",
            f"--strict-readiness={str(strict_readiness).lower()}", "--exit-timeout-secs=10", f"--log-verbose={verbose}",
            f"--backend-config=python,shm-region-prefix-name={shm_prefix}",

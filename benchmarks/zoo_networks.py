@@ -18,7 +18,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.serve_bench import machine_line  # noqa: E402
+from resdeploy.pipeline.machine import machine_line  # noqa: E402
 from resdeploy import atomic  # noqa: E402
 from tests.zoo import onnx_surgery  # noqa: E402
 from tests.zoo.networks import NETWORKS, SURGERIES, Network, expected_blocks, export_network, images  # noqa: E402

@@ -196,6 +196,19 @@ def read_metadata(model: "onnx.ModelProto", source: str = "model") -> ArtifactMe
     return ArtifactMetadata.from_props({p.key: p.value for p in model.metadata_props}, source)
 
 
+def precision_of(model: "onnx.ModelProto") -> str:
+    """The precision recorded in metadata, else read from the graph (Q/DQ -> int8, float16 weights -> fp16)."""
+    recorded = read_metadata(model).precision
+    if recorded:
+        return recorded
+    ops = {n.op_type for n in model.graph.node}
+    if ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger"}:
+        return "int8"
+    if any(ELEM_TYPES.get(t.data_type) == "float16" for t in model.graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
 def write_metadata(model: "onnx.ModelProto", meta: ArtifactMetadata) -> None:
     """Replace ``model.metadata_props`` with ``meta``."""
     del model.metadata_props[:]

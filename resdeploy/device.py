@@ -1,12 +1,13 @@
-"""The CUDA device probe, TensorRT import and plan sidecar: ground floor, shared by export (build) and serve (runner).
+"""The CUDA device probe, TensorRT import and plan sidecar: ground floor, shared by the engines (TensorRT build and
+runner, the automatic backend choice), the server's instance placement and the pipeline (bench, parity, repository).
 
 Everything here imports without TensorRT, CUDA or cuda-python: the probes ask the NVIDIA driver through
 ctypes (``libcuda.so.1``), never TensorRT, because TensorRT's (lean) runtime must not be started on a
 machine without a CUDA device (it crashes instead of raising). ``tensorrt`` and ``cuda-python`` are
 imported lazily, and only after a device answered.
 
-Also here (on the ground floor, so export and serve stay siblings): the plan **sidecar** and its checks.
-A TensorRT plan is an executable artifact and is not portable: it is loaded only when its sha256 matches
+Also here (on the ground floor, where the engines and the pipeline's repository both reach it): the plan
+**sidecar** and its checks. A TensorRT plan is an executable artifact and is not portable: it is loaded only when its sha256 matches
 the sidecar written beside it at build time, and only by the TensorRT version and on the compute
 capability it was built for.
 
@@ -77,6 +78,11 @@ def cuda_device_status() -> tuple[bool, str]:
     if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
         return False, "no CUDA device (the driver reports 0 GPUs)"
     return True, ""
+
+
+def cuda_device_present() -> bool:
+    """True when a CUDA device answers. Asks the driver only; never TensorRT (which must not start without one)."""
+    return cuda_device_status()[0]
 
 
 def cuda_device_count() -> int:

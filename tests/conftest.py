@@ -32,3 +32,34 @@ def trained_resnet20(trained_resnet20_dir):
     from resdeploy.models.checkpoint import load_checkpoint
 
     return load_checkpoint(trained_resnet20_dir)
+
+
+@pytest.fixture(scope="session")
+def resnet20_onnx(tmp_path_factory, trained_resnet20_dir) -> Path:
+    """What users serve: `resdeploy export` of the trained resnet20 (labels in its metadata)."""
+    from resdeploy.pipeline.exporting import export_checkpoint
+
+    path = tmp_path_factory.mktemp("onnx") / "resnet20.onnx"
+    export_checkpoint(trained_resnet20_dir, path, check=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def r20_images(trained_resnet20, mnist):
+    """16 normalised test digits for the trained resnet20."""
+    from resdeploy.models import normalize
+
+    spec = trained_resnet20[0].input_spec
+    return normalize(mnist.test.images[:16], spec.mean, spec.std)
+
+
+@pytest.fixture(scope="session")
+def r20_onnx(trained_resnet20, r20_images, tmp_path_factory) -> Path:
+    """The trained resnet20 exported by the export stage alone (dynamo, opset 18, dynamic batch)."""
+    from resdeploy.artifact import ArtifactMetadata
+    from resdeploy.export import export_onnx
+
+    model, _ = trained_resnet20
+    out = tmp_path_factory.mktemp("r20") / "resnet20.onnx"
+    export_onnx(model, out, input_shape=model.input_spec.shape, metadata=ArtifactMetadata(architecture="resnet20"), sample=r20_images)
+    return out

@@ -7,7 +7,8 @@ networks take their INT8/FP16 from the graph, not from builder flags).
   (reductions, exp/log, unfused normalisation) kept in float32.
 * ``int8``: QuantizeLinear/DequantizeLinear around every conv, per-channel symmetric int8 weights, activation
   scales calibrated on real images, and both inputs of every residual Add quantized, so an engine can fold the
-  Add into the INT8 convolution (TensorRT issue 1992: an un-quantized residual branch leaves the Add out).
+  Add into the INT8 convolution (an external bug report, TensorRT GitHub issue #1992: an un-quantized residual
+  branch leaves the Add out).
   Two flavours because the engines disagree: ``s8s8`` (symmetric int8 activations) is what TensorRT requires,
   ``u8s8`` (asymmetric uint8 activations) is what ONNX Runtime's fast CPU kernels need; OpenVINO runs both.
 """
@@ -29,7 +30,7 @@ import onnx
 from onnx import numpy_helper
 
 from resdeploy import atomic
-from resdeploy.artifact import external_tensors, load_onnx, read_metadata, save_onnx, write_metadata
+from resdeploy.artifact import external_tensors, load_onnx, precision_of, read_metadata, save_onnx, write_metadata
 from resdeploy.errors import CheckFailed, InputError
 from resdeploy.export.calibration import CalibrationSet, chunk_batches, even_batch_size, make_reader
 from resdeploy.export.onnx_graph import replace_repeated
@@ -74,19 +75,6 @@ def _check_choice(value: str, allowed: Sequence[str], what: str) -> None:
 
 
 # -- loading and metadata (through the artifact contract) -------------------------------------------------------
-
-def precision_of(model: onnx.ModelProto) -> str:
-    """The precision recorded in metadata, else inferred from the graph (Q/DQ -> int8, fp16 weights -> fp16)."""
-    recorded = read_metadata(model).precision
-    if recorded:
-        return recorded
-    ops = {n.op_type for n in model.graph.node}
-    if ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger"}:
-        return "int8"
-    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
-        return "fp16"
-    return "fp32"
-
 
 def _data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     inits = {t.name for t in model.graph.initializer}
@@ -345,7 +333,7 @@ def check_int8_graph(model: onnx.ModelProto, flavour: str, *, per_channel: bool 
     if len(adds_q) < len(adds):
         missing = next(a.name for a in adds if a not in adds_q)
         problems.append(f"{len(adds) - len(adds_q)} of {len(adds)} residual Adds have an input that is not quantized "
-                        f"(e.g. {missing!r}); an engine cannot fuse such an Add into the INT8 conv (TensorRT issue 1992)")
+                        f"(e.g. {missing!r}); an engine cannot fuse such an Add into the INT8 conv (TensorRT GitHub issue #1992)")
     weight_inputs = {n.input[1] for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1}
     act_dtypes: set[str] = set()
     nonzero = 0

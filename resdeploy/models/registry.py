@@ -17,10 +17,18 @@ from resdeploy.models.plain_nets import VGG, LeNet5
 from resdeploy.models.seednet import SeedNet
 from resdeploy.models.stochastic_depth import StochasticDepthResNet
 
+
+def _cifar(depth: int, **fixed: Any) -> Callable[..., ResidualNet]:
+    """A builder of the CIFAR ResNet (or, with ``residual=False``, its plain twin) at ``depth``."""
+    def build(**kw: Any) -> ResidualNet:
+        return CifarResNet(depth=depth, **fixed, **kw)
+    return build
+
+
 _BUILDERS: dict[str, Callable[..., ResidualNet]] = {
     "seednet": lambda **kw: SeedNet(**kw),
-    **{f"resnet{d}": (lambda d: lambda **kw: CifarResNet(depth=d, **kw))(d) for d in (20, 32, 44, 56, 110)},
-    **{f"plain{d}": (lambda d: lambda **kw: CifarResNet(depth=d, residual=False, **kw))(d) for d in (20, 32, 44, 56, 110)},
+    **{f"resnet{d}": _cifar(d) for d in (20, 32, 44, 56, 110)},
+    **{f"plain{d}": _cifar(d, residual=False) for d in (20, 32, 44, 56, 110)},
     "resnet18": lambda **kw: ResNet(BasicBlock, (2, 2, 2, 2), **kw),
     "resnet34": lambda **kw: ResNet(BasicBlock, (3, 4, 6, 3), **kw),
     "resnet50": lambda **kw: ResNet(Bottleneck, (3, 4, 6, 3), **kw),

@@ -25,10 +25,7 @@ How it measures:
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
-import os
-import platform
 import random
 import sys
 import tempfile
@@ -42,12 +39,12 @@ import numpy as np
 
 from resdeploy import atomic
 from resdeploy.errors import InputError, ResdeployError
-from resdeploy.pipeline import parity as par
+from resdeploy.pipeline import workbench as wb
+from resdeploy.pipeline.gates import ParityGates, compare
+from resdeploy.pipeline.machine import fraction_of_peak, isa_line, load_average, machine_info
 from resdeploy.pipeline.stats import Budget, LatencyStats, speedup
 
 ANCHORS = ("eager", "compile", "openvino")
-SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
-              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "neon", "asimd", "sve")
 REFERENCE = "torch eager fp32"
 GPU_REFERENCE = "torch eager fp16 cuda-graphs"  # the GPU section's baseline
 TRT_BUILD_SECONDS = 60.0  # a TensorRT plan build (tactic timing) for a ResNet, order of magnitude
@@ -58,7 +55,7 @@ COMPILE_SECONDS = 25.0  # torch.compile's fixed cost per new shape on a 2-core C
 class BenchConfig:
     checkpoint: str | None = None  # a trained checkpoint folder; or
     arch: str | None = None  # an architecture with random weights (seed 0); or
-    reference: par.Reference | None = None  # a loaded reference (a user's network, or an FP32 ONNX graph)
+    reference: wb.Reference | None = None  # a loaded reference (a user's network, or an FP32 ONNX graph)
     batches: tuple[int, ...] = (1, 8, 32)  # batch sizes
     warmup: int = 5  # untimed runs per case and batch size (the first also compiles/allocates)
     runs: int | None = 100  # timed runs per case and batch size; None: use ``duration``
@@ -77,7 +74,7 @@ class BenchConfig:
     # block: the case before it leaves spinning threads (ORT spins after each run) and its own data in cache. Timed
     # right after another engine, resnet50 224x224 OpenVINO INT8 read p50 15.7 ms; after a settle call, 11.3 ms
     reserve_seconds: float = 4.0  # kept free for writing the JSON, markdown and plot
-    gates: par.ParityGates = field(default_factory=par.ParityGates)
+    gates: ParityGates = field(default_factory=ParityGates)
     ort_session_config: dict[str, str] = field(default_factory=dict)  # extra ORT session entries (all ORT cases)
     variants: dict[str, str] = field(default_factory=dict)  # precision -> ONNX path already built
     seed: int = 0  # round order shuffles and random weights
@@ -100,11 +97,11 @@ class BenchConfig:
         if unknown:
             raise InputError(f"bench: unknown anchors {unknown}; use some of {', '.join(ANCHORS)}")
         for b in self.backends:
-            if b not in par.BACKENDS:
-                raise InputError(f"bench: unknown backend {b!r}; use some of {', '.join(par.BACKENDS)}")
+            if b not in wb.BACKENDS:
+                raise InputError(f"bench: unknown backend {b!r}; use some of {', '.join(wb.BACKENDS)}")
         for p in self.precisions:
-            if p not in par.PRECISIONS:
-                raise InputError(f"bench: unknown precision {p!r}; use some of {', '.join(par.PRECISIONS)}")
+            if p not in wb.PRECISIONS:
+                raise InputError(f"bench: unknown precision {p!r}; use some of {', '.join(wb.PRECISIONS)}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -255,7 +252,7 @@ class BenchResult:
         m = self.machine
         out = [f"# Latency: {self.model}", "",
                f"- machine: {m.get('cpu_model')} ({m.get('logical_cpus')} logical CPUs), SIMD: {' '.join(m.get('simd', []))}",
-               f"- ISA: {_isa_line(m)}",
+               f"- ISA: {isa_line(m)}",
                f"- load average at start/end: {m.get('load_average_start')} / {m.get('load_average_end')} "
                "(a busy machine makes every figure noisy; ratios within the run stay comparable)",
                f"- threads: {self.config['threads']}; versions: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()),
@@ -299,7 +296,7 @@ class BenchResult:
                 pk = f"{100 * frac:5.1f}%" if frac is not None else f"{'-':>6}"
                 lines.append(f"{c.name:<30} {b:>5} {s.p50_ms:9.3f} {s.p90_ms:9.3f} {s.p99_ms:9.3f} {s.mean_ms:9.3f} "
                              f"{s.min_ms:9.3f} {s.throughput:10.1f} {ratio} {pk} {agree} {verdict}")
-        lines.append(f"ISA: {_isa_line(self.machine)}")
+        lines.append(f"ISA: {isa_line(self.machine)}")
         lines += self.summary()
         lines += [f"note: {n}" for n in self.notes()[1:]]
         lines += [f"skipped: {s}" for s in self.skipped]
@@ -307,118 +304,8 @@ class BenchResult:
         return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# machine info
-# ---------------------------------------------------------------------------------------------------------
-def machine_info() -> dict[str, Any]:
-    """CPU model, core counts, SIMD flags, load and library versions: enough to tell two runs' machines apart."""
-    cpu_model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and cpu_model in ("", platform.machine(), platform.processor()):
-                    cpu_model = value.strip()
-                elif key in ("flags", "Features") and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    versions: dict[str, str] = {"python": platform.python_version()}
-    for mod in ("numpy", "torch", "onnx", "onnxruntime", "openvino", "tensorrt"):
-        try:
-            versions[mod] = str(importlib.import_module(mod).__version__).split("-")[0]
-        except Exception:  # not installed (or broken): leave it out
-            continue
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    env = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "KMP_", "MKL_", "ORT_", "OV_")) or k == "GOMP_SPINCOUNT"}
-    vendor, family, model_no, mhz = "", 0, 0, 0.0
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key, value = key.strip(), value.strip()
-                if key == "vendor_id" and not vendor:
-                    vendor = value
-                elif key == "cpu family" and not family:
-                    family = int(value or 0)
-                elif key == "model" and not model_no:
-                    model_no = int(value or 0) if value.isdigit() else 0
-                elif key == "cpu MHz" and not mhz:
-                    mhz = float(value or 0)
-    except (OSError, ValueError):
-        pass
-    isa = cpu_isa(flags, vendor, family, model_no, mhz)
-    info = {"cpu_model": cpu_model, "logical_cpus": os.cpu_count(), "usable_cpus": affinity, "threading_env": env,
-            "isa": isa,
-            "simd": [f for f in SIMD_FLAGS if f in flags], "platform": platform.platform(),
-            "load_average_start": _loadavg(), "cpu_busy_start": _cpu_busy(), "versions": versions,
-            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    try:
-        import onnxruntime as ort
-
-        info["onnxruntime_providers"] = list(ort.get_available_providers())
-    except ImportError:
-        pass
-    return info
-
-
-# FLOP (or int8 ops: 2 per multiply-accumulate) per cycle and core, by precision, from the vendors' instruction
-# throughputs: Intel server cores have two 512-bit FMA ports; AMD Zen 4 runs AVX-512 on 256-bit units (half);
-# AMX tiles do 1024 int8 / 512 bf16 multiply-accumulates per cycle.
-def cpu_isa(flags: set[str] | frozenset[str], vendor: str = "", family: int = 0, model: int = 0,
-            mhz: float = 0.0) -> dict[str, Any]:
-    """What the CPU offers for inference and the theoretical peak per core used for "fraction of peak"."""
-    amd = vendor == "AuthenticAMD"
-    core = ""
-    if amd and family == 25:
-        core = "AMD Zen 4" if "avx512f" in flags else "AMD Zen 3"
-    elif amd and family == 26:
-        core = "AMD Zen 5"
-    elif vendor == "GenuineIntel":
-        core = ("Intel Xeon with AMX (Sapphire Rapids or later)" if "amx_int8" in flags else
-                "Intel with AVX-512" if "avx512f" in flags else "Intel")
-    half = amd and family == 25  # Zen 4: 512-bit ops on 256-bit datapaths
-    if "avx512f" in flags:
-        fp32 = 32 if half else 64
-    elif "avx2" in flags and "fma" in flags:
-        fp32 = 32
-    elif "asimd" in flags or "neon" in flags:
-        fp32 = 16
-    else:
-        fp32 = 8
-    if "amx_int8" in flags:
-        int8, int8_isa = 2048, "AMX int8"
-    elif "avx512_vnni" in flags:
-        int8, int8_isa = (128 if half else 256), "AVX-512 VNNI"
-    elif "avx_vnni" in flags:
-        int8, int8_isa = 128, "AVX-VNNI"
-    elif "avx2" in flags:
-        int8, int8_isa = 64, "AVX2 (vpmaddubsw)"
-    else:
-        int8, int8_isa = 2 * fp32, "none"
-    if "amx_bf16" in flags:
-        bf16, bf16_isa = 1024, "AMX bf16"
-    elif "avx512_bf16" in flags:
-        bf16, bf16_isa = 2 * fp32, "AVX-512 BF16"
-    else:
-        bf16, bf16_isa = fp32, "none (emulated via fp32)"
-    fp16 = 2 * fp32 if "avx512_fp16" in flags else fp32  # without avx512_fp16 a CPU computes fp16 in fp32
-    ghz = round(mhz / 1000.0, 3) if mhz else 0.0
-    return {"core": core or vendor or platform.machine(), "int8": int8_isa, "bf16": bf16_isa,
-            "flop_per_cycle_per_core": {"fp32": fp32, "fp16": fp16, "bf16": bf16, "int8": int8},
-            "clock_ghz": ghz, "clock_source": "/proc/cpuinfo cpu MHz (nominal; turbo not counted)" if ghz else "unknown",
-            "peak_gflops_per_core": {k: round(v * ghz, 1) for k, v in
-                                     {"fp32": fp32, "fp16": fp16, "bf16": bf16, "int8": int8}.items()} if ghz else {}}
-
-
 def model_macs(onnx_path: str | Path) -> int:
     """Multiply-accumulates of one image through the model's Conv and Gemm/MatMul nodes (from shape inference)."""
-    import onnx
-
     from resdeploy.artifact import load_onnx
     from resdeploy.export.onnx_graph import shapes_of
 
@@ -439,57 +326,7 @@ def model_macs(onnx_path: str | Path) -> int:
         elif n.op_type in ("Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits:
             w = inits[n.input[1]]
             total += int(np.prod(w))
-    del onnx
     return total
-
-
-def fraction_of_peak(macs: int, batch: int, p50_ms: float, precision: str, isa: dict[str, Any], threads: int,
-                     cores: int | None) -> float | None:
-    """Achieved (2 x MACs / p50) over the theoretical peak of ``precision`` on ``min(threads, cores)`` cores."""
-    peak = (isa or {}).get("peak_gflops_per_core", {}).get({"bf16": "bf16", "int8": "int8", "fp16": "fp16"}.get(precision, "fp32"))
-    if not macs or not peak or p50_ms <= 0:
-        return None
-    used = max(1, min(threads, cores or threads))
-    return (2.0 * macs * batch / (p50_ms / 1e3)) / (peak * 1e9 * used)
-
-
-def _isa_line(m: dict[str, Any]) -> str:
-    isa = m.get("isa") or {}
-    if not isa:
-        return "unknown"
-    per = isa.get("flop_per_cycle_per_core", {})
-    peak = isa.get("peak_gflops_per_core", {})
-    ghz = isa.get("clock_ghz")
-    return (f"{isa.get('core')}; int8 via {isa.get('int8')}, bf16 via {isa.get('bf16')}; theoretical peak per core at "
-            f"{ghz} GHz ({isa.get('clock_source')}): " + ", ".join(
-                f"{k} {per.get(k)} op/cycle = {peak.get(k, '?')} GOPS" for k in ("fp32", "bf16", "int8"))
-            + "; % of peak = 2 x MACs x batch / p50 over that peak x min(threads, CPUs)")
-
-
-def _cpu_busy(seconds: float = 0.5) -> float | None:
-    """Fraction of all CPUs busy right now, from /proc/stat over ``seconds`` while this process sleeps.
-
-    The load average would also count the previous minute (a bench run just before this one, say).
-    """
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v), v[3] + (v[4] if len(v) > 4 else 0)  # total, idle + iowait
-
-    try:
-        t0, i0 = sample()
-        time.sleep(seconds)
-        t1, i1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    return round(1.0 - (i1 - i0) / max(t1 - t0, 1), 3)
-
-
-def _loadavg() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -542,10 +379,10 @@ def _time_call(runner: Any, feed: dict[str, np.ndarray], clock: Callable[[], flo
     return clock() - t0
 
 
-def build_cases(cfg: BenchConfig, ref: par.Reference, paths: dict[str, Path], skipped: list[str],
+def build_cases(cfg: BenchConfig, ref: wb.Reference, paths: dict[str, Path], skipped: list[str],
                 workdir: Path | None = None, calibration: np.ndarray | None = None) -> list[Case]:
     """The cases this config asks for that can run here; the others go to ``skipped`` with the reason."""
-    from resdeploy.serve.runners import open_runner
+    from resdeploy.engines import open_runner
 
     if ref.model is None:
         skipped.append(f"PyTorch anchors: no PyTorch model (the reference is {ref.kind}); the engines are timed side "
@@ -558,11 +395,11 @@ def build_cases(cfg: BenchConfig, ref: par.Reference, paths: dict[str, Path], sk
                           lambda: open_runner(ref.model, backend="torch", compile=True)))
     ort_cfg = dict(cfg.ort_session_config)
     backends = tuple(cfg.backends)
-    if cfg.gpu and not set(backends) & set(par.GPU_BACKENDS):
-        backends += par.GPU_BACKENDS  # --gpu alone: the GPU engines next to the GPU baseline
+    if cfg.gpu and not set(backends) & set(wb.GPU_BACKENDS):
+        backends += wb.GPU_BACKENDS  # --gpu alone: the GPU engines next to the GPU baseline
     for backend in backends:
-        why = par.backend_available(backend)
-        if backend in par.GPU_BACKENDS and not cfg.gpu:
+        why = wb.backend_available(backend)
+        if backend in wb.GPU_BACKENDS and not cfg.gpu:
             why = why or "GPU engines run in the --gpu section only"
         for prec in cfg.precisions:
             name = f"{backend} {prec}"
@@ -575,25 +412,25 @@ def build_cases(cfg: BenchConfig, ref: par.Reference, paths: dict[str, Path], sk
             extra = {"session_config": ort_cfg} if backend.startswith("onnxruntime") and ort_cfg else {}
 
             def factory(b: str = backend, p: str = prec, e: dict[str, Any] = extra) -> Any:
-                artifact = par.engine_for(b, p, paths, Path(workdir or "."), calibration, max(int(x) for x in cfg.batches),
+                artifact = wb.engine_for(b, p, paths, Path(workdir or "."), calibration, max(int(x) for x in cfg.batches),
                                           reference=ref)
-                return par.open_backend(b, artifact, cfg.threads, **e)
+                return wb.open_backend(b, artifact, cfg.threads, **e)
 
-            cases.append(Case(name, "gpu" if backend in par.GPU_BACKENDS else "engine", backend, prec, factory))
+            cases.append(Case(name, "gpu" if backend in wb.GPU_BACKENDS else "engine", backend, prec, factory))
     if "openvino" in cfg.anchors and "fp32" in paths:
-        why = par.backend_available("openvino")
+        why = wb.backend_available("openvino")
         if why:
             skipped.append(f"openvino anchors: {why}")
         else:
             if "openvino" not in cfg.backends:
                 cases.append(Case("openvino fp32", "anchor", "openvino", "fp32",
-                                  lambda: par.open_backend("openvino", paths["fp32"], cfg.threads)))
+                                  lambda: wb.open_backend("openvino", paths["fp32"], cfg.threads)))
             cases.append(Case("openvino default", "anchor", "openvino", "bf16",
-                              lambda: par.open_backend("openvino", paths["fp32"], cfg.threads, precision_hint="default")))
+                              lambda: wb.open_backend("openvino", paths["fp32"], cfg.threads, precision_hint="default")))
     if cfg.gpu:
-        from resdeploy.serve.runners import _cuda_device_present
+        from resdeploy.device import cuda_device_present
 
-        if not _cuda_device_present():
+        if not cuda_device_present():
             skipped.append("--gpu: no CUDA device here; the GPU section is empty")
         else:
             cases.insert(0, Case(GPU_REFERENCE, "gpu", "torch", "fp16",
@@ -620,9 +457,9 @@ def _activate(case: Case, say: Progress, skipped: list[str]) -> bool:
 
 
 def _parity(case: Case, images: np.ndarray, ref_logits: np.ndarray, labels: np.ndarray | None,
-            gates: par.ParityGates, meaningful: bool) -> dict[str, Any]:
-    logits = par.run_batches(case.runner, images, 16)
-    m = par.compare(ref_logits, logits, labels if meaningful else None)
+            gates: ParityGates, meaningful: bool) -> dict[str, Any]:
+    logits = wb.run_batches(case.runner, images, 16)
+    m = compare(ref_logits, logits, labels if meaningful else None)
     checks = gates.check(case.backend, case.precision, m, meaningful)
     failed = [g for g in checks if not g]
     return {"n": m.n, "top1_agreement": m.top1_agreement, "centered_top1_agreement": m.centered_top1_agreement,
@@ -648,8 +485,8 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None, *, stream:
     macs = 0
     tmp = tempfile.TemporaryDirectory(prefix="resdeploy-bench-")
     try:
-        ref = cfg.reference or par.load_reference(cfg.checkpoint, cfg.arch, cfg.seed)
-        data = par.load_parity_data(ref, cfg.parity_samples, cfg.calibration_size)
+        ref = cfg.reference or wb.load_reference(cfg.checkpoint, cfg.arch, cfg.seed)
+        data = wb.load_parity_data(ref, cfg.parity_samples, cfg.calibration_size)
         say(f"{ref.name}; parity sample: {data.description}")
         ref_logits = ref.logits(data.images)
         fwd = _forward_seconds(ref, data.images[:1])
@@ -681,7 +518,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None, *, stream:
             if case.runner is not None:
                 case.runner.deactivate()
         tmp.cleanup()
-    machine["load_average_end"] = _loadavg()
+    machine["load_average_end"] = load_average()
     results = tuple(CaseResult(c.name, c.kind, c.backend, c.precision, c.description, c.parity,
                                {b: LatencyStats.from_seconds(s, b) for b, s in c.samples.items() if s},
                                tuple(c.skipped)) for c in cases)
@@ -694,7 +531,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None, *, stream:
     return result
 
 
-def _forward_seconds(ref: par.Reference, x1: np.ndarray) -> float:
+def _forward_seconds(ref: wb.Reference, x1: np.ndarray) -> float:
     """One warm batch-1 call of the reference: sizes the setup estimates (export ~ tens of forwards, calibration
     ~ a few per image)."""
     import torch
@@ -711,7 +548,7 @@ def _forward_seconds(ref: par.Reference, x1: np.ndarray) -> float:
         return time.perf_counter() - t0
 
 
-def _prepare(cfg: BenchConfig, ref: par.Reference, data: par.ParityData, work: Path, budget: Budget, fwd: float,
+def _prepare(cfg: BenchConfig, ref: wb.Reference, data: wb.ParityData, work: Path, budget: Budget, fwd: float,
              say: Progress, skipped: list[str]) -> dict[str, Path]:
     """Build (or take) the ONNX variants the engines need, each step only when its estimate fits the budget."""
     need = set(cfg.precisions) if cfg.backends else set()
@@ -727,14 +564,14 @@ def _prepare(cfg: BenchConfig, ref: par.Reference, data: par.ParityData, work: P
     if "fp32" not in paths and need - set(paths):
         if budget.allows(estimates["fp32"], cfg.reserve_seconds + 10):
             say("exporting FP32 ONNX")
-            paths["fp32"] = par.export_fp32(ref.model, work / "fp32.onnx", data.images[:16])
+            paths["fp32"] = wb.export_fp32(ref.model, work / "fp32.onnx", data.images[:16])
         else:
             skipped.append(f"ONNX export: ~{estimates['fp32']:.0f} s does not fit the budget; only PyTorch cases run")
             return {}
     if "int8" in need and "int8" not in paths and "fp32" in paths:
         # calibration runs ONNX Runtime: size it by one ORT forward (PyTorch eager suffers far more on a busy machine)
         try:
-            with par.open_backend("onnxruntime", paths["fp32"], cfg.threads) as r:
+            with wb.open_backend("onnxruntime", paths["fp32"], cfg.threads) as r:
                 one = {r.inputs[0].name: data.images[:1]}
                 r.infer(one)
                 t0 = time.perf_counter()
@@ -749,7 +586,7 @@ def _prepare(cfg: BenchConfig, ref: par.Reference, data: par.ParityData, work: P
             skipped.append(f"{prec} model: preparing it (~{estimates[prec]:.0f} s) does not fit the budget")
             continue
         say(f"building the {prec} model" + (f" ({len(data.calibration)} calibration images, val split)" if prec == "int8" else ""))
-        paths[prec] = par.make_variant(ref, paths["fp32"], work / f"{prec}.onnx", prec,
+        paths[prec] = wb.make_variant(ref, paths["fp32"], work / f"{prec}.onnx", prec,
                                        flavour="u8s8" if prec == "int8" else None, calibration_images=len(data.calibration))
     return paths
 

@@ -1,9 +1,9 @@
 """Pipeline glue for ``resdeploy build``: an ONNX variant -> an engine artifact, dispatched on the backend.
 
-* ``onnxruntime``: :func:`resdeploy.export.ort_build.build_onnxruntime` (optimised graph + fusion report), fed
+* ``onnxruntime``: :func:`resdeploy.engines.onnxruntime_build.build_onnxruntime` (optimised graph + fusion report), fed
   real test images (normalised with the model's input spec) for its optimised-vs-reference check when the model
-  carries its input spec, and the residual Adds from the skip-add check.
-* ``tensorrt``: :func:`resdeploy.export.tensorrt_build.build_engine`, imported only when asked for (it needs a
+  carries its input spec, and the residual Adds that the short-path check finds (export's ``residual_adds``).
+* ``tensorrt``: :func:`resdeploy.engines.tensorrt_build.build_engine`, imported only when asked for (it needs a
   CUDA device and refuses cleanly without one).
 * ``auto``: TensorRT where it is usable; on a CPU machine the ONNX Runtime build, then every CPU engine
   (ONNX Runtime, OpenVINO when installed) that agrees with the model on real images is timed on this machine
@@ -58,9 +58,9 @@ def _build_rewritten(path: Path, out: str | Path, config: BuildConfig, sample: d
     import tempfile
 
     from resdeploy import atomic
-    from resdeploy.export.ort_build import build_onnxruntime
-    from resdeploy.artifact import external_tensors, load_onnx, save_onnx
-    from resdeploy.export.precision import precision_of
+    from resdeploy.artifact import external_tensors, load_onnx, precision_of, save_onnx
+    from resdeploy.engines.onnxruntime_build import build_onnxruntime
+    from resdeploy.export.precision import residual_adds
     from resdeploy.export.shortcut_rewrite import rewrite_option_a
 
     graph = load_onnx(path)
@@ -75,8 +75,9 @@ def _build_rewritten(path: Path, out: str | Path, config: BuildConfig, sample: d
         info = {"source": str(path), "source_sha256": atomic.sha256_file(path),
                 "shortcut_rewrite": {"rewritten": list(report.rewritten), "skipped": list(report.skipped),
                                      "max_abs_diff": report.max_abs_diff}}
-        return build_onnxruntime(src, out, threads=config.threads, optimization=config.optimization,
-                                 provider=config.provider, sample=sample, build_info=info)
+        return build_onnxruntime(src, out, adds=residual_adds(rewritten), threads=config.threads,
+                                 optimization=config.optimization, provider=config.provider, sample=sample,
+                                 build_info=info)
 
 
 def build(model_path: str | Path, out: str | Path, *, config: BuildConfig | None = None) -> Any:
@@ -93,16 +94,18 @@ def build(model_path: str | Path, out: str | Path, *, config: BuildConfig | None
             return build_auto_cpu(path, out, config)
         return build(path, out, config=replace(config, backend="tensorrt"))
     if config.backend == "onnxruntime":
-        from resdeploy.export.ort_build import build_onnxruntime
+        from resdeploy.artifact import load_onnx
+        from resdeploy.engines.onnxruntime_build import build_onnxruntime
+        from resdeploy.export.precision import residual_adds
 
         sample = _real_sample(path, config.sample_images, config.data)
         if not config.rewrite_option_a:
-            return build_onnxruntime(path, out, threads=config.threads, optimization=config.optimization,
-                                     provider=config.provider, sample=sample)
+            return build_onnxruntime(path, out, adds=residual_adds(load_onnx(path)), threads=config.threads,
+                                     optimization=config.optimization, provider=config.provider, sample=sample)
         return _build_rewritten(path, out, config, sample)
     if config.backend == "tensorrt":
         # Lazy: TensorRT is optional and must never start without a CUDA device (build_engine checks first).
-        from resdeploy.export.tensorrt_build import build_engine
+        from resdeploy.engines.tensorrt_build import build_engine
 
         out_path = Path(out)
         if out_path.suffix not in (".plan", ".engine"):
@@ -135,23 +138,24 @@ def cpu_engine_candidates(model_path: Path, sample: np.ndarray | None, min_agree
                           threads: int | None) -> list[Any]:
     """ONNX Runtime and (when installed) OpenVINO on ``model_path``, each checked against the model run by ONNX
     Runtime without graph optimisation on ``sample`` (top-1 agreement >= ``min_agreement``)."""
-    from resdeploy.pipeline import parity as par
+    from resdeploy.pipeline import workbench as wb
+    from resdeploy.pipeline.gates import compare
     from resdeploy.pipeline.engine_choice import EngineCandidate
-    from resdeploy.export.precision import precision_of
+    from resdeploy.artifact import precision_of
     from resdeploy.artifact import load_onnx
 
     precision = precision_of(load_onnx(model_path))
-    backends = ["onnxruntime"] + (["openvino"] if par.backend_available("openvino") is None else [])
+    backends = ["onnxruntime"] + (["openvino"] if wb.backend_available("openvino") is None else [])
     if sample is None:
         return [EngineCandidate(b, precision, model_path, True, "no real images to check on") for b in backends]
-    from resdeploy.serve.runners import open_runner
+    from resdeploy.engines import open_runner
 
     with open_runner(str(model_path), backend="onnxruntime", provider="cpu", optimization="disable", threads=threads) as r:
-        ref = par.run_batches(r, sample, 16)
+        ref = wb.run_batches(r, sample, 16)
     out = []
     for b in backends:
-        with par.open_backend(b, model_path, threads) as r:
-            m = par.compare(ref, par.run_batches(r, sample, 16))
+        with wb.open_backend(b, model_path, threads) as r:
+            m = compare(ref, wb.run_batches(r, sample, 16))
         ok = m.top1_agreement >= min_agreement
         out.append(EngineCandidate(b, precision, model_path, ok,
                                    f"top-1 agreement {m.top1_agreement:.1%} with the model on {m.n} images, max abs {m.max_abs:.2g}"))

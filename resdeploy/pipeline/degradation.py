@@ -156,7 +156,7 @@ def run_degradation(config: DegradationConfig = DegradationConfig(),
                     progress: Callable[[str], None] | None = None) -> DegradationResult:
     """Train every net in ``config.nets`` with every seed; the result holds the runs, the summary and the verdict."""
     from resdeploy.models.registry import list_models
-    from resdeploy.pipeline.bench import machine_info
+    from resdeploy.pipeline.machine import machine_info
 
     config.validate()
     unknown = [n for n in config.nets if n not in list_models()]

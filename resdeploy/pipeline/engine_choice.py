@@ -100,9 +100,9 @@ class EngineChoice:
 
 
 def _default_open(c: EngineCandidate, threads: int | None) -> Any:
-    from resdeploy.pipeline import parity as par
+    from resdeploy.pipeline import workbench as wb
 
-    return par.open_backend(c.backend, c.model, threads)
+    return wb.open_backend(c.backend, c.model, threads)
 
 
 def choose_engine(candidates: Sequence[EngineCandidate], *, batches: Sequence[int] = (1,), threads: int | None = None,
@@ -200,7 +200,7 @@ def choose_engine(candidates: Sequence[EngineCandidate], *, batches: Sequence[in
               + ", ".join(f"{best.p50_ms[b]:.3f} ms" for b in batches))
     if others:
         reason += f"; next {others[0].name} is {others[0].score:.2f}x slower"
-    from resdeploy.pipeline.bench import machine_info
+    from resdeploy.pipeline.machine import machine_info
 
     m = machine_info()
     machine = {k: m.get(k) for k in ("cpu_model", "logical_cpus", "simd", "load_average_start", "versions")}

@@ -85,7 +85,7 @@ FILES = ("inputs.json", "inputs-probe.json", "reference.json", "reference-probe.
 
 
 class Gates(Protocol):
-    """What the kit reads of resdeploy's parity gates (``resdeploy.pipeline.parity.ParityGates``)."""
+    """What the kit reads of resdeploy's parity gates (``resdeploy.pipeline.gates.ParityGates``)."""
 
     fp32_max_abs: float
     fp32_max_rel: float | None

@@ -19,10 +19,10 @@ import numpy as np
 from resdeploy import atomic
 from resdeploy.errors import CheckFailed, InputError
 from resdeploy.export.calibration import CalibrationSet
-from resdeploy.pipeline.parity import points
-from resdeploy.artifact import load_onnx, open_artifact, staged_onnx
+from resdeploy.pipeline.gates import points
+from resdeploy.artifact import load_onnx, open_artifact, precision_of, staged_onnx
 from resdeploy.export.precision import (
-    FLAVOURS, Fp16Config, Int8Config, QuantizeReport, flavour_for_backend, flavour_reason, fp16_variant, precision_of,
+    FLAVOURS, Fp16Config, Int8Config, QuantizeReport, flavour_for_backend, flavour_reason, fp16_variant,
     quantize_int8,
 )
 
@@ -333,7 +333,7 @@ def search_int8(src: Path, out: Path, *, flavour: str, config: QuantizeConfig, s
 
 def _logits(path: str | Path, images: np.ndarray, threads: int | None, batch: int = 256) -> np.ndarray:
     """Logits of ``images`` from ONNX Runtime CPU (full optimisation), in batches."""
-    from resdeploy.serve.runners import open_runner
+    from resdeploy.engines import open_runner
 
     out = []
     with open_runner(str(path), backend="onnxruntime", provider="cpu", threads=threads, optimization="all") as r:

@@ -22,7 +22,7 @@ the stage's result class, unchanged::
     failed_gate        str or null          the first failed gate, in words (null when passed)
     run_dir            str                  the run folder as given on the command line
     config             object or null       the run config as a dict (RunConfig.to_dict(); one row per section)
-    machine            object               {"cpu": str (CPU model), "isa": [str] (SIMD flags, e.g. bench.SIMD_FLAGS
+    machine            object               {"cpu": str (CPU model), "isa": [str] (SIMD flags, e.g. machine.SIMD_FLAGS
                                              found in /proc/cpuinfo), "cores": int, "python": str,
                                              "versions": {"torch": str, "onnx": str, "onnxruntime": str,
                                                           "openvino": str or null, ...more libraries allowed}}
@@ -38,8 +38,8 @@ the stage's result class, unchanged::
     skipadd            object or null       precision ("fp32"|"fp16"|"int8") -> SkipAddReport.to_dict()
                                             (resdeploy.export.skipadd); a variant not made is left out
     fusion             object or null       engine name (e.g. "onnxruntime-fp32", "tensorrt-int8") ->
-                                            ort_build.FusionReport.to_dict() (ONNX Runtime) or
-                                            trt_fusion.FusionReport.to_dict() (TensorRT)
+                                            engines.onnxruntime_build.FusionReport.to_dict() (ONNX Runtime) or
+                                            engines.tensorrt_fusion.FusionReport.to_dict() (TensorRT)
     int8_search        object or null       the INT8 variant's accuracy-aware search: quantizing.SearchResult.to_dict()
                                             (gate, steps with accuracy and action, regions kept in float and why)
     engine_choice      object or null       engine_choice.EngineChoice.to_dict() (the timed table and the reason)
@@ -364,7 +364,7 @@ def _fusion(s: Mapping[str, Any]) -> Section:
                            "standalone = its own Add node. TensorRT: fused into a convolution layer, or standalone.", "note"))
     for name, rep in reports.items():
         adds = rep["adds"]
-        trt = "layer_count" in rep  # trt_fusion.FusionReport; else ort_build.FusionReport
+        trt = "layer_count" in rep  # engines.tensorrt_fusion.FusionReport; else engines.onnxruntime_build.FusionReport
         fused = sum(1 for a in adds if (a.get("status") == "fused" if trt else a.get("fused")))
         head = f"{name}: {fused}/{len(adds)} residual Adds fused"
         if not trt and rep.get("summary", {}).get("by_form"):

@@ -152,6 +152,48 @@ def make_model_repository(onnx_path: str | Path, repo_dir: str | Path, model_nam
     from tritonclient.grpc import model_config_pb2 as pb
 
     src = Path(onnx_path)
+    _check_options(src, model_name, max_batch_size, kind, instances, version, warmup, gpus)
+    if min((*preferred_batch_sizes, 1)) < 1 or max_queue_delay_us < 0 or max_queue_size < 0 or queue_timeout_us < 0:
+        raise InputError("preferred batch sizes must be >= 1 and queue delay, size and timeout >= 0")
+    artifact = open_artifact(src)
+    notes: list[str] = []
+    plan_list = _read_plans(plans, artifact.sha256()) if plans else []
+    max_batch_size, plan_dims = _batch_limit(artifact, plan_list, max_batch_size, preferred_batch_sizes, notes)
+
+    config = pb.ModelConfig(name=model_name, max_batch_size=max_batch_size)
+    if plan_list:
+        config.platform, config.backend = "tensorrt_plan", "tensorrt"
+    else:
+        config.platform, config.backend = "onnxruntime_onnx", "onnxruntime"
+    _add_io(config, src, artifact, plan_dims)
+    if labels is None:
+        labels = list(artifact.metadata.labels) or None
+    if labels:
+        config.output[0].label_filename = "labels.txt"
+    _add_scheduling(config, dynamic_batching, preferred_batch_sizes, max_queue_delay_us, max_queue_size, queue_timeout_us)
+    _add_instances_and_versions(config, instances, kind, gpus, version_policy, version)
+    if plan_list:
+        _add_plans(config, plan_list, trt_accelerator)
+    else:
+        _add_trt_accelerator(config, src, artifact, kind, trt_accelerator, trt_workspace_mib, notes)
+    if warmup != "none":
+        _add_warmup(config, warmup)
+
+    header = _engine_choice_header(config, engine_choice, notes) if engine_choice and not plan_list else ""
+    model_dir = Path(repo_dir) / model_name
+    model_path, written = _write_version(model_dir / str(version), src, artifact, plan_list, overwrite)
+    text = header + text_format.MessageToString(config)
+    atomic.write_text(model_dir / "config.pbtxt", text)
+    if labels:
+        atomic.write_text(model_dir / "labels.txt", "".join(f"{x}\n" for x in labels))
+    return RepositoryResult(Path(repo_dir), model_dir, model_dir / "config.pbtxt", model_path, len(labels or []), text,
+                            tuple(written), tuple(notes))
+
+
+# -- the steps, in the order make_model_repository takes them -------------------------------------------------------
+def _check_options(src: Path, model_name: str, max_batch_size: int | None, kind: str, instances: int, version: int,
+                   warmup: str, gpus: Sequence[int]) -> None:
+    """Refuse bad options before anything is read or written."""
     if not src.is_file():
         raise InputError(f"ONNX model {src} does not exist; export one with `resdeploy export`")
     if max_batch_size is not None and max_batch_size < 0:
@@ -168,13 +210,12 @@ def make_model_repository(onnx_path: str | Path, repo_dir: str | Path, model_nam
         raise InputError(f"warmup {warmup!r} is unknown; expected one of {', '.join(WARMUPS)}")
     if gpus and kind != "KIND_GPU":
         raise InputError(f"GPUs {list(gpus)} are given for instance kind {kind}; pass --kind KIND_GPU with --gpus")
-    if min((*preferred_batch_sizes, 1)) < 1 or max_queue_delay_us < 0 or max_queue_size < 0 or queue_timeout_us < 0:
-        raise InputError("preferred batch sizes must be >= 1 and queue delay, size and timeout >= 0")
-    artifact = open_artifact(src)
-    notes: list[str] = []
-    plan_list = _read_plans(plans, artifact.sha256()) if plans else []
 
-    # -- I/O and max_batch_size --------------------------------------------------------------------------
+
+def _batch_limit(artifact: Any, plan_list: list[_Plan], max_batch_size: int | None,
+                 preferred_batch_sizes: tuple[int, ...], notes: list[str]) -> tuple[int, dict[str, list[int]]]:
+    """(max_batch_size, per input the non-batch dims the plans' profiles fix): given, else the plans' profile
+    maximum, else 32 with a dynamic batch axis and 0 without one."""
     batch_in_model = all(v.shape and v.shape[0] is None for v in artifact.inputs)
     profile_max = None
     plan_dims: dict[str, list[int]] = {}
@@ -197,35 +238,37 @@ def make_model_repository(onnx_path: str | Path, repo_dir: str | Path, model_nam
         raise InputError(f"preferred batch sizes {bad} are outside 1..{max_batch_size} (max_batch_size)")
     if preferred_batch_sizes and not max_batch_size:
         raise InputError("preferred batch sizes need batching; max_batch_size is 0")
+    return max_batch_size, plan_dims
 
-    config = pb.ModelConfig(name=model_name, max_batch_size=max_batch_size)
-    if plan_list:
-        config.platform, config.backend = "tensorrt_plan", "tensorrt"
-    else:
-        config.platform, config.backend = "onnxruntime_onnx", "onnxruntime"
+
+def _add_io(config: Any, src: Path, artifact: Any, plan_dims: dict[str, list[int]]) -> None:
+    """Inputs and outputs from the graph: dims without the batch axis when batching, a plan's fixed dims filled in."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
     for kind_name, values, target in (("input", artifact.inputs, config.input), ("output", artifact.outputs, config.output)):
         for v in values:
             dims = [-1 if d is None else d for d in v.shape]
-            if max_batch_size > 0:
+            if config.max_batch_size > 0:
                 if not dims or dims[0] != -1:
                     raise InputError(f"{src}: {kind_name} '{v.name}' has shape {dims} without a dynamic batch axis; "
                                      "re-export with a dynamic batch axis or pass --max-batch-size 0")
                 dims = dims[1:]
-            if kind_name == "input" and v.name in plan_dims:
-                dims = [p if o == -1 else o for o, p in zip(dims, plan_dims[v.name])] if max_batch_size > 0 else dims
+            if kind_name == "input" and v.name in plan_dims and config.max_batch_size > 0:
+                dims = [p if o == -1 else o for o, p in zip(dims, plan_dims[v.name])]
             dtype = _ONNX_TO_CONFIG.get(v.elem_type)
             if dtype is None:
                 raise InputError(f"{src}: {kind_name} '{v.name}' has ONNX element type {v.elem_type}, which Triton "
                                  "cannot serve; export the model with float/int I/O")
             io = target.add(name=v.name, data_type=pb.DataType.Value(dtype))
             io.dims.extend(dims)
-    if labels is None:
-        labels = list(artifact.metadata.labels) or None
-    if labels:
-        config.output[0].label_filename = "labels.txt"
 
-    # -- scheduling, instances, versions ---------------------------------------------------------------------
-    if dynamic_batching and max_batch_size > 0:
+
+def _add_scheduling(config: Any, dynamic_batching: bool, preferred_batch_sizes: tuple[int, ...],
+                    max_queue_delay_us: int, max_queue_size: int, queue_timeout_us: int) -> None:
+    """The dynamic batcher and its default queue policy; queue options without it are refused."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    if dynamic_batching and config.max_batch_size > 0:
         db = config.dynamic_batching
         db.preferred_batch_size.extend(preferred_batch_sizes)
         db.max_queue_delay_microseconds = max_queue_delay_us
@@ -237,110 +280,127 @@ def make_model_repository(onnx_path: str | Path, repo_dir: str | Path, model_nam
     elif max_queue_size or queue_timeout_us or preferred_batch_sizes or max_queue_delay_us:
         raise InputError("queue and batching options (--preferred, --max-queue-delay-us, --max-queue-size, "
                          "--queue-timeout-us) need the dynamic batcher; drop --no-dynamic-batching or those options")
+
+
+def _add_instances_and_versions(config: Any, instances: int, kind: str, gpus: Sequence[int],
+                                version_policy: str | None, version: int) -> None:
+    """The instance group (count, kind, GPUs) and the version policy, which must serve the version being written."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
     group = config.instance_group.add(count=instances, kind=pb.ModelInstanceGroup.Kind.Value(kind))
     group.gpus.extend(int(g) for g in gpus)
-    if version_policy:
-        vkind, nums = parse_version_policy(version_policy)
-        if vkind == "latest":
-            config.version_policy.latest.num_versions = nums[0]
-        elif vkind == "all":
-            config.version_policy.all.SetInParent()
-        else:
-            if version not in nums:
-                raise InputError(f"version policy {version_policy!r} does not serve version {version}, the one being "
-                                 f"written; add {version} to it or write another --version")
-            config.version_policy.specific.versions.extend(nums)
-
-    # -- TensorRT: plans per compute capability, or the accelerator for ONNX Runtime ---------------------------
-    if plan_list:
-        if trt_accelerator:
-            raise InputError("the TensorRT accelerator option is for ONNX models; TensorRT plans already are engines")
-        config.default_model_filename = plan_list[0].filename
-        for plan in plan_list:
-            config.cc_model_filenames[str(plan.sidecar.compute_capability)] = plan.filename
+    if not version_policy:
+        return
+    vkind, nums = parse_version_policy(version_policy)
+    if vkind == "latest":
+        config.version_policy.latest.num_versions = nums[0]
+    elif vkind == "all":
+        config.version_policy.all.SetInParent()
     else:
-        use_trt = (kind == "KIND_GPU") if trt_accelerator is None else trt_accelerator
-        precision = artifact.precision
-        if use_trt and precision == "int8" and artifact.metadata.int8_flavour == "u8s8":
-            if trt_accelerator:
-                raise InputError(f"{src} is a u8s8 INT8 variant (for ONNX Runtime on the CPU); TensorRT takes s8s8: "
-                                 "quantize with `resdeploy quantize --precision int8 --backend tensorrt`, or drop --trt-accelerator")
-            use_trt = False
-            notes.append("no TensorRT accelerator: this u8s8 INT8 variant is for ONNX Runtime's CPU path "
-                         "(TensorRT takes the s8s8 variant from `resdeploy quantize --backend tensorrt`)")
-        if use_trt:
-            acc = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
-            acc.parameters["precision_mode"] = _TRT_PRECISION.get(precision, "FP32")
-            acc.parameters["max_workspace_size_bytes"] = str(int(trt_workspace_mib) << 20)
+        if version not in nums:
+            raise InputError(f"version policy {version_policy!r} does not serve version {version}, the one being "
+                             f"written; add {version} to it or write another --version")
+        config.version_policy.specific.versions.extend(nums)
 
-    # -- warmup -------------------------------------------------------------------------------------------------
-    if warmup != "none":
-        def sample_dims(inp: Any) -> list[int]:  # without batching, a dynamic leading (batch) axis warms up at 1
-            dims = list(inp.dims)
-            return [1, *dims[1:]] if not max_batch_size and dims and dims[0] == -1 else dims
 
+def _add_plans(config: Any, plan_list: list[_Plan], trt_accelerator: bool | None) -> None:
+    """TensorRT plans: the first is the default model file, each compute capability names its own."""
+    if trt_accelerator:
+        raise InputError("the TensorRT accelerator option is for ONNX models; TensorRT plans already are engines")
+    config.default_model_filename = plan_list[0].filename
+    for plan in plan_list:
+        config.cc_model_filenames[str(plan.sidecar.compute_capability)] = plan.filename
+
+
+def _add_trt_accelerator(config: Any, src: Path, artifact: Any, kind: str, trt_accelerator: bool | None,
+                         trt_workspace_mib: int, notes: list[str]) -> None:
+    """ONNX Runtime's TensorRT execution provider for an ONNX model (on by default for GPU instances), at the
+    variant's precision; never for a u8s8 INT8 variant, which is ONNX Runtime's CPU flavour."""
+    use_trt = (kind == "KIND_GPU") if trt_accelerator is None else trt_accelerator
+    precision = artifact.precision
+    if use_trt and precision == "int8" and artifact.metadata.int8_flavour == "u8s8":
+        if trt_accelerator:
+            raise InputError(f"{src} is a u8s8 INT8 variant (for ONNX Runtime on the CPU); TensorRT takes s8s8: "
+                             "quantize with `resdeploy quantize --precision int8 --backend tensorrt`, or drop --trt-accelerator")
+        use_trt = False
+        notes.append("no TensorRT accelerator: this u8s8 INT8 variant is for ONNX Runtime's CPU path "
+                     "(TensorRT takes the s8s8 variant from `resdeploy quantize --backend tensorrt`)")
+    if use_trt:
+        acc = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        acc.parameters["precision_mode"] = _TRT_PRECISION.get(precision, "FP32")
+        acc.parameters["max_workspace_size_bytes"] = str(int(trt_workspace_mib) << 20)
+
+
+def _add_warmup(config: Any, warmup: str) -> None:
+    """One warmup sample per batch size (1 and max_batch_size) with the config's own dims and types; Triton runs
+    them at load and refuses the model if one fails."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    max_batch_size = config.max_batch_size
+
+    def sample_dims(inp: Any) -> list[int]:  # without batching, a dynamic leading (batch) axis warms up at 1
+        dims = list(inp.dims)
+        return [1, *dims[1:]] if not max_batch_size and dims and dims[0] == -1 else dims
+
+    for inp in config.input:
+        if any(d < 0 for d in sample_dims(inp)) or inp.data_type == pb.TYPE_STRING:
+            raise InputError(f"input '{inp.name}' has dims {list(inp.dims)} / {pb.DataType.Name(inp.data_type)}: a "
+                             "warmup sample needs fixed dims and a numeric type; pass --warmup none")
+    for batch in sorted({1, max_batch_size}) if max_batch_size else [1]:
+        sample = config.model_warmup.add(name=f"{warmup}_batch{batch}", batch_size=batch)
         for inp in config.input:
-            if any(d < 0 for d in sample_dims(inp)) or inp.data_type == pb.TYPE_STRING:
-                raise InputError(f"input '{inp.name}' has dims {list(inp.dims)} / {pb.DataType.Name(inp.data_type)}: a "
-                                 "warmup sample needs fixed dims and a numeric type; pass --warmup none")
-        for batch in sorted({1, max_batch_size}) if max_batch_size else [1]:
-            sample = config.model_warmup.add(name=f"{warmup}_batch{batch}", batch_size=batch)
-            for inp in config.input:
-                data = sample.inputs[inp.name]
-                data.data_type = inp.data_type
-                data.dims.extend(sample_dims(inp))
-                if warmup == "zero":
-                    data.zero_data = True
-                else:
-                    data.random_data = True
+            data = sample.inputs[inp.name]
+            data.data_type = inp.data_type
+            data.dims.extend(sample_dims(inp))
+            if warmup == "zero":
+                data.zero_data = True
+            else:
+                data.random_data = True
 
-    # -- files -----------------------------------------------------------------------------------------------------
-    repo = Path(repo_dir)
-    model_dir = repo / model_name
-    version_dir = model_dir / str(version)
+
+def _write_version(version_dir: Path, src: Path, artifact: Any, plan_list: list[_Plan],
+                   overwrite: bool) -> tuple[Path, list[Path]]:
+    """The version folder's files (the ONNX with its external data, or each plan with its sidecar), atomically;
+    returns (the default model file, every file written)."""
+    from resdeploy.device import sidecar_path
+
     names = [p.filename for p in plan_list] or ["model.onnx"]
     existing = [version_dir / n for n in names if (version_dir / n).exists()]
     if existing and not overwrite:
         raise InputError(f"{existing[0]} already exists; pass --overwrite or another --version")
     version_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    if plan_list:
-        from resdeploy.device import sidecar_path
-
-        for plan in plan_list:
-            target = version_dir / plan.filename
-            with atomic.atomic_path(target) as tmp:
-                shutil.copyfile(plan.path, tmp)
-            atomic.write_bytes(sidecar_path(target), sidecar_path(plan.path).read_bytes())  # sha256 still matches
-            written += [target, sidecar_path(target)]
-        model_path = version_dir / plan_list[0].filename
-    else:
+    if not plan_list:
         model_path = version_dir / "model.onnx"
         copy_onnx(src, model_path)  # with its external data, if any (checked to lie beside it)
-        written += [model_path, *(version_dir / f.name for f in artifact.data_files)]
-    header = ""
-    if engine_choice and not plan_list:
-        from resdeploy.serve.repository import BACKEND_PARAMETER, PARAMETER_BACKENDS
+        return model_path, [model_path, *(version_dir / f.name for f in artifact.data_files)]
+    for plan in plan_list:
+        target = version_dir / plan.filename
+        with atomic.atomic_path(target) as tmp:
+            shutil.copyfile(plan.path, tmp)
+        atomic.write_bytes(sidecar_path(target), sidecar_path(plan.path).read_bytes())  # sha256 still matches
+        written += [target, sidecar_path(target)]
+    return version_dir / plan_list[0].filename, written
 
-        chosen = str(engine_choice.get("backend", ""))
-        if chosen not in PARAMETER_BACKENDS:
-            raise InputError(f"engine choice names backend {chosen!r}; a repository serves one of {', '.join(PARAMETER_BACKENDS)}")
-        config.parameters[BACKEND_PARAMETER].string_value = chosen
-        cpu = (engine_choice.get("machine") or {}).get("cpu_model") or "this machine"
-        header = (f"# resdeploy engine choice (measured on {cpu}): {chosen} {engine_choice.get('precision', '')}; "
-                  f"{engine_choice.get('reason', '')}\n"
-                  f"# resdeploy serve runs this model with {chosen} (parameters {BACKEND_PARAMETER}); Triton's onnxruntime "
-                  "backend runs it with ONNX Runtime" + (" (add optimization { execution_accelerators { "
-                  "cpu_execution_accelerator { name: \"openvino\" } } } where Triton's build has the OpenVINO "
-                  "execution provider)" if chosen == "openvino" else "") + "\n")
-        notes.append(f"engine chosen by measurement: {chosen} {engine_choice.get('precision', '')} "
-                     f"({engine_choice.get('reason', '')})")
-    text = header + text_format.MessageToString(config)
-    atomic.write_text(model_dir / "config.pbtxt", text)
-    if labels:
-        atomic.write_text(model_dir / "labels.txt", "".join(f"{x}\n" for x in labels))
-    return RepositoryResult(repo, model_dir, model_dir / "config.pbtxt", model_path, len(labels or []), text,
-                            tuple(written), tuple(notes))
+
+def _engine_choice_header(config: Any, engine_choice: Mapping[str, Any], notes: list[str]) -> str:
+    """The measured CPU engine into ``parameters { key: "resdeploy_backend" }``; returns config.pbtxt's comment
+    that says so, and what Triton would run instead."""
+    from resdeploy.serve.repository import BACKEND_PARAMETER, PARAMETER_BACKENDS
+
+    chosen = str(engine_choice.get("backend", ""))
+    if chosen not in PARAMETER_BACKENDS:
+        raise InputError(f"engine choice names backend {chosen!r}; a repository serves one of {', '.join(PARAMETER_BACKENDS)}")
+    config.parameters[BACKEND_PARAMETER].string_value = chosen
+    cpu = (engine_choice.get("machine") or {}).get("cpu_model") or "this machine"
+    notes.append(f"engine chosen by measurement: {chosen} {engine_choice.get('precision', '')} "
+                 f"({engine_choice.get('reason', '')})")
+    return (f"# resdeploy engine choice (measured on {cpu}): {chosen} {engine_choice.get('precision', '')}; "
+            f"{engine_choice.get('reason', '')}\n"
+            f"# resdeploy serve runs this model with {chosen} (parameters {BACKEND_PARAMETER}); Triton's onnxruntime "
+            "backend runs it with ONNX Runtime" + (" (add optimization { execution_accelerators { "
+            "cpu_execution_accelerator { name: \"openvino\" } } } where Triton's build has the OpenVINO "
+            "execution provider)" if chosen == "openvino" else "") + "\n")
 
 
 __all__ = ["KINDS", "RepositoryResult", "WARMUPS", "make_model_repository", "parse_version_policy"]

@@ -363,7 +363,7 @@ def _engine(r: _Runner, cfg: RunConfig, data: str, backend: str, precision: str,
             forms = ", ".join(f"{n} {form}" for form, n in sorted(f.by_form().items())) or "no residual adds"
             return (f"{f.fused}/{len(f.adds)} residual adds fused ({forms})",
                     {"fusion": f.to_dict(), "build": rep.build}, [out])
-        from resdeploy.export.tensorrt_build import TrtBuildConfig
+        from resdeploy.engines.tensorrt_build import TrtBuildConfig
 
         plan = r.root / "engines" / f"tensorrt-{precision}.plan"
         rep = build(src, plan, config=BuildConfig(backend="tensorrt", trt=TrtBuildConfig(
@@ -433,10 +433,10 @@ def run_pipeline(cfg: RunConfig, *, say: Callable[[str], None] | None = None) ->
 
 
 def _parity_gates(cfg: RunConfig, src: ModelSource) -> Any:
-    """The run's parity gates (parity.ParityGates). FP32 of a user's network is gated on relative error unless
+    """The run's parity gates (gates.ParityGates). FP32 of a user's network is gated on relative error unless
     ``parity.fp32_max_rel`` says otherwise: an absolute bound set for the registry's logits means nothing for
     logits of another scale."""
-    from resdeploy.pipeline.parity import ParityGates
+    from resdeploy.pipeline.gates import ParityGates
 
     p = cfg.parity
     rel = p.fp32_max_rel or (1e-5 if src.kind in ("factory", "onnx") else None)
@@ -579,7 +579,7 @@ def _arch_of(onnx_path: Path) -> str:
 
 # -- run.json and the report -------------------------------------------------------------------------------
 def machine_summary() -> dict[str, Any]:
-    from resdeploy.pipeline.bench import machine_info
+    from resdeploy.pipeline.machine import machine_info
 
     m = machine_info()
     return {"cpu": m.get("cpu_model") or platform.processor(), "isa": m.get("simd", []), "cores": m.get("logical_cpus"),

@@ -1,7 +1,7 @@
 """Where a model comes from, checked before anything is written.
 
     src = resolve_source(cfg.model, data=cfg.train.data, train=cfg.train, precisions=cfg.variants.precisions)
-    ref = src.reference()          # what every engine is judged against (parity.Reference)
+    ref = src.reference()          # what every engine is judged against (workbench.Reference)
 
 Four sources (``[model]`` in the run config; the same flags on every command):
 
@@ -32,7 +32,7 @@ import resdeploy
 from resdeploy import atomic
 from resdeploy.artifact import ArtifactMetadata, InputSpec, check_external_data, load_onnx, open_artifact
 from resdeploy.errors import InputError
-from resdeploy.pipeline.parity import Reference
+from resdeploy.pipeline.workbench import Reference
 
 NO_DATA_INT8 = ("INT8 needs your data: calibration images from its val split and an accuracy gate on its test split; "
                 "set --data (an image folder with one subfolder per class, or an .npz) or drop int8 "
@@ -226,8 +226,8 @@ def _onnx_input(path: Path, given: list[int]) -> tuple[int, int, int]:
 
 
 def _onnx_source(model: Any, data: str) -> ModelSource:
-    from resdeploy.export.precision import precision_of
-    from resdeploy.serve.runners import open_runner
+    from resdeploy.artifact import precision_of
+    from resdeploy.engines import open_runner
 
     path = Path(model.onnx)
     shape = _onnx_input(path, list(model.input_shape))

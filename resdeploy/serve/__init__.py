@@ -1,4 +1,5 @@
-"""Serving: runners for every backend, dynamic batching, and the KServe v2 / Triton HTTP server.
+"""Serving: the KServe v2 / Triton protocol, dynamic batching, and one data plane behind its HTTP and gRPC transports.
 
-Imports neither resdeploy.models nor resdeploy.export: it runs artifacts, it does not make them.
+Runs artifacts through the engines (``resdeploy.engines.open_runner``); imports neither resdeploy.models nor
+resdeploy.export: it runs artifacts, it does not make them.
 """

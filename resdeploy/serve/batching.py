@@ -43,7 +43,7 @@ import numpy as np
 from resdeploy.serve.metrics import ModelStats
 from resdeploy.errors import InputError
 from resdeploy.serve.protocol import BadRequest, ServeError, Unavailable
-from resdeploy.serve.runners.base import RunnerError
+from resdeploy.engines.base import RunnerError
 
 
 # A lone request runs on the event loop (no thread hand-off) while batch-1 executions take less than this.

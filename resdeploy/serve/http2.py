@@ -23,6 +23,9 @@ application's: it gets ``stream_opened`` once the header block is in, ``stream_d
 it, and answers with :meth:`H2Connection.respond`. Writes made while a read is processed go out as one
 ``transport.write``; a peer that stops reading, or grants no window, stops being read once what waits for it
 passes ``write_buffer_high`` (4 MiB), so one connection holds a bounded amount of answers.
+
+Three classes: :class:`H2Connection` reads frames and keeps the streams; its base :class:`H2Output` sends (flow
+control toward the peer, framing, GOAWAY); :class:`HeaderDecoder` holds the connection's HPACK table.
 """
 
 from __future__ import annotations
@@ -179,23 +182,53 @@ def check_request_headers(fields: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-class H2Connection(asyncio.Protocol):
-    """The server side of one HTTP/2 connection."""
+class HeaderDecoder:
+    """HPACK decoding of the client's header blocks (RFC 7541), the decoded list capped; one per connection, whose
+    dynamic table it keeps. Every block is decoded in order, also a refused stream's, so the table stays in sync."""
 
-    def __init__(self, app: H2App, limits: H2Limits = H2Limits()) -> None:
-        self.app = app
-        self.limits = limits
-        self.transport: Any = None
-        self.streams: dict[int, Stream] = {}
-        self.last_sid = 0  # the highest stream id the client opened
-        self.opened_at = self.idle_since = time.monotonic()
-        self._stage = 0  # 0: waiting for the client preface; 1: for its first SETTINGS; 2: open
-        self.closed = False
-        self._buf = b""
-        self._decoder = hpack.Decoder(max_header_list_size=limits.max_header_list)
+    __slots__ = ("_decoder", "_indexed")
+
+    def __init__(self, max_header_list: int) -> None:
+        self._decoder = hpack.Decoder(max_header_list_size=max_header_list)
         self._indexed: dict[bytes, list[tuple[bytes, bytes]]] = {}  # all-indexed blocks decoded since the table changed
-        self._continuing: tuple[int, int, bytearray] | None = None  # (sid, flags, block) until END_HEADERS
-        self._recv_window = limits.connection_window
+
+    def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        """The block's (name, value) fields; H2Error(COMPRESSION_ERROR) when it cannot be decoded."""
+        fields = self._indexed.get(block)
+        if fields is not None:
+            return fields
+        try:
+            fields = self._decoder.decode(block, raw=True)
+        except HPACKError as exc:  # the table is out of sync now: nothing more on this connection can be decoded
+            raise H2Error(COMPRESSION_ERROR, f"header block cannot be decoded: {type(exc).__name__}: {exc}") from None
+        # A block of one-byte indexed fields only (0x80-0xFE each) reads the table without changing it, so the
+        # same bytes mean the same fields until a block that does change it: a client that indexed its
+        # headers sends that one block for every request (hpack's decode is ~12 us of Python each time).
+        if block and min(block) >= 0x80 and max(block) < 0xFF:
+            if len(self._indexed) < 64:
+                self._indexed[block] = fields
+        else:
+            self._indexed.clear()
+        return fields
+
+
+class H2Output:
+    """The sending half of a server connection: flow control toward the peer (its SETTINGS and WINDOW_UPDATEs),
+    answers framed to its frame size and held in order for its windows, the writes of one read sent as one, reading
+    paused while too much waits, RST_STREAM, GOAWAY and the close.
+
+    A base of :class:`H2Connection`, which owns the state named below; split from it so that each half reads on
+    its own, without a call between them on the per-frame path."""
+
+    transport: Any
+    app: H2App
+    limits: H2Limits
+    streams: dict[int, Stream]
+    last_sid: int
+    closed: bool
+
+    def __init__(self) -> None:
+        super().__init__()
         self._send_window = DEFAULT_WINDOW
         self._peer_window = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
         self._peer_max_frame = DEFAULT_MAX_FRAME
@@ -208,32 +241,7 @@ class H2Connection(asyncio.Protocol):
         self._linger = False  # the GOAWAY sent was graceful: end our side and wait for the client to close
         self._eof_sent = False
 
-    # -- asyncio.Protocol ----------------------------------------------------------------------------
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        transport.set_write_buffer_limits(high=self.limits.write_buffer_high)
-        lim = self.limits
-        settings = b"".join(struct.pack(">HL", k, v) for k, v in (
-            (S_MAX_CONCURRENT_STREAMS, lim.max_concurrent_streams), (S_INITIAL_WINDOW_SIZE, lim.stream_window),
-            (S_MAX_FRAME_SIZE, lim.max_frame_size), (S_MAX_HEADER_LIST_SIZE, lim.max_header_list),
-            (S_ENABLE_PUSH, 0)))
-        transport.write(frame(SETTINGS, 0, 0, settings)
-                        + frame(WINDOW_UPDATE, 0, 0, _U32.pack(lim.connection_window - DEFAULT_WINDOW)))
-        self.app.connection_made(self)
-
-    @property
-    def ready(self) -> bool:
-        """The preface and the client's first SETTINGS have arrived."""
-        return self._stage == 2
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.closed = True
-        streams, self.streams = list(self.streams.values()), {}
-        for st in streams:
-            if not st.answered:
-                self.app.stream_reset(self, st)
-        self.app.connection_lost(self)
-
+    # -- back-pressure ---------------------------------------------------------------------------------
     def pause_writing(self) -> None:
         self._paused = True
         self._set_reading()
@@ -258,215 +266,7 @@ class H2Connection(asyncio.Protocol):
         self._holding = held > self.limits.write_buffer_high
         self._set_reading()
 
-    def data_received(self, data: bytes) -> None:
-        if self.closed:  # GOAWAY sent: what still arrives before the close is dropped
-            return
-        buf = self._buf + data if self._buf else data
-        self._out = []
-        try:
-            if self._stage == 0:
-                if len(buf) < len(PREFACE):
-                    if not PREFACE.startswith(buf):
-                        raise H2Error(PROTOCOL_ERROR, "not an HTTP/2 client preface (this port speaks gRPC over h2c)")
-                    self._buf = buf
-                    return
-                if not buf.startswith(PREFACE):
-                    raise H2Error(PROTOCOL_ERROR, "not an HTTP/2 client preface (this port speaks gRPC over h2c)")
-                buf = buf[len(PREFACE):]
-                self._stage = 1
-            pos, n = 0, len(buf)
-            max_frame = self.limits.max_frame_size
-            while n - pos >= 9 and not self.closed:
-                hi, lo, kind, flags, sid = _HEAD.unpack_from(buf, pos)
-                length = (hi << 8) | lo
-                if length > max_frame:
-                    raise H2Error(FRAME_SIZE_ERROR, f"frame of {length} bytes; SETTINGS_MAX_FRAME_SIZE is {max_frame}")
-                if n - pos - 9 < length:
-                    break
-                payload = buf[pos + 9:pos + 9 + length]
-                pos += 9 + length
-                self._frame(kind, flags, sid & 0x7FFFFFFF, payload)
-            self._buf = buf[pos:]
-        except H2Error as exc:
-            self._goaway(exc.code, str(exc))
-        finally:
-            out, self._out = self._out, None
-            if out and not self.transport.is_closing():
-                self.transport.write(b"".join(out))
-            if self.closed:
-                self._finish()
-
-    # -- frames ----------------------------------------------------------------------------------------
-    def _frame(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
-        if self._continuing is not None and kind != CONTINUATION:
-            raise H2Error(PROTOCOL_ERROR, "a header block was interrupted by another frame")
-        if self._stage == 1:
-            if kind != SETTINGS or flags & ACK:
-                raise H2Error(PROTOCOL_ERROR, "the client preface must be followed by SETTINGS")
-            self._stage = 2
-        if kind == DATA:
-            self._data(flags, sid, payload)
-        elif kind == HEADERS:
-            self._headers(flags, sid, payload)
-        elif kind == CONTINUATION:
-            if self._continuing is None or self._continuing[0] != sid:
-                raise H2Error(PROTOCOL_ERROR, "CONTINUATION without a header block in progress on that stream")
-            block = self._continuing[2]
-            block += payload
-            if len(block) > self.limits.max_header_block:
-                raise H2Error(ENHANCE_YOUR_CALM, f"header block over {self.limits.max_header_block} bytes")
-            if flags & END_HEADERS:
-                _, first_flags, _ = self._continuing
-                self._continuing = None
-                self._header_block(first_flags, sid, bytes(block))
-        elif kind == SETTINGS:
-            self._settings(flags, sid, payload)
-        elif kind == PING:
-            if sid:
-                raise H2Error(PROTOCOL_ERROR, "PING on a stream")
-            if len(payload) != 8:
-                raise H2Error(FRAME_SIZE_ERROR, "PING payload is not 8 bytes")
-            if not flags & ACK:
-                self._write(frame(PING, ACK, 0, payload))
-        elif kind == WINDOW_UPDATE:
-            self._window_update(sid, payload)
-        elif kind == RST_STREAM:
-            if not sid:
-                raise H2Error(PROTOCOL_ERROR, "RST_STREAM on stream 0")
-            if len(payload) != 4:
-                raise H2Error(FRAME_SIZE_ERROR, "RST_STREAM payload is not 4 bytes")
-            if sid > self.last_sid:
-                raise H2Error(PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
-            st = self.streams.pop(sid, None)
-            if st is not None:
-                self._unblock(st)
-                self._stream_gone()
-                if not st.answered:
-                    self.app.stream_reset(self, st)
-        elif kind == PRIORITY:
-            if not sid:
-                raise H2Error(PROTOCOL_ERROR, "PRIORITY on stream 0")
-            if len(payload) != 5:
-                self._rst(sid, FRAME_SIZE_ERROR)
-        elif kind == GOAWAY:
-            if sid:
-                raise H2Error(PROTOCOL_ERROR, "GOAWAY on a stream")
-            # the client opens no more streams; the ones it has get their answers, then it closes
-        elif kind == PUSH_PROMISE:
-            raise H2Error(PROTOCOL_ERROR, "a client must not send PUSH_PROMISE")
-        # unknown frame types are ignored (section 4.1)
-
-    def _data(self, flags: int, sid: int, payload: bytes) -> None:
-        if not sid:
-            raise H2Error(PROTOCOL_ERROR, "DATA on stream 0")
-        length = len(payload)
-        self._recv_window -= length
-        if self._recv_window < 0:
-            raise H2Error(FLOW_CONTROL_ERROR, "DATA beyond the connection's flow-control window")
-        if self._recv_window < self.limits.connection_window // 2:
-            self._write(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.limits.connection_window - self._recv_window)))
-            self._recv_window = self.limits.connection_window
-        st = self.streams.get(sid)
-        if st is None or st.remote_ended:
-            if sid > self.last_sid:
-                raise H2Error(PROTOCOL_ERROR, f"DATA on idle stream {sid}")
-            if st is not None:
-                self._rst(sid, STREAM_CLOSED)
-            return  # a stream we answered and reset: its late DATA only counts against the window
-        st.recv_window -= length
-        if st.recv_window < 0:
-            self._rst(sid, FLOW_CONTROL_ERROR)
-            return
-        if flags & PADDED:
-            payload = self._unpad(payload)
-        if not st.answered:
-            if payload:
-                st.body += payload
-            self.app.stream_data(self, st)
-        if flags & END_STREAM:
-            st.remote_ended = True
-            if not st.answered:
-                self.app.stream_ended(self, st)
-            else:
-                self._close_if_done(st)
-        elif st.recv_window < self.limits.stream_window // 2 and not st.answered:
-            self._write(frame(WINDOW_UPDATE, 0, sid, _U32.pack(self.limits.stream_window - st.recv_window)))
-            st.recv_window = self.limits.stream_window
-
-    def _unpad(self, payload: bytes) -> bytes:
-        if not payload or payload[0] >= len(payload):
-            raise H2Error(PROTOCOL_ERROR, "padding is as long as the frame")
-        return payload[1:len(payload) - payload[0]]
-
-    def _headers(self, flags: int, sid: int, payload: bytes) -> None:
-        if not sid or not sid & 1:
-            raise H2Error(PROTOCOL_ERROR, f"HEADERS on stream {sid}; a client opens odd-numbered streams")
-        if flags & PADDED:
-            payload = self._unpad(payload)
-        if flags & PRIORITY_FLAG:
-            if len(payload) < 5:
-                raise H2Error(FRAME_SIZE_ERROR, "HEADERS too short for its priority fields")
-            if _U32.unpack_from(payload)[0] & 0x7FFFFFFF == sid:
-                raise H2Error(PROTOCOL_ERROR, f"stream {sid} depends on itself")
-            payload = payload[5:]
-        if len(payload) > self.limits.max_header_block:
-            raise H2Error(ENHANCE_YOUR_CALM, f"header block over {self.limits.max_header_block} bytes")
-        if not flags & END_HEADERS:
-            self._continuing = (sid, flags, bytearray(payload))
-            return
-        self._header_block(flags, sid, payload)
-
-    def _header_block(self, flags: int, sid: int, block: bytes) -> None:
-        fields = self._indexed.get(block)
-        if fields is None:
-            try:
-                fields = self._decoder.decode(block, raw=True)
-            except HPACKError as exc:  # the table is out of sync now: nothing more on this connection can be decoded
-                raise H2Error(COMPRESSION_ERROR, f"header block cannot be decoded: {type(exc).__name__}: {exc}") from None
-            # A block of one-byte indexed fields only (0x80-0xFE each) reads the table without changing it, so the
-            # same bytes mean the same fields until a block that does change it: a client that indexed its
-            # headers sends that one block for every request (hpack's decode is ~12 us of Python each time).
-            if block and min(block) >= 0x80 and max(block) < 0xFF:
-                if len(self._indexed) < 64:
-                    self._indexed[block] = fields
-            else:
-                self._indexed.clear()
-        st = self.streams.get(sid)
-        if st is not None:  # trailers from the client end its stream
-            if not flags & END_STREAM:
-                raise H2Error(PROTOCOL_ERROR, f"a second header block on stream {sid} without END_STREAM")
-            if st.remote_ended:
-                self._rst(sid, STREAM_CLOSED)
-                return
-            st.remote_ended = True
-            if not st.answered:
-                self.app.stream_ended(self, st)
-            else:
-                self._close_if_done(st)
-            return
-        if sid <= self.last_sid:
-            self._rst(sid, STREAM_CLOSED)  # a stream that has ended already
-            return
-        self.last_sid = sid
-        if self.closed:
-            return
-        if len(self.streams) >= self.limits.max_concurrent_streams:
-            self._rst(sid, REFUSED_STREAM)
-            return
-        why = check_request_headers(fields)
-        if why is not None:
-            self._rst(sid, PROTOCOL_ERROR)
-            return
-        st = Stream(sid, fields, time.monotonic(), recv_window=self.limits.stream_window, send_window=self._peer_window)
-        self.streams[sid] = st
-        self.app.stream_opened(self, st)
-        if flags & END_STREAM and sid in self.streams:
-            st.remote_ended = True
-            if not st.answered:
-                self.app.stream_ended(self, st)
-            else:
-                self._close_if_done(st)
-
+    # -- what the peer allows: its settings and windows ------------------------------------------------
     def _settings(self, flags: int, sid: int, payload: bytes) -> None:
         if sid:
             raise H2Error(PROTOCOL_ERROR, "SETTINGS on a stream")
@@ -678,6 +478,247 @@ class H2Connection(asyncio.Protocol):
     def _stream_gone(self) -> None:
         if not self.streams:
             self.idle_since = time.monotonic()
+
+
+class H2Connection(H2Output, asyncio.Protocol):
+    """The server side of one HTTP/2 connection: reads the client's frames, keeps its streams, and hands each
+    request to the application (sending is :class:`H2Output`'s, header decoding :class:`HeaderDecoder`'s)."""
+
+    def __init__(self, app: H2App, limits: H2Limits = H2Limits()) -> None:
+        super().__init__()
+        self.app = app
+        self.limits = limits
+        self.transport: Any = None
+        self.streams: dict[int, Stream] = {}
+        self.last_sid = 0  # the highest stream id the client opened
+        self.opened_at = self.idle_since = time.monotonic()
+        self._stage = 0  # 0: waiting for the client preface; 1: for its first SETTINGS; 2: open
+        self.closed = False
+        self._buf = b""
+        self._hpack = HeaderDecoder(limits.max_header_list)
+        self._continuing: tuple[int, int, bytearray] | None = None  # (sid, flags, block) until END_HEADERS
+        self._recv_window = limits.connection_window
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------------
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=self.limits.write_buffer_high)
+        lim = self.limits
+        settings = b"".join(struct.pack(">HL", k, v) for k, v in (
+            (S_MAX_CONCURRENT_STREAMS, lim.max_concurrent_streams), (S_INITIAL_WINDOW_SIZE, lim.stream_window),
+            (S_MAX_FRAME_SIZE, lim.max_frame_size), (S_MAX_HEADER_LIST_SIZE, lim.max_header_list),
+            (S_ENABLE_PUSH, 0)))
+        transport.write(frame(SETTINGS, 0, 0, settings)
+                        + frame(WINDOW_UPDATE, 0, 0, _U32.pack(lim.connection_window - DEFAULT_WINDOW)))
+        self.app.connection_made(self)
+
+    @property
+    def ready(self) -> bool:
+        """The preface and the client's first SETTINGS have arrived."""
+        return self._stage == 2
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        streams, self.streams = list(self.streams.values()), {}
+        for st in streams:
+            if not st.answered:
+                self.app.stream_reset(self, st)
+        self.app.connection_lost(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:  # GOAWAY sent: what still arrives before the close is dropped
+            return
+        buf = self._buf + data if self._buf else data
+        self._out = []
+        try:
+            if self._stage == 0:
+                if len(buf) < len(PREFACE):
+                    if not PREFACE.startswith(buf):
+                        raise H2Error(PROTOCOL_ERROR, "not an HTTP/2 client preface (this port speaks gRPC over h2c)")
+                    self._buf = buf
+                    return
+                if not buf.startswith(PREFACE):
+                    raise H2Error(PROTOCOL_ERROR, "not an HTTP/2 client preface (this port speaks gRPC over h2c)")
+                buf = buf[len(PREFACE):]
+                self._stage = 1
+            pos, n = 0, len(buf)
+            max_frame = self.limits.max_frame_size
+            while n - pos >= 9 and not self.closed:
+                hi, lo, kind, flags, sid = _HEAD.unpack_from(buf, pos)
+                length = (hi << 8) | lo
+                if length > max_frame:
+                    raise H2Error(FRAME_SIZE_ERROR, f"frame of {length} bytes; SETTINGS_MAX_FRAME_SIZE is {max_frame}")
+                if n - pos - 9 < length:
+                    break
+                payload = buf[pos + 9:pos + 9 + length]
+                pos += 9 + length
+                self._frame(kind, flags, sid & 0x7FFFFFFF, payload)
+            self._buf = buf[pos:]
+        except H2Error as exc:
+            self._goaway(exc.code, str(exc))
+        finally:
+            out, self._out = self._out, None
+            if out and not self.transport.is_closing():
+                self.transport.write(b"".join(out))
+            if self.closed:
+                self._finish()
+
+    # -- frames ----------------------------------------------------------------------------------------
+    def _frame(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
+        if self._continuing is not None and kind != CONTINUATION:
+            raise H2Error(PROTOCOL_ERROR, "a header block was interrupted by another frame")
+        if self._stage == 1:
+            if kind != SETTINGS or flags & ACK:
+                raise H2Error(PROTOCOL_ERROR, "the client preface must be followed by SETTINGS")
+            self._stage = 2
+        if kind == DATA:
+            self._data(flags, sid, payload)
+        elif kind == HEADERS:
+            self._headers(flags, sid, payload)
+        elif kind == CONTINUATION:
+            if self._continuing is None or self._continuing[0] != sid:
+                raise H2Error(PROTOCOL_ERROR, "CONTINUATION without a header block in progress on that stream")
+            block = self._continuing[2]
+            block += payload
+            if len(block) > self.limits.max_header_block:
+                raise H2Error(ENHANCE_YOUR_CALM, f"header block over {self.limits.max_header_block} bytes")
+            if flags & END_HEADERS:
+                _, first_flags, _ = self._continuing
+                self._continuing = None
+                self._header_block(first_flags, sid, bytes(block))
+        elif kind == SETTINGS:
+            self._settings(flags, sid, payload)
+        elif kind == PING:
+            if sid:
+                raise H2Error(PROTOCOL_ERROR, "PING on a stream")
+            if len(payload) != 8:
+                raise H2Error(FRAME_SIZE_ERROR, "PING payload is not 8 bytes")
+            if not flags & ACK:
+                self._write(frame(PING, ACK, 0, payload))
+        elif kind == WINDOW_UPDATE:
+            self._window_update(sid, payload)
+        elif kind == RST_STREAM:
+            if not sid:
+                raise H2Error(PROTOCOL_ERROR, "RST_STREAM on stream 0")
+            if len(payload) != 4:
+                raise H2Error(FRAME_SIZE_ERROR, "RST_STREAM payload is not 4 bytes")
+            if sid > self.last_sid:
+                raise H2Error(PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
+            st = self.streams.pop(sid, None)
+            if st is not None:
+                self._unblock(st)
+                self._stream_gone()
+                if not st.answered:
+                    self.app.stream_reset(self, st)
+        elif kind == PRIORITY:
+            if not sid:
+                raise H2Error(PROTOCOL_ERROR, "PRIORITY on stream 0")
+            if len(payload) != 5:
+                self._rst(sid, FRAME_SIZE_ERROR)
+        elif kind == GOAWAY:
+            if sid:
+                raise H2Error(PROTOCOL_ERROR, "GOAWAY on a stream")
+            # the client opens no more streams; the ones it has get their answers, then it closes
+        elif kind == PUSH_PROMISE:
+            raise H2Error(PROTOCOL_ERROR, "a client must not send PUSH_PROMISE")
+
+    def _data(self, flags: int, sid: int, payload: bytes) -> None:
+        if not sid:
+            raise H2Error(PROTOCOL_ERROR, "DATA on stream 0")
+        length = len(payload)
+        self._recv_window -= length
+        if self._recv_window < 0:
+            raise H2Error(FLOW_CONTROL_ERROR, "DATA beyond the connection's flow-control window")
+        if self._recv_window < self.limits.connection_window // 2:
+            self._write(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.limits.connection_window - self._recv_window)))
+            self._recv_window = self.limits.connection_window
+        st = self.streams.get(sid)
+        if st is None or st.remote_ended:
+            if sid > self.last_sid:
+                raise H2Error(PROTOCOL_ERROR, f"DATA on idle stream {sid}")
+            if st is not None:
+                self._rst(sid, STREAM_CLOSED)
+            return  # a stream we answered and reset: its late DATA only counts against the window
+        st.recv_window -= length
+        if st.recv_window < 0:
+            self._rst(sid, FLOW_CONTROL_ERROR)
+            return
+        if flags & PADDED:
+            payload = self._unpad(payload)
+        if not st.answered:
+            if payload:
+                st.body += payload
+            self.app.stream_data(self, st)
+        if flags & END_STREAM:
+            st.remote_ended = True
+            if not st.answered:
+                self.app.stream_ended(self, st)
+            else:
+                self._close_if_done(st)
+        elif st.recv_window < self.limits.stream_window // 2 and not st.answered:
+            self._write(frame(WINDOW_UPDATE, 0, sid, _U32.pack(self.limits.stream_window - st.recv_window)))
+            st.recv_window = self.limits.stream_window
+
+    def _unpad(self, payload: bytes) -> bytes:
+        if not payload or payload[0] >= len(payload):
+            raise H2Error(PROTOCOL_ERROR, "padding is as long as the frame")
+        return payload[1:len(payload) - payload[0]]
+
+    def _headers(self, flags: int, sid: int, payload: bytes) -> None:
+        if not sid or not sid & 1:
+            raise H2Error(PROTOCOL_ERROR, f"HEADERS on stream {sid}; a client opens odd-numbered streams")
+        if flags & PADDED:
+            payload = self._unpad(payload)
+        if flags & PRIORITY_FLAG:
+            if len(payload) < 5:
+                raise H2Error(FRAME_SIZE_ERROR, "HEADERS too short for its priority fields")
+            if _U32.unpack_from(payload)[0] & 0x7FFFFFFF == sid:
+                raise H2Error(PROTOCOL_ERROR, f"stream {sid} depends on itself")
+            payload = payload[5:]
+        if len(payload) > self.limits.max_header_block:
+            raise H2Error(ENHANCE_YOUR_CALM, f"header block over {self.limits.max_header_block} bytes")
+        if not flags & END_HEADERS:
+            self._continuing = (sid, flags, bytearray(payload))
+            return
+        self._header_block(flags, sid, payload)
+
+    def _header_block(self, flags: int, sid: int, block: bytes) -> None:
+        fields = self._hpack.decode(block)
+        st = self.streams.get(sid)
+        if st is not None:  # trailers from the client end its stream
+            if not flags & END_STREAM:
+                raise H2Error(PROTOCOL_ERROR, f"a second header block on stream {sid} without END_STREAM")
+            if st.remote_ended:
+                self._rst(sid, STREAM_CLOSED)
+                return
+            st.remote_ended = True
+            if not st.answered:
+                self.app.stream_ended(self, st)
+            else:
+                self._close_if_done(st)
+            return
+        if sid <= self.last_sid:
+            self._rst(sid, STREAM_CLOSED)  # a stream that has ended already
+            return
+        self.last_sid = sid
+        if self.closed:
+            return
+        if len(self.streams) >= self.limits.max_concurrent_streams:
+            self._rst(sid, REFUSED_STREAM)
+            return
+        why = check_request_headers(fields)
+        if why is not None:
+            self._rst(sid, PROTOCOL_ERROR)
+            return
+        st = Stream(sid, fields, time.monotonic(), recv_window=self.limits.stream_window, send_window=self._peer_window)
+        self.streams[sid] = st
+        self.app.stream_opened(self, st)
+        if flags & END_STREAM and sid in self.streams:
+            st.remote_ended = True
+            if not st.answered:
+                self.app.stream_ended(self, st)
+            else:
+                self._close_if_done(st)
 
 
 __all__ = ["H2App", "H2Connection", "H2Error", "H2Limits", "Stream", "check_request_headers", "encode_fields", "encode_headers", "frame"]

@@ -136,7 +136,7 @@ class ModelLoader:
 
     def _open(self, model: LoadedModel, threads: int) -> None:
         """Open one runner per instance, complete/check the config, read labels, warm up. Runs in a thread."""
-        from resdeploy.serve.runners import open_runner
+        from resdeploy.engines import open_runner
 
         entry = model.entry
         artifact = entry.artifact
@@ -165,7 +165,7 @@ class ModelLoader:
         """The config's model_warmup samples (checked first: an invalid one fails the load, as on Triton), run on
         every instance; without them (and unless --no-warmup) one zero batch of 1 and of max_batch_size."""
         samples = warmup_samples(model.entry, model.inputs)
-        for name, feed, times in samples:
+        for _name, feed, times in samples:
             for r in model.runners:
                 for _ in range(times):
                     r.infer(feed)

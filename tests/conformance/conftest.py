@@ -181,16 +181,6 @@ def start_resdeploy_alone(tmp_path_factory):
 
 # -- the model ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def resnet20_onnx(tmp_path_factory, trained_resnet20_dir) -> Path:
-    """What users serve: `resdeploy export` of the trained resnet20 (labels in its metadata)."""
-    from resdeploy.pipeline.exporting import export_checkpoint
-
-    path = tmp_path_factory.mktemp("onnx") / "resnet20.onnx"
-    export_checkpoint(trained_resnet20_dir, path, check=False)
-    return path
-
-
-@pytest.fixture(scope="session")
 def digits(trained_resnet20) -> "Iterator":
     """8 real test digits, normalised as the model expects (N x 1 x 28 x 28 float32)."""
     import numpy as np

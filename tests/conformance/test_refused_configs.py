@@ -214,7 +214,7 @@ def test_warmup_batch_over_max_never_served(tmp_path, triton_install, resnet20_o
         warnings.warn(f"tritonserver 2.51 died loading warmup_batch_over_max on {len(crashes)} of "
                       f"{len(crashes) + (ts is not None)} starts ({crashes[0]}); "
                       + ("compared on the start it survived" if ts is not None
-                         else "it never served the model; resdeploy's refusal was checked alone"))
+                         else "it never served the model; resdeploy's refusal was checked alone"), stacklevel=2)
 
 
 def _grpc_infer(model):

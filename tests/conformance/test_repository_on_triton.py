@@ -86,7 +86,7 @@ def test_version_policies_serve_the_same_versions(pair, clients, model, digits, 
         (ts, _, _), (rs, _, _) = pair.both("GET", f"/v2/models/{model}/versions/{v}")
         assert ts == rs == (200 if v in SERVED[model] else 404), (model, v)
     for v in SERVED[model]:
-        for name, c in clients.items():
+        for c in clients.values():
             res = _infer(c, model, digits[:2], True, version=v)
             assert res.get_response()["model_version"] == v
             np.testing.assert_allclose(res.as_numpy("logits"), ort_reference(digits[:2]), rtol=1e-5, atol=1e-5)

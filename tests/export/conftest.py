@@ -1,36 +1,15 @@
-"""Fixtures for the export tests: the trained resnet20 exported once per session, held-out images, and
-ONNX graph surgery that builds each skip-add defect from a correct graph."""
+"""Fixtures for the export tests: ONNX graph surgery that builds each skip-add defect from a correct graph (the
+trained resnet20's export and held-out images, r20_onnx and r20_images, are in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
-
-
-@pytest.fixture(scope="session")
-def r20_images(trained_resnet20, mnist):
-    from resdeploy.models import normalize
-
-    spec = trained_resnet20[0].input_spec
-    return normalize(mnist.test.images[:16], spec.mean, spec.std)
-
-
-@pytest.fixture(scope="session")
-def r20_onnx(trained_resnet20, r20_images, tmp_path_factory) -> Path:
-    """The trained resnet20 exported with the default config (dynamo, opset 18, dynamic batch)."""
-    from resdeploy.artifact import ArtifactMetadata
-    from resdeploy.export import export_onnx
-
-    model, _ = trained_resnet20
-    out = tmp_path_factory.mktemp("r20") / "resnet20.onnx"
-    export_onnx(model, out, input_shape=model.input_spec.shape, metadata=ArtifactMetadata(architecture="resnet20"), sample=r20_images)
-    return out
 
 
 def _adds(m: onnx.ModelProto) -> list[onnx.NodeProto]:

@@ -23,7 +23,7 @@ import pytest
 from onnx import numpy_helper
 
 from resdeploy.export import check_skip_adds, find_short_paths
-from resdeploy.pipeline.parity import ParityGates
+from resdeploy.pipeline.gates import ParityGates
 from resdeploy.pipeline.polygraphy_kit import POLYGRAPHY_REQUIREMENT, agreement_args, write_polygraphy_kit
 
 BLOCKS = [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -272,7 +271,6 @@ def test_stochastic_depth_path_dropped_wrong_tensor_and_scale(family):
     mul = _producer(broken, paths[6].operands[0])
     inits = {t.name for t in broken.graph.initializer}
     const = next(i for i in mul.input if i in inits)
-    from onnx import numpy_helper
 
     one = onnx.helper.make_tensor("survival_one", onnx.TensorProto.FLOAT, [], [1.0])
     broken.graph.initializer.append(one)

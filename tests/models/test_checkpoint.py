@@ -82,7 +82,7 @@ def test_truncated_and_corrupt_files_give_clear_errors(tmp_path):
     # Garbage reaches the unpickler's internals in many ways (IndexError, KeyError, TypeError...): every one of
     # them must come back as the same clear error, so try many seeded payloads, not one random one.
     rng = np.random.default_rng(0)
-    for n in range(300):
+    for _ in range(300):
         (tmp_path / "bad.pt").write_bytes(rng.integers(0, 256, int(rng.integers(1, 96)), dtype=np.uint8).tobytes())
         with pytest.raises(InputError, match="not a readable PyTorch state_dict|pickle that imports or calls code|does not hold a state_dict"):
             load_checkpoint(tmp_path / "bad.pt", arch="resnet20")

@@ -46,7 +46,8 @@ def generate(run_dir: Path) -> dict[str, Any]:
     import resdeploy
     from resdeploy import atomic
     from resdeploy.models import load_checkpoint
-    from resdeploy.pipeline.bench import BenchConfig, machine_info, run_bench
+    from resdeploy.pipeline.bench import BenchConfig, run_bench
+    from resdeploy.pipeline.machine import machine_info
     from resdeploy.pipeline.building import BuildConfig, build
     from resdeploy.pipeline.exporting import check_onnx, export_checkpoint
     from resdeploy.pipeline.parity import ParityConfig, run_parity

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from resdeploy.errors import InputError
-from resdeploy.pipeline.bench import (REFERENCE, BenchConfig, Case, Progress, machine_info, measure, plan_rounds,
-                                      run_bench)
+from resdeploy.pipeline.bench import REFERENCE, BenchConfig, Case, Progress, measure, plan_rounds, run_bench
+from resdeploy.pipeline.machine import machine_info
 from resdeploy.pipeline.stats import Budget
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from resdeploy.errors import CheckFailed, InputError
-from resdeploy.pipeline.bench import cpu_isa, fraction_of_peak
+from resdeploy.pipeline.machine import cpu_isa, fraction_of_peak
 from resdeploy.pipeline.engine_choice import EngineCandidate, choose_engine, read_choice, write_choice
 
 
@@ -84,7 +84,7 @@ def test_an_engine_that_failed_parity_is_listed_never_timed_or_chosen():
 
 
 def test_repository_names_the_chosen_engine_and_serve_reads_it(tmp_path, trained_resnet20_dir):
-    from resdeploy.pipeline.parity import export_fp32
+    from resdeploy.pipeline.workbench import export_fp32
     from resdeploy.pipeline.repository import make_model_repository
     from resdeploy.models import load_checkpoint
     from resdeploy.serve.repository import backend_parameter, read_config

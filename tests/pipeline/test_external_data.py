@@ -18,7 +18,7 @@ from resdeploy.pipeline.building import BuildConfig, build
 from resdeploy.pipeline.exporting import export_checkpoint
 from resdeploy.pipeline.quantizing import QuantizeConfig, quantize_model
 from resdeploy.pipeline.repository import make_model_repository
-from resdeploy.serve.runners import open_runner
+from resdeploy.engines import open_runner
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ def fragile(tmp_path_factory, trained_resnet20_dir):
     """(model with an outlier channel in layer2.1, its FP32 ONNX)."""
     from resdeploy.models import load_checkpoint
     from resdeploy.pipeline.exporting import held_out_images
-    from resdeploy.pipeline.parity import export_fp32
+    from resdeploy.pipeline.workbench import export_fp32
 
     torch.set_num_threads(1)
     model, _ = load_checkpoint(trained_resnet20_dir)
@@ -149,7 +149,7 @@ def _sample(model) -> np.ndarray:
 def test_a_drop_of_exactly_the_gate_passes_it():
     """Measured on the trained resnet50 (224x224): 964 -> 954 of 1000 test images is a 1.0-point drop, which float
     arithmetic made 1.0000000000000009 and a 1-point gate failed."""
-    from resdeploy.pipeline.parity import points
+    from resdeploy.pipeline.gates import points
     from resdeploy.pipeline.quantizing import Accuracy
 
     assert 100.0 * (0.964 - 0.954) > 1.0  # the float noise this guards against

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from resdeploy.errors import CheckFailed, InputError
-from resdeploy.pipeline.parity import (ParityConfig, ParityGates, Reference, compare, load_parity_data,
-                                       prepare_variants, run_parity)
+from resdeploy.pipeline.gates import ParityGates, compare
+from resdeploy.pipeline.parity import ParityConfig, run_parity
+from resdeploy.pipeline.workbench import Reference, load_parity_data, prepare_variants
 
 
 def test_compare_identical_logits():
@@ -120,7 +121,7 @@ def test_a_tensorrt_or_cuda_failure_is_a_skipped_row_not_an_abort(trained_resnet
     """On a GPU machine a plan can fail to build or a CUDA call can fail: parity reports that backend as skipped with
     the reason and still judges the others (here the device is simulated: there is no GPU in CI)."""
     from resdeploy.pipeline import parity
-    from resdeploy.serve.runners.tensorrt_runner import CudaError
+    from resdeploy.engines.tensorrt import CudaError
 
     monkeypatch.setattr(parity, "backend_available", lambda b: None)
 
@@ -198,7 +199,7 @@ def test_random_weight_reference_gets_batchnorm_statistics_from_real_images():
     import torch
 
     from resdeploy.models import create_model
-    from resdeploy.pipeline.parity import recalibrate_batchnorm
+    from resdeploy.pipeline.workbench import recalibrate_batchnorm
 
     torch.manual_seed(0)
     raw = create_model("resnet56").eval()

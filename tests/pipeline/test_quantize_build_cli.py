@@ -72,9 +72,9 @@ def test_quantize_refuses_a_variant_as_source(exported, tmp_path, capsys):
 
 
 def test_build_tensorrt_without_gpu_says_so(exported, tmp_path, capsys):
-    from resdeploy.serve.runners import _cuda_device_present
+    from resdeploy.device import cuda_device_present
 
-    if _cuda_device_present():
+    if cuda_device_present():
         pytest.skip("a CUDA device is present: this test checks the refusal without one")
     code = main(["build", str(exported), "--backend", "tensorrt", "--out", str(tmp_path / "m.plan")])
     err = capsys.readouterr().err

@@ -76,7 +76,7 @@ def test_sections_in_order_with_the_real_numbers(run_dir: Path, summary: dict[st
         for v in summary["parity"]["variants"]:  # every backend x precision with its own figures
             assert f"{v['metrics']['max_abs']:.2e}" in text
             assert f"{v['metrics']['max_rel']:.2e}" in text
-        for prec, rep in summary["skipadd"].items():
+        for rep in summary["skipadd"].values():
             for row in rep["rows"]:
                 assert row["node"] in text and f"{row['max_abs_err']:.2e}" in text
         for name, rep in summary["fusion"].items():
@@ -152,8 +152,8 @@ def test_missing_sections_say_so(run_dir: Path, summary: dict[str, Any]) -> None
 
 
 def test_tensorrt_fusion_report_renders(run_dir: Path, summary: dict[str, Any]) -> None:
-    """A GPU run's engines: trt_fusion.FusionReport.to_dict() beside the ONNX Runtime ones."""
-    from resdeploy.export.trt_fusion import AddFusion, FusionReport
+    """A GPU run's engines: tensorrt_fusion.FusionReport.to_dict() beside the ONNX Runtime ones."""
+    from resdeploy.engines.tensorrt_fusion import AddFusion, FusionReport
 
     adds = (AddFusion("node_add_40", "layer1.0.conv2 + add + relu", "CaskConvolution", "fused", "conv2", "branch",
                       dtype="Int8", kind="identity", block="layer1.0"),

@@ -122,7 +122,7 @@ def test_tiny_run_goes_from_training_to_a_served_repository(tiny_run, tmp_path):
 
     proc, port = _serve(out / "model_repository", tmp_path / "serve.log")
     try:
-        from resdeploy.serve.runners import open_runner
+        from resdeploy.engines import open_runner
 
         x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
         client = http.InferenceServerClient(f"127.0.0.1:{port}")
@@ -130,7 +130,7 @@ def test_tiny_run_goes_from_training_to_a_served_repository(tiny_run, tmp_path):
         inp.set_data_from_numpy(x, binary_data=True)
         got = client.infer("tiny", [inp]).as_numpy("logits")
         chosen = json.loads((out / "engines" / "engine-choice.json").read_text())["backend"]  # what the repo serves
-        assert f'key: "resdeploy_backend"' in (out / "model_repository" / "tiny" / "config.pbtxt").read_text()
+        assert 'key: "resdeploy_backend"' in (out / "model_repository" / "tiny" / "config.pbtxt").read_text()
         with open_runner(out / "onnx" / "int8.onnx", backend=chosen, threads=1) as r:
             want = r.infer({"input": x})["logits"]
         assert got.shape == (2, 10) and np.allclose(got, want, atol=1e-4)

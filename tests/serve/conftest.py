@@ -1,7 +1,8 @@
-"""Serving fixtures: the trained resnet20 as ONNX, a Triton model repository, and real server subprocesses.
+"""Serving fixtures: a Triton model repository, real server subprocesses, and the UINT8 resnet20.
 
-The served resnet20 is what users serve: the output of `resdeploy export` (dynamo, opset 18, labels in its
-metadata_props). The UINT8 variant wraps the same network in a cast-and-normalise prologue.
+The served resnet20 (``resnet20_onnx``, in tests/conftest.py) is what users serve: the output of `resdeploy
+export` (dynamo, opset 18, labels in its metadata_props). The UINT8 variant wraps the same network in a
+cast-and-normalise prologue.
 """
 
 from __future__ import annotations
@@ -29,15 +30,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def resnet20_onnx(tmp_path_factory, trained_resnet20_dir) -> Path:
-    from resdeploy.pipeline.exporting import export_checkpoint
-
-    path = tmp_path_factory.mktemp("onnx") / "resnet20.onnx"
-    export_checkpoint(trained_resnet20_dir, path, check=False)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +80,7 @@ def model_repo(tmp_path_factory, resnet20_onnx, resnet20_uint8_onnx) -> Path:
 @pytest.fixture(scope="session")
 def runner_reference(resnet20_onnx):
     """The runner's own outputs, to compare the server's with."""
-    from resdeploy.serve.runners import open_runner
+    from resdeploy.engines import open_runner
 
     r = open_runner(str(resnet20_onnx), backend="onnxruntime", provider="cpu", threads=1)
     r.activate()

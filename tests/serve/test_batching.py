@@ -15,7 +15,7 @@ import pytest
 from resdeploy.serve.batching import BatcherConfig, DynamicBatcher
 from resdeploy.serve.metrics import ModelStats
 from resdeploy.serve.protocol import BadRequest, ServeError, Unavailable
-from resdeploy.serve.runners.base import RunnerError
+from resdeploy.engines.base import RunnerError
 
 
 class GatedRunner:

@@ -10,7 +10,7 @@ import pytest
 from resdeploy.errors import InputError
 from resdeploy.serve.repository import (complete_config, config_to_json, instance_count, io_specs, read_config,
                                         read_labels, scan_repository)
-from resdeploy.serve.runners.base import TensorSpec
+from resdeploy.engines.base import TensorSpec
 
 INPUTS = [TensorSpec("input", "float32", (None, 1, 28, 28))]
 OUTPUTS = [TensorSpec("logits", "float32", (None, 10))]

@@ -78,7 +78,7 @@ def test_default_outputs_come_back_binary(client, runner_reference, mnist_images
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_uint8_infer_equals_the_runner(client, resnet20_uint8_onnx, mnist_raw, binary):
-    from resdeploy.serve.runners import open_runner
+    from resdeploy.engines import open_runner
 
     x = np.round(mnist_raw[0][:3] * 255).astype(np.uint8)
     got = _infer(client, "resnet20_uint8", x, binary, datatype="UINT8").as_numpy("logits")

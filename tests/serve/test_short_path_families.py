@@ -28,7 +28,7 @@ def exported(tmp_path_factory, mnist):
     from resdeploy.artifact import ArtifactMetadata
     from resdeploy.models import create_model, normalize
     from resdeploy.pipeline.exporting import export_model
-    from resdeploy.pipeline.parity import recalibrate_batchnorm
+    from resdeploy.pipeline.workbench import recalibrate_batchnorm
 
     out = {}
     root = tmp_path_factory.mktemp("families")
@@ -47,7 +47,8 @@ def exported(tmp_path_factory, mnist):
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_family_exports_checks_and_passes_parity(exported, name):
-    from resdeploy.pipeline.parity import ParityConfig, Reference, run_parity
+    from resdeploy.pipeline.parity import ParityConfig, run_parity
+    from resdeploy.pipeline.workbench import Reference
 
     model, path, res = exported[name]
     assert res, str(res)

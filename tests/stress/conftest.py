@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.serve.conftest import (free_port, mnist_images, mnist_raw, model_repo, resnet20_onnx,  # noqa: E402,F401
+from tests.serve.conftest import (free_port, mnist_images, mnist_raw, model_repo,  # noqa: E402,F401
                                   resnet20_uint8_onnx, server, spawn_server, start_server, stop_server)
 
 from tests.stress.table import ROWS  # noqa: E402

@@ -122,7 +122,7 @@ def test_sigterm_under_load_ten_rounds(model_repo, tmp_path, mnist_images):
         result = {}
         cfg = LoadConfig(f"http://{sp.url}", "resnet20", concurrency=16, duration_s=10.0, request_timeout_s=20.0,
                          stop_client_on_unavailable=True)
-        t = threading.Thread(target=lambda: result.update(r=run_load(cfg, {"input": mnist_images[:1]})))
+        t = threading.Thread(target=lambda result=result, cfg=cfg: result.update(r=run_load(cfg, {"input": mnist_images[:1]})))
         t.start()
         time.sleep(1.0 + 0.1 * i)  # a different moment of the load each round
         sp.proc.send_signal(signal.SIGTERM)

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from resdeploy.errors import InputError
     from resdeploy.pipeline.bench import BenchConfig, run_bench
     from resdeploy.pipeline.commands.model_args import source_from_args
-    from resdeploy.pipeline.parity import ParityGates
+    from resdeploy.pipeline.gates import ParityGates
     from resdeploy.pipeline.sources import imported_fp32
 
     ort_config = {}

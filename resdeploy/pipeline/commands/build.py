@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
                          choice_batches=tuple(int(b) for b in args.choice_batches.split(",") if b.strip()),
                          choice_seconds=args.choice_seconds)
     if args.backend in ("tensorrt", "auto"):
-        from resdeploy.export.tensorrt_build import TrtBuildConfig
+        from resdeploy.engines.tensorrt_build import TrtBuildConfig
 
         # Only the flags given are the user's; the defaults move inside them (e.g. --max-batch 4 alone gives opt 4).
         d = TrtBuildConfig()

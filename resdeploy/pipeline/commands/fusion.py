@@ -26,11 +26,11 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from resdeploy.errors import CheckFailed, InputError
-    from resdeploy.export.trt_fusion import fusion_report, load_layer_info, parse_layer_info
+    from resdeploy.engines.tensorrt_fusion import fusion_report, load_layer_info, parse_layer_info
 
     path = Path(args.layers)
     if path.suffix in (".plan", ".engine", ".trt"):
-        from resdeploy.export.tensorrt_build import engine_layer_info
+        from resdeploy.engines.tensorrt_build import engine_layer_info
 
         layers = parse_layer_info(engine_layer_info(path), source=str(path), profile=args.profile)
     else:

@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
     from resdeploy import atomic
     from resdeploy.errors import InputError
-    from resdeploy.pipeline.parity import ParityConfig, ParityGates, run_parity
+    from resdeploy.pipeline.gates import ParityGates
+    from resdeploy.pipeline.parity import ParityConfig, run_parity
 
     import tempfile
     from pathlib import Path

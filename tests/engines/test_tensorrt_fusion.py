@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from resdeploy.errors import InputError
-from resdeploy.export.trt_fusion import (constituent_names, fusion_report, is_add_name, is_conv_name, load_layer_info, normalize_dtype,
+from resdeploy.engines.tensorrt_fusion import (constituent_names, fusion_report, is_add_name, is_conv_name, load_layer_info, normalize_dtype,
                                          parse_layer_info)
 
 DUMPS = Path(__file__).resolve().parent.parent / "data" / "tensorrt-engine-layers"

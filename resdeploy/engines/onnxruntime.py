@@ -14,7 +14,7 @@ import numpy as np
 
 from resdeploy.artifact import open_artifact, parse_onnx, read_metadata
 from resdeploy.errors import BackendUnavailable, InputError
-from resdeploy.serve.runners.base import Runner, TensorSpec
+from resdeploy.engines.base import Runner, TensorSpec
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64", "tensor(uint8)": "uint8",

@@ -12,8 +12,8 @@ import pytest
 
 from resdeploy.errors import BackendUnavailable, InputError
 from resdeploy import device as cuda_util
-from resdeploy.serve.runners import open_runner
-from resdeploy.serve.runners import tensorrt_runner as tr
+from resdeploy.engines import open_runner
+from resdeploy.engines import tensorrt as tr
 from resdeploy.device import TRT_DTYPE_TO_NUMPY, GpuInfo, Sidecar, sidecar_path, trt_dtype_to_numpy
 
 
@@ -21,7 +21,7 @@ def test_dtype_mapping():
     assert {k: trt_dtype_to_numpy(k) for k, v in TRT_DTYPE_TO_NUMPY.items() if v} == {
         "FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32", "INT64": "int64", "BOOL": "bool",
         "UINT8": "uint8", "DOUBLE": "float64"}
-    for name, np_name in TRT_DTYPE_TO_NUMPY.items():
+    for np_name in TRT_DTYPE_TO_NUMPY.values():
         if np_name:
             np.dtype(np_name)  # every target is a real numpy dtype
     assert trt_dtype_to_numpy(type("DataType", (), {"name": "HALF"})()) == "float16"  # enum members carry .name
@@ -142,7 +142,7 @@ def test_real_engine_matches_onnxruntime(conv_add_onnx, tmp_path, cuda_graphs):
     reason = _gpu_skip_reason()
     if reason:
         pytest.skip(reason)
-    from resdeploy.export.tensorrt_build import TrtBuildConfig, build_engine
+    from resdeploy.engines.tensorrt_build import TrtBuildConfig, build_engine
 
     cache = tmp_path / "timing.cache"
     cfg = TrtBuildConfig(min_batch=1, opt_batch=4, max_batch=8, workspace_mib=256, timing_cache=str(cache))

@@ -40,7 +40,7 @@ from typing import Any
 from resdeploy.artifact import ArtifactMetadata, open_artifact
 from resdeploy.atomic import sha256_file, write_bytes, write_json, write_text
 from resdeploy.errors import InputError
-from resdeploy.export.trt_fusion import FusionReport, fusion_report, parse_layer_info
+from resdeploy.engines.tensorrt_fusion import FusionReport, fusion_report, parse_layer_info
 from resdeploy.device import (INSTALL_HINT, GpuInfo, Sidecar, gpu_info, require_tensorrt, sidecar_path,
                                                verify_plan)
 
@@ -187,12 +187,14 @@ class TrtBuildReport:
 
 
 def _parser_issues(parser: Any) -> list[ParserIssue]:
+    def call(error: Any, attr: str, default: Any) -> Any:  # TensorRT < 10 lacks some of these methods
+        return getattr(error, attr)() if hasattr(error, attr) else default
+
     issues = []
     for i in range(parser.num_errors):
         e = parser.get_error(i)
-        call = lambda attr, default: getattr(e, attr)() if hasattr(e, attr) else default  # noqa: E731 - TRT < 10 lacks some
-        issues.append(ParserIssue(int(call("node", -1)), str(call("node_name", "")), str(call("node_operator", "")),
-                                  str(call("code", "")).split(".")[-1], str(call("desc", ""))))
+        issues.append(ParserIssue(int(call(e, "node", -1)), str(call(e, "node_name", "")), str(call(e, "node_operator", "")),
+                                  str(call(e, "code", "")).split(".")[-1], str(call(e, "desc", ""))))
     return issues
 
 

@@ -1,8 +1,13 @@
-"""Runners: one contract (``with open_runner(...) as r: r.infer({...})``) for every backend.
+"""Engines: each backend's runner and build, behind one runner contract (``with open_runner(...) as r: r.infer({...})``).
 
-Backends: ``torch`` (the reference, an nn.Module), ``onnxruntime`` (CPU / CUDA / TensorRT providers),
-``tensorrt`` (a serialized plan), ``openvino`` (optional extra). Optional backends are imported only
-when asked for, so this package imports without onnxruntime, TensorRT, CUDA or OpenVINO.
+Backends: ``torch`` (the reference, an nn.Module), ``onnxruntime`` (CPU / CUDA / TensorRT providers; its build
+saves the optimised graph with a fusion report), ``tensorrt`` (a serialized plan; its build and the engine
+inspector's fusion report), ``openvino`` (optional extra). One module per backend's runner
+(``engines/<backend>.py``), its build beside it (``<backend>_build.py``), the contract in ``engines/base.py``.
+
+Engines run and build artifacts; they never make them: this package imports neither ``resdeploy.models`` nor
+``resdeploy.export`` (which Adds are residual is the caller's to say). Optional backends are imported only when
+asked for, so this package imports without onnxruntime, TensorRT, CUDA or OpenVINO.
 """
 
 from __future__ import annotations
@@ -12,19 +17,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from resdeploy.device import cuda_device_present
 from resdeploy.errors import BackendUnavailable, InputError
-from resdeploy.serve.runners.base import Runner, RunnerError, TensorSpec
+from resdeploy.engines.base import Runner, RunnerError, TensorSpec
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino")
-
-
-def _cuda_device_present() -> bool:
-    """True when a CUDA device answers; asks the driver, never TensorRT (which must not start without one)."""
-    from resdeploy.device import cuda_device_status
-
-    return cuda_device_status()[0]
-
-
 PLACEMENTS = ("auto", "cpu", "gpu")
 
 
@@ -45,9 +42,9 @@ def resolve_auto(artifact: Any, placement: str = "auto") -> tuple[str, dict[str,
         return "tensorrt", {}, "a TensorRT plan runs on TensorRT"
     if placement == "cpu":
         return "onnxruntime", {"provider": "cpu"}, "the CPU was asked for: ONNX Runtime CPU"
-    gpu = _cuda_device_present()
+    gpu = cuda_device_present()
     try:
-        from resdeploy.serve.runners.onnxruntime_runner import available_providers
+        from resdeploy.engines.onnxruntime import available_providers
 
         providers = available_providers()
     except ImportError:
@@ -77,12 +74,12 @@ def open_runner(artifact: Any, backend: str = "auto", *, placement: str = "auto"
     elif backend == "onnxruntime" and placement == "cpu":
         options.setdefault("provider", "cpu")
     if backend == "torch":
-        from resdeploy.serve.runners.torch_runner import TorchRunner
+        from resdeploy.engines.torch import TorchRunner
 
         options.pop("threads", None)
         runner: Runner = TorchRunner(artifact, **options)
     elif backend == "onnxruntime":
-        from resdeploy.serve.runners.onnxruntime_runner import OnnxRuntimeRunner, OrtOptions
+        from resdeploy.engines.onnxruntime import OnnxRuntimeRunner, OrtOptions
 
         name = options.pop("name", "")
         try:
@@ -91,12 +88,12 @@ def open_runner(artifact: Any, backend: str = "auto", *, placement: str = "auto"
             raise InputError(f"onnxruntime runner: {exc}; valid options: {', '.join(OrtOptions.__dataclass_fields__)}") from None
         runner = OnnxRuntimeRunner(artifact, ort_options, name=name)
     elif backend == "tensorrt":
-        from resdeploy.serve.runners.tensorrt_runner import TensorRTRunner
+        from resdeploy.engines.tensorrt import TensorRTRunner
 
         options.pop("threads", None)
         runner = TensorRTRunner(artifact, **options)
     elif backend == "openvino":
-        from resdeploy.serve.runners.openvino_runner import OpenVinoRunner
+        from resdeploy.engines.openvino import OpenVinoRunner
 
         runner = OpenVinoRunner(artifact, **options)
     else:

@@ -4,7 +4,9 @@ ONNX Runtime optimises a graph at session creation. At ``all`` on x86 the NCHWc 
 convolutions into ``com.microsoft.nchwc.Conv``, which can take a fourth "Sum" input: a residual Add (and the
 Relu after it) absorbed into the conv. ``FusedConv`` with a ``Z`` input is the same idea in NCHW. For Q/DQ INT8
 models the QDQ transformer turns DQ->Add->Q into ``QLinearAdd``, an integer Add kernel. The report says, for
-every residual Add of the *source* graph, which of these happened.
+every residual Add of the *source* graph, which of these happened. The caller says which Adds are residual
+(``adds``: the pipeline passes the short-path check's finder, :func:`resdeploy.export.precision.residual_adds`);
+this module only maps them onto the optimised graph.
 
 Mapping source Adds to optimised nodes relies on two naming facts of ONNX Runtime (checked in the tests):
 a node that survives or is converted (Add, QLinearAdd) keeps its node name, and an NCHWc conv is named after
@@ -23,15 +25,14 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
 
 from resdeploy import atomic
 from resdeploy.errors import BackendUnavailable, CheckFailed, InputError
-from resdeploy.artifact import copy_onnx, external_tensors, load_onnx, read_metadata
-from resdeploy.export.precision import AddRef, precision_of, residual_adds
+from resdeploy.artifact import copy_onnx, external_tensors, load_onnx, precision_of, read_metadata
 
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 SEE_THROUGH = {"DequantizeLinear", "QuantizeLinear", "Cast", "Identity"}
@@ -44,6 +45,16 @@ REPORT_TXT = "fusion_report.txt"
 BUILD_JSON = "build.json"
 
 FUSED_FORMS = ("conv_sum", "qlinear_add")  # an Add inside a conv, or an integer Add kernel with its Q/DQ absorbed
+
+
+class SourceAdd(Protocol):
+    """A residual Add of the source graph, as the caller found it (``resdeploy.export.precision.AddRef``)."""
+
+    name: str  # node name
+    output: str  # output tensor
+    inputs: tuple[str, str]  # its two inputs as written in the graph
+    kind: str  # identity | projection | pooled | option_a ("" when unclassified)
+    block: str  # module path of the block when known
 
 
 @dataclass(frozen=True)
@@ -147,7 +158,7 @@ def _sum_input(n: onnx.NodeProto) -> str:
     return ""
 
 
-def _source_keys(source: onnx.ModelProto, add: AddRef) -> set[str]:
+def _source_keys(source: onnx.ModelProto, add: SourceAdd) -> set[str]:
     """Names an optimised conv absorbing ``add`` may carry: the tensors/nodes from each Add input back to its conv."""
     producer = {o: n for n in source.graph.node for o in n.output}
     keys: set[str] = set()
@@ -164,10 +175,9 @@ def _source_keys(source: onnx.ModelProto, add: AddRef) -> set[str]:
     return keys
 
 
-def fusion_report(source: onnx.ModelProto, optimized: onnx.ModelProto, *, adds: Sequence[AddRef] | None = None,
+def fusion_report(source: onnx.ModelProto, optimized: onnx.ModelProto, adds: Sequence[SourceAdd], *,
                   optimization: str = "all", name: str = "") -> FusionReport:
-    """Classify every residual Add of ``source`` in ``optimized`` (the graph ONNX Runtime saved)."""
-    adds = list(residual_adds(source) if adds is None else adds)
+    """Classify each of ``adds`` (the residual Adds of ``source``) in ``optimized`` (the graph ONNX Runtime saved)."""
     by_name = {n.name: n for n in optimized.graph.node if n.name}
     by_output = {o: n for n in optimized.graph.node for o in n.output}
     sum_convs = [n for n in optimized.graph.node if _sum_input(n)]
@@ -307,10 +317,11 @@ def sample_input(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict[
     return {inputs[0].name: x}
 
 
-def build_onnxruntime(model_path: str | Path, out_dir: str | Path, *, threads: int | None = None,
-                      optimization: str = "all", provider: str = "cpu", sample: dict[str, np.ndarray] | None = None,
-                      adds: Sequence[AddRef] | None = None, build_info: dict[str, Any] | None = None) -> OrtBuildReport:
-    """Copy the model into ``out_dir``, save ONNX Runtime's optimised graph beside it, write the fusion report.
+def build_onnxruntime(model_path: str | Path, out_dir: str | Path, *, adds: Sequence[SourceAdd],
+                      threads: int | None = None, optimization: str = "all", provider: str = "cpu",
+                      sample: dict[str, np.ndarray] | None = None, build_info: dict[str, Any] | None = None) -> OrtBuildReport:
+    """Copy the model into ``out_dir``, save ONNX Runtime's optimised graph beside it, write the fusion report of
+    ``adds`` (the model's residual Adds, found by the caller).
 
     Checks before anything lands in ``out_dir``: the optimised session matches an un-optimised one on ``sample``
     (a seeded random batch if None) within the precision's tolerance, and the saved optimised graph loads and
@@ -354,7 +365,7 @@ def build_onnxruntime(model_path: str | Path, out_dir: str | Path, *, threads: i
         if not rrel <= 1e-5:
             raise CheckFailed(f"the saved optimised graph does not reproduce the session it came from (max |diff| {rmax:.3g})")
         optimized = load_onnx(opt_tmp)
-        fusion = fusion_report(source, optimized, adds=adds, optimization=optimization, name=src_path.name)
+        fusion = fusion_report(source, optimized, adds, optimization=optimization, name=src_path.name)
         build = {
             "format": "resdeploy-ort-build/1",
             "source": str(src_path), "model": MODEL_NAME, "optimized_model": OPTIMIZED_NAME,

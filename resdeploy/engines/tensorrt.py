@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from resdeploy.errors import InputError, ResdeployError
-from resdeploy.serve.runners.base import Runner, RunnerError, TensorSpec
+from resdeploy.engines.base import Runner, RunnerError, TensorSpec
 from resdeploy.artifact import ArtifactMetadata
 from resdeploy.device import (Sidecar, gpu_info, import_cudart, require_tensorrt, trt_dtype_to_numpy,
                                                verify_plan)

@@ -13,7 +13,7 @@ import numpy as np
 
 from resdeploy.artifact import ArtifactMetadata, InputSpec
 from resdeploy.errors import BackendUnavailable, InputError
-from resdeploy.serve.runners.base import Runner, TensorSpec
+from resdeploy.engines.base import Runner, TensorSpec
 
 
 class TorchRunner(Runner):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from resdeploy.errors import InputError, ResdeployError
-from resdeploy.serve.runners import open_runner, resolve_auto
+from resdeploy.engines import open_runner, resolve_auto
 
 
 def test_onnxruntime_runner_exposes_metadata_and_providers(resnet20_onnx):

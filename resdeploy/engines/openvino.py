@@ -17,7 +17,7 @@ import numpy as np
 
 from resdeploy.artifact import open_artifact
 from resdeploy.errors import BackendUnavailable, InputError
-from resdeploy.serve.runners.base import Runner, TensorSpec
+from resdeploy.engines.base import Runner, TensorSpec
 
 PRECISION_HINTS = ("f32", "bf16", "f16", "default")  # "default": whatever OpenVINO picks for the device
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")

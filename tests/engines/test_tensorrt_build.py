@@ -4,7 +4,7 @@ missing-TensorRT message. The build orchestration tests drive ``_build`` with a 
 network flag, parser errors with node names, workspace, optimisation level, detailed verbosity, profile
 shapes, timing cache loaded from disk -> set on the config -> merged and saved after the build, plan and
 sidecar written atomically). They do NOT verify that real TensorRT accepts those calls or builds a working
-engine: the ``gpu``-marked test in tests/serve/test_tensorrt_runner.py does that where TensorRT and a GPU exist.
+engine: the ``gpu``-marked test in tests/engines/test_tensorrt.py does that where TensorRT and a GPU exist.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from resdeploy.errors import BackendUnavailable, InputError
-from resdeploy.export import tensorrt_build as tb
+from resdeploy.engines import tensorrt_build as tb
 from resdeploy import device as cuda_util
 from resdeploy.artifact import ArtifactMetadata
 from resdeploy.device import GpuInfo, Sidecar, sidecar_path, verify_plan

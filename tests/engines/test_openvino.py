@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("openvino")
 
 from resdeploy.errors import InputError  # noqa: E402
-from resdeploy.serve.runners import RunnerError, open_runner  # noqa: E402
+from resdeploy.engines import RunnerError, open_runner  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_default_hint_reports_the_precision_it_picked(onnx_fp32):
 
 
 def test_explicit_bf16_and_threads_are_passed_to_compile(onnx_fp32):
-    from resdeploy.serve.runners.openvino_runner import OpenVinoRunner
+    from resdeploy.engines.openvino import OpenVinoRunner
 
     r = OpenVinoRunner(onnx_fp32, precision_hint="bf16", threads=1)
     assert r.compile_config() == {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": 1}
