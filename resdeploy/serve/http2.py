@@ -1,7 +1,7 @@
 """A small HTTP/2 server connection (RFC 9113) for the gRPC endpoint: frames, flow control, HPACK.
 
 Why not grpc.aio, or python-hyper's ``h2`` under the same gRPC mapping: both were measured against this layer
-(docs/serving-transports.md). grpc.aio's C core costs ~0.17 ms of server CPU per trivial unary RPC and its
+(docs/design-notes.md, serving). grpc.aio's C core costs ~0.17 ms of server CPU per trivial unary RPC and its
 threads contend with the inference thread for the GIL; this connection costs ~0.04 ms. h2's state machine
 more than doubled the event loop's time per RPC and cost 23-42 % of gRPC's 16-client throughput, past the 10 %
 that would have made it the replacement. It speaks only what a gRPC server needs:

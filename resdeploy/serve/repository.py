@@ -312,7 +312,7 @@ def _find_artifact(version_dir: Path, config: Any, where: str = "model", follow:
         p = version_dir / fname
         if p.is_file():
             return _checked_artifact(contained(p, version_dir, "model file", where, follow), version_dir, where, follow)
-    raise InputError(f"{version_dir} has no {' or '.join(wanted)}; export one with `resdeploy export` / `resdeploy engine`")
+    raise InputError(f"{version_dir} has no {' or '.join(wanted)}; export one with `resdeploy export` / `resdeploy build`")
 
 
 def _checked_artifact(path: Path, version_dir: Path, where: str, follow: bool) -> Path:
@@ -326,7 +326,7 @@ def check_artifact(entry: ModelEntry) -> None:
 
     The server checks this itself rather than trusting whichever onnxruntime version is installed to refuse
     ``../../etc/shadow``, a symlink or an offset past the end (graph only: the weights are not read here).
-    Plans and other files are left to their runtime (see the README's Security section: plans are trusted).
+    Plans are checked by their runtime against the sidecar written at build time (docs/security.md).
     """
     if entry.artifact is None or entry.artifact.suffix != ".onnx":
         return
