@@ -13,6 +13,7 @@ asked for, so this package imports without onnxruntime, TensorRT, CUDA or OpenVI
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,55 @@ from resdeploy.engines.base import Runner, RunnerError, TensorSpec
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino")
 PLACEMENTS = ("auto", "cpu", "gpu")
+# Backends whose runner takes engine settings (SETTINGS in their module): a deployment fixes them per model.
+SETTINGS_BACKENDS = ("onnxruntime", "openvino")
+
+
+def _settings_module(backend: str) -> Any:
+    if backend not in SETTINGS_BACKENDS:
+        raise InputError(f"backend {backend!r} takes no engine settings; those that do: {', '.join(SETTINGS_BACKENDS)}")
+    return importlib.import_module(f"resdeploy.engines.{backend}")
+
+
+def check_settings(backend: str, settings: Any, where: str = "engine settings") -> dict[str, Any]:
+    """``settings`` for ``backend``'s runner, checked and completed with the runner's defaults (every key explicit).
+
+    Raises InputError naming ``where``, the key or value and the valid ones: a setting is a runner option that a
+    deployment fixes (ONNX Runtime's ``spinning``; OpenVINO's ``precision_hint`` and ``performance_hint``).
+    Threads are not a setting: the server splits its cores over a model's instances."""
+    mod = _settings_module(backend)
+    if not isinstance(settings, dict):
+        raise InputError(f"{where}: expected an object of {backend} settings, got {type(settings).__name__} {settings!r:.60}")
+    unknown = sorted(set(settings) - set(mod.SETTINGS))
+    if unknown:
+        raise InputError(f"{where}: {backend} has no setting {', '.join(map(repr, unknown))}; "
+                         f"its settings: {', '.join(mod.SETTINGS)}")
+    for key, value in settings.items():
+        allowed = mod.SETTINGS[key]
+        # bool is an int: 1 must not pass for True, nor "true" for a bool
+        if not any(value == a and type(value) is type(a) for a in allowed):
+            raise InputError(f"{where}: {backend} setting {key} = {_shown(value)}; use one of {', '.join(map(_shown, allowed))}")
+    return {**mod.DEFAULT_SETTINGS, **settings}
+
+
+def _shown(value: Any) -> str:
+    """A setting's value as JSON writes it (true, "f32"): settings live in JSON (config.pbtxt, engine-choice.json)."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def settings_label(backend: str, settings: dict[str, Any]) -> str:
+    """What differs from the runner's defaults, in words ("" when nothing does): "spinning off", "OpenVINO defaults"."""
+    full = check_settings(backend, settings)
+    changed = {k: v for k, v in full.items() if v != _settings_module(backend).DEFAULT_SETTINGS[k]}
+    if backend == "openvino" and changed and set(full.values()) == {"default"}:
+        return "OpenVINO defaults"
+    words = {"spinning": lambda v: f"spinning {'on' if v else 'off'}",
+             "precision_hint": lambda v: "OpenVINO's precision" if v == "default" else f"{v} precision",
+             "performance_hint": lambda v: "OpenVINO's performance hint" if v == "default" else v}
+    return ", ".join(words[k](v) for k, v in changed.items())
 
 
 def resolve_auto(artifact: Any, placement: str = "auto") -> tuple[str, dict[str, Any], str]:
@@ -102,4 +152,5 @@ def open_runner(artifact: Any, backend: str = "auto", *, placement: str = "auto"
     return runner
 
 
-__all__ = ["BACKENDS", "PLACEMENTS", "Runner", "RunnerError", "TensorSpec", "open_runner", "resolve_auto"]
+__all__ = ["BACKENDS", "PLACEMENTS", "SETTINGS_BACKENDS", "Runner", "RunnerError", "TensorSpec", "check_settings",
+           "open_runner", "resolve_auto", "settings_label"]

@@ -17,6 +17,10 @@ from resdeploy.errors import BackendUnavailable, InputError
 from resdeploy.engines.base import Runner, TensorSpec
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+SPINNING_KEY = "session.intra_op.allow_spinning"
+# The settings a deployment may fix (engines.check_settings): name -> allowed values; DEFAULT_SETTINGS: this runner's.
+SETTINGS: dict[str, tuple[object, ...]] = {"spinning": (True, False)}
+DEFAULT_SETTINGS: dict[str, object] = {"spinning": True}
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64", "tensor(uint8)": "uint8",
                "tensor(int8)": "int8", "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(bool)": "bool"}
 
@@ -29,6 +33,9 @@ class OrtOptions:
     optimized_model_path: str | None = None  # save the optimised graph here (for fusion reports)
     allow_fallback: bool = False  # True: accept running on the CPU when the GPU provider did not start
     session_config: dict[str, str] | None = None  # extra session config entries (add_session_config_entry)
+    # Intra-op threads spin-wait for work after each run (ORT's default): the next run starts sooner, but a spinning
+    # pool burns its cores, which hurts when other work shares them. None = ORT's default (on).
+    spinning: bool | None = None
 
 
 def available_providers() -> list[str]:
@@ -63,6 +70,8 @@ class OnnxRuntimeRunner(Runner):
             so.inter_op_num_threads = 1
         if self.options.optimized_model_path:
             so.optimized_model_filepath = str(self.options.optimized_model_path)
+        if self.options.spinning is not None:
+            so.add_session_config_entry(SPINNING_KEY, "1" if self.options.spinning else "0")
         for k, v in (self.options.session_config or {}).items():
             so.add_session_config_entry(k, v)
         so.log_severity_level = 3
@@ -99,7 +108,20 @@ class OnnxRuntimeRunner(Runner):
         self._outputs = [TensorSpec(o.name, _ORT_DTYPES.get(o.type, o.type), tuple(d if isinstance(d, int) else None for d in o.shape))
                          for o in self.session.get_outputs()]
         self.providers = tuple(got)
-        self.description = f"onnxruntime {ort.__version__} {got[0]}" + (f" (fell back from {wanted})" if self.fallback else "")
+        used = self.session_settings()
+        self.description = (f"onnxruntime {ort.__version__} {got[0]}" + (f" (fell back from {wanted})" if self.fallback else "")
+                            + f", {used['threads'] or 'default'} intra-op threads, spinning {'on' if used['spinning'] else 'off'}")
+
+    def session_settings(self) -> dict[str, int | bool]:
+        """What the session runs with, read back from it: intra-op threads (0 = ORT's default) and spinning."""
+        if self.session is None:
+            raise InputError(f"{self.name}: runner is not active; use `with open_runner(...) as r:` first")
+        so = self.session.get_session_options()
+        try:
+            spin = so.get_session_config_entry(SPINNING_KEY)
+        except Exception:  # noqa: BLE001 - ORT raises when the entry was never set: its default, on
+            spin = "1"
+        return {"threads": int(so.intra_op_num_threads), "spinning": spin != "0"}
 
     def _deactivate(self) -> None:
         self.session = None

@@ -1,9 +1,11 @@
 """OpenVINO runner (optional extra ``resdeploy[openvino]``): an ONNX model compiled for the CPU.
 
 OpenVINO silently runs in bf16 on CPUs with avx512_bf16 or AMX unless told otherwise, which costs accuracy.
-This runner asks for ``INFERENCE_PRECISION_HINT=f32`` by default; ``precision_hint="bf16"`` (or ``"default"``,
-OpenVINO's own choice) must be asked for explicitly, and ``description`` states the precision that the compiled
-model reports back. An INT8 (Q/DQ) ONNX model runs its quantized convolutions in int8 whatever the hint.
+This runner asks for ``INFERENCE_PRECISION_HINT=f32`` and ``PERFORMANCE_HINT=LATENCY`` by default;
+``precision_hint="bf16"`` (or ``"default"``, OpenVINO's own choice) must be asked for explicitly, as must
+``performance_hint="default"`` (no hint: OpenVINO's own), and ``description`` states the precision and the
+performance mode that the compiled model reports back. An INT8 (Q/DQ) ONNX model runs its quantized convolutions
+in int8 whatever the hint; the float parts around them follow the precision hint.
 """
 
 from __future__ import annotations
@@ -20,7 +22,23 @@ from resdeploy.errors import BackendUnavailable, InputError
 from resdeploy.engines.base import Runner, TensorSpec
 
 PRECISION_HINTS = ("f32", "bf16", "f16", "default")  # "default": whatever OpenVINO picks for the device
-PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
+PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT", "default")  # "default": no hint, OpenVINO's own for the device
+# The settings a deployment may fix (engines.check_settings): name -> allowed values; DEFAULT_SETTINGS: this runner's.
+SETTINGS: dict[str, tuple[str, ...]] = {"precision_hint": PRECISION_HINTS, "performance_hint": PERFORMANCE_HINTS}
+DEFAULT_SETTINGS: dict[str, str] = {"precision_hint": "f32", "performance_hint": "LATENCY"}
+
+
+def openvino_defaults(device: str = "CPU") -> dict[str, str]:
+    """What OpenVINO picks for ``device`` when given no hint: {"precision": "bf16" or "f32" ..., "performance": ...}.
+    Asked of the plugin, nothing compiled."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise BackendUnavailable("the openvino backend needs OpenVINO: `pip install 'resdeploy[openvino]'`") from None
+    core = ov.Core()
+    mode = core.get_property(device, "PERFORMANCE_HINT")
+    return {"precision": _type_name(core.get_property(device, "INFERENCE_PRECISION_HINT")),
+            "performance": str(getattr(mode, "name", mode)).rsplit(".", 1)[-1]}
 
 
 class OpenVinoRunner(Runner):
@@ -46,10 +64,13 @@ class OpenVinoRunner(Runner):
         self.compiled = None
         self.request = None
         self.inference_precision = ""  # what the compiled model reports, e.g. "f32" or "bf16"
+        self.performance_mode = ""  # what the compiled model reports: LATENCY, THROUGHPUT, ...
 
     def compile_config(self) -> dict[str, Any]:
         """The properties handed to ``compile_model``."""
-        cfg: dict[str, Any] = {"PERFORMANCE_HINT": self.performance_hint}
+        cfg: dict[str, Any] = {}
+        if self.performance_hint != "default":
+            cfg["PERFORMANCE_HINT"] = self.performance_hint
         if self.precision_hint != "default":
             cfg["INFERENCE_PRECISION_HINT"] = self.precision_hint
         if self.threads:
@@ -91,12 +112,15 @@ class OpenVinoRunner(Runner):
         self._inputs = [self._spec(p) for p in model.inputs]
         self._outputs = [self._spec(p) for p in model.outputs]
         self.inference_precision = _type_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        mode = self.compiled.get_property("PERFORMANCE_HINT")
+        self.performance_mode = str(getattr(mode, "name", mode)).rsplit(".", 1)[-1]
         self.providers = (f"OpenVINO {self.device}",)
         threads = self.compiled.get_property("INFERENCE_NUM_THREADS")
         kernels = " ".join(f"{k}:{v}" for k, v in sorted(self.kernel_precisions().items(), key=lambda kv: -kv[1]))
         self.description = (f"openvino {ov.__version__.split('-')[0]} {self.device} inference precision "
                             f"{self.inference_precision}{' (OpenVINO default)' if self.precision_hint == 'default' else ''}, "
-                            f"{threads} threads, {self.performance_hint}, nodes by precision {kernels}")
+                            f"{threads} threads, {self.performance_mode}"
+                            f"{' (OpenVINO default)' if self.performance_hint == 'default' else ''}, nodes by precision {kernels}")
 
     @staticmethod
     def _spec(port: Any) -> TensorSpec:

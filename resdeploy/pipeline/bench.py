@@ -5,10 +5,13 @@
 
 How it measures:
 
-* Cases: resdeploy engines (ONNX Runtime, OpenVINO x FP32/FP16/INT8) and anchors measured in the same run as
+* Cases: resdeploy engines (ONNX Runtime, OpenVINO x FP32/FP16/INT8, with the runners' default settings, or with
+  ``settings="all"`` every configuration the engine choice searches) and anchors measured in the same run as
   users would compare them: PyTorch eager (the reference), ``torch.compile``, OpenVINO FP32 (f32 hint) and
-  OpenVINO's own default (bf16 on CPUs with avx512_bf16/AMX). ``gpu=True`` adds, where CUDA is present, PyTorch
-  eager FP16 with CUDA graphs (the GPU baseline) and the ONNX Runtime CUDA / TensorRT engines.
+  OpenVINO's own defaults (no hints: bf16 on CPUs with avx512_bf16/AMX) on the FP32 file and on resdeploy's INT8
+  file. ``served`` (the configuration the repository serves) is always a case, set up, checked and timed first
+  and dropped last when the budget is short. ``gpu=True`` adds, where CUDA is present, PyTorch eager FP16 with
+  CUDA graphs (the GPU baseline) and the ONNX Runtime CUDA / TensorRT engines.
 * Every case runs on the same real images (the model's test split, resized/replicated for ImageNet nets), and
   its parity with PyTorch FP32 on that sample is shown next to its speed.
 * Per batch size: warm-up runs (whose median estimates each case's cost), then timed rounds; in each round every
@@ -40,7 +43,8 @@ import numpy as np
 from resdeploy import atomic
 from resdeploy.errors import InputError, ResdeployError
 from resdeploy.pipeline import workbench as wb
-from resdeploy.pipeline.gates import ParityGates, compare
+from resdeploy.pipeline.gates import ParityGates
+from resdeploy.pipeline.parity import gate_precision, judge
 from resdeploy.pipeline.machine import fraction_of_peak, isa_line, load_average, machine_info
 from resdeploy.pipeline.stats import Budget, LatencyStats, speedup
 
@@ -78,6 +82,8 @@ class BenchConfig:
     ort_session_config: dict[str, str] = field(default_factory=dict)  # extra ORT session entries (all ORT cases)
     variants: dict[str, str] = field(default_factory=dict)  # precision -> ONNX path already built
     seed: int = 0  # round order shuffles and random weights
+    settings: str = "default"  # engine settings timed: default (each runner's) | all (engine_choice.candidate_settings)
+    served: dict[str, Any] | None = None  # {"backend", "precision", "settings"}: the configuration the repository serves
 
     def validate(self) -> None:
         if sum(map(bool, (self.checkpoint, self.arch, self.reference))) != 1:
@@ -102,6 +108,10 @@ class BenchConfig:
         for p in self.precisions:
             if p not in wb.PRECISIONS:
                 raise InputError(f"bench: unknown precision {p!r}; use some of {', '.join(wb.PRECISIONS)}")
+        if self.settings not in ("default", "all"):
+            raise InputError(f"bench: settings {self.settings!r}; use default or all")
+        if self.served is not None and not {"backend", "precision"} <= set(self.served):
+            raise InputError(f"bench: served {self.served!r} must name backend and precision (and settings)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -122,6 +132,8 @@ class Case:
     samples: dict[int, list[float]] = field(default_factory=dict)  # batch -> seconds per timed run
     estimate: dict[int, float] = field(default_factory=dict)  # batch -> seconds per run from the warm-up
     skipped: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)  # the runner's engine settings (CPU engines)
+    served: bool = False  # the configuration the repository serves
 
 
 @dataclass(frozen=True)
@@ -134,10 +146,12 @@ class CaseResult:
     parity: dict[str, Any] | None  # top1_agreement, max_abs, gate, passed (vs torch FP32 on the sample)
     stats: dict[int, LatencyStats]  # batch -> stats
     skipped: tuple[str, ...] = ()
+    settings: dict[str, Any] = field(default_factory=dict)
+    served: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "backend": self.backend, "precision": self.precision,
-                "description": self.description, "parity": self.parity,
+                "settings": self.settings, "served": self.served, "description": self.description, "parity": self.parity,
                 "stats": {str(b): s.to_dict() for b, s in sorted(self.stats.items())}, "skipped": list(self.skipped)}
 
 
@@ -153,13 +167,17 @@ class BenchResult:
     outputs: dict[str, str] = field(default_factory=dict)
     macs: int = 0  # multiply-accumulates per image (Conv + Gemm), for the fraction-of-peak column
 
-    def fraction_of_peak(self, case: CaseResult, batch: int) -> float | None:
-        """The case's p50 throughput over the CPU's theoretical peak for its precision (None for GPU cases or
-        when the peak is unknown)."""
+    def fraction_of_peak(self, case: CaseResult, batch: int, precision: str | None = None) -> float | None:
+        """The case's p50 throughput over the CPU's theoretical peak for ``precision`` (default: the case's own;
+        "int8": the machine's ceiling), None for GPU cases or when the peak is unknown."""
         if case.kind == "gpu" or batch not in case.stats:
             return None
-        return fraction_of_peak(self.macs, batch, case.stats[batch].p50_ms, case.precision, self.machine.get("isa", {}),
-                                int(self.config.get("threads", 1)), self.machine.get("usable_cpus"))
+        return fraction_of_peak(self.macs, batch, case.stats[batch].p50_ms, precision or case.precision,
+                                self.machine.get("isa", {}), int(self.config.get("threads", 1)), self.machine.get("usable_cpus"))
+
+    def served(self) -> CaseResult | None:
+        """The case of the configuration the repository serves (None when the bench was not told it)."""
+        return next((c for c in self.cases if c.served), None)
 
     def case(self, name: str) -> CaseResult:
         for c in self.cases:
@@ -184,8 +202,29 @@ class BenchResult:
                 and (not passed_only or (c.parity or {}).get("passed"))]
         return min(pool, key=lambda c: c.stats[batch].p50_ms, default=None)
 
+    def served_line(self, b: int) -> str | None:
+        """The served configuration at batch ``b``: its p50, speedup and the fastest anchor that passed parity; or why
+        it was not measured. None when the bench was not told what is served."""
+        c = self.served()
+        if c is None:
+            return None
+        if b not in c.stats:
+            why = "; ".join(x for x in c.skipped if f"batch {b}" in x) or "; ".join(
+                x for x in self.skipped if x.startswith(c.name)) or "not measured"
+            return f"batch {b}: the served {c.name} was not measured by the bench ({why})"
+        sp = self.speedups(b).get(c.name)
+        p = c.parity or {}
+        verdict = "parity pass" if p.get("passed") else f"parity FAIL ({p.get('failed')})" if p else "parity not checked"
+        line = (f"batch {b}: served {c.name}: p50 {c.stats[b].p50_ms:.3f} ms"
+                + (f", {sp:.2f}x PyTorch eager" if sp is not None else "") + f", {verdict}")
+        anchor = self.best(b, "anchor")
+        if anchor is not None and anchor.name != REFERENCE:
+            line += (f"; fastest anchor passing parity: {anchor.name} {anchor.stats[b].p50_ms:.3f} ms "
+                     f"(served is {anchor.stats[b].p50_ms / c.stats[b].p50_ms:.2f}x its speed)")
+        return line
+
     def summary(self) -> list[str]:
-        lines = []
+        lines = [x for x in (self.served_line(b) for b in self.config["batches"]) if x]
         for b in self.config["batches"]:
             eng = self.best(b)
             anchor_any = self.best(b, "anchor", passed_only=False)
@@ -243,7 +282,8 @@ class BenchResult:
         return {"format": "resdeploy-bench/1", "model": self.model, "data": self.data, "config": self.config,
                 "machine": self.machine, "elapsed_s": round(self.elapsed_s, 3), "reference": REFERENCE,
                 "macs_per_image": self.macs,
-                "cases": [{**c.to_dict(), "fraction_of_peak": {str(b): self.fraction_of_peak(c, b) for b in sorted(c.stats)}}
+                "cases": [{**c.to_dict(), "fraction_of_peak": {str(b): self.fraction_of_peak(c, b) for b in sorted(c.stats)},
+                           "fraction_of_int8_peak": {str(b): self.fraction_of_peak(c, b, "int8") for b in sorted(c.stats)}}
                           for c in self.cases],
                 "speedup_vs_eager_p50": {str(b): self.speedups(b) for b in self.config["batches"]},
                 "summary": self.summary(), "notes": self.notes(), "skipped": list(self.skipped), "passed": bool(self)}
@@ -258,7 +298,7 @@ class BenchResult:
                f"- threads: {self.config['threads']}; versions: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()),
                f"- parity sample: {self.data}", f"- elapsed {self.elapsed_s:.1f} s of a {self.config['max_seconds']:g} s budget", "",
                "| case | kind | precision | batch | p50 ms | p90 ms | p99 ms | mean ms | min ms | img/s | speedup vs eager (p50; GPU: vs its baseline) "
-               "| % of peak | top-1 vs torch | centered top-1 | max abs | parity |",
+               "| % of peak (own precision / int8) | top-1 vs torch | centered top-1 | max abs | parity |",
                "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for b in self.config["batches"]:
             sp = self.speedups(b)
@@ -269,9 +309,9 @@ class BenchResult:
                 cent = f"{100 * p['centered_top1_agreement']:.1f}%" if p.get("centered_top1_agreement") is not None else "-"
                 verdict = "-" if not p else ("pass" if p.get("passed") else f"**FAIL** ({p.get('failed', '')})")
                 ratio = f"{sp[c.name]:.2f}x" if c.name in sp else "-"
-                frac = self.fraction_of_peak(c, b)
-                pk = f"{100 * frac:.1f}%" if frac is not None else "-"
-                out.append(f"| {c.name} | {c.kind} | {c.precision} | {b} | {s.p50_ms:.3f} | {s.p90_ms:.3f} | {s.p99_ms:.3f} | "
+                pk = " / ".join(f"{100 * f:.1f}%" if f is not None else "-"
+                                for f in (self.fraction_of_peak(c, b), self.fraction_of_peak(c, b, "int8")))
+                out.append(f"| {c.name}{' (served)' if c.served else ''} | {c.kind} | {c.precision} | {b} | {s.p50_ms:.3f} | {s.p90_ms:.3f} | {s.p99_ms:.3f} | "
                            f"{s.mean_ms:.3f} | {s.min_ms:.3f} | {s.throughput:,.1f} | {ratio} | {pk} | {agree} | {cent} | {mabs} | {verdict} |")
         out += [""] + [f"> {n}" for n in self.notes()]
         out += ["", "## Summary", ""] + [f"- {line}" for line in self.summary()]
@@ -283,8 +323,8 @@ class BenchResult:
     def __str__(self) -> str:
         lines = [f"bench of {self.model} ({self.elapsed_s:.1f} s; {self.config['threads']} threads; "
                  f"load avg {self.machine.get('load_average_start')})",
-                 f"{'case':<30} {'batch':>5} {'p50 ms':>9} {'p90':>9} {'p99':>9} {'mean':>9} {'min':>9} {'img/s':>10} "
-                 f"{'vs eager':>8} {'%peak':>6} {'top-1':>7} parity"]
+                 f"{'case':<36} {'batch':>5} {'p50 ms':>9} {'p90':>9} {'p99':>9} {'mean':>9} {'min':>9} {'img/s':>10} "
+                 f"{'vs eager':>8} {'%int8':>6} {'top-1':>7} parity"]
         for b in self.config["batches"]:
             sp = self.speedups(b)
             for c in sorted((c for c in self.cases if b in c.stats), key=lambda c: c.stats[b].p50_ms):
@@ -292,11 +332,11 @@ class BenchResult:
                 agree = f"{100 * p['top1_agreement']:6.1f}%" if p.get("top1_agreement") is not None else f"{'-':>7}"
                 verdict = "-" if not p else ("pass" if p.get("passed") else "FAIL")
                 ratio = f"{sp[c.name]:7.2f}x" if c.name in sp else f"{'-':>8}"
-                frac = self.fraction_of_peak(c, b)
+                frac = self.fraction_of_peak(c, b, "int8")
                 pk = f"{100 * frac:5.1f}%" if frac is not None else f"{'-':>6}"
-                lines.append(f"{c.name:<30} {b:>5} {s.p50_ms:9.3f} {s.p90_ms:9.3f} {s.p99_ms:9.3f} {s.mean_ms:9.3f} "
+                lines.append(f"{c.name + (' *' if c.served else ''):<36} {b:>5} {s.p50_ms:9.3f} {s.p90_ms:9.3f} {s.p99_ms:9.3f} {s.mean_ms:9.3f} "
                              f"{s.min_ms:9.3f} {s.throughput:10.1f} {ratio} {pk} {agree} {verdict}")
-        lines.append(f"ISA: {isa_line(self.machine)}")
+        lines.append(f"ISA: {isa_line(self.machine)}; %int8 = fraction of the int8 peak; * = the served configuration")
         lines += self.summary()
         lines += [f"note: {n}" for n in self.notes()[1:]]
         lines += [f"skipped: {s}" for s in self.skipped]
@@ -381,7 +421,8 @@ def _time_call(runner: Any, feed: dict[str, np.ndarray], clock: Callable[[], flo
 
 def build_cases(cfg: BenchConfig, ref: wb.Reference, paths: dict[str, Path], skipped: list[str],
                 workdir: Path | None = None, calibration: np.ndarray | None = None) -> list[Case]:
-    """The cases this config asks for that can run here; the others go to ``skipped`` with the reason."""
+    """The cases this config asks for that can run here (the others go to ``skipped`` with the reason), in the order
+    they get the budget: the PyTorch baselines, the served configuration, then the others."""
     from resdeploy.engines import open_runner
 
     if ref.model is None:
@@ -393,40 +434,8 @@ def build_cases(cfg: BenchConfig, ref: wb.Reference, paths: dict[str, Path], ski
     if "compile" in cfg.anchors and ref.model is not None:
         cases.append(Case("torch.compile fp32", "anchor", "torch", "fp32",
                           lambda: open_runner(ref.model, backend="torch", compile=True)))
-    ort_cfg = dict(cfg.ort_session_config)
-    backends = tuple(cfg.backends)
-    if cfg.gpu and not set(backends) & set(wb.GPU_BACKENDS):
-        backends += wb.GPU_BACKENDS  # --gpu alone: the GPU engines next to the GPU baseline
-    for backend in backends:
-        why = wb.backend_available(backend)
-        if backend in wb.GPU_BACKENDS and not cfg.gpu:
-            why = why or "GPU engines run in the --gpu section only"
-        for prec in cfg.precisions:
-            name = f"{backend} {prec}"
-            if why:
-                skipped.append(f"{name}: {why}")
-                continue
-            if prec not in paths:
-                skipped.append(f"{name}: no {prec} model (its preparation was skipped or failed)")
-                continue
-            extra = {"session_config": ort_cfg} if backend.startswith("onnxruntime") and ort_cfg else {}
-
-            def factory(b: str = backend, p: str = prec, e: dict[str, Any] = extra) -> Any:
-                artifact = wb.engine_for(b, p, paths, Path(workdir or "."), calibration, max(int(x) for x in cfg.batches),
-                                          reference=ref)
-                return wb.open_backend(b, artifact, cfg.threads, **e)
-
-            cases.append(Case(name, "gpu" if backend in wb.GPU_BACKENDS else "engine", backend, prec, factory))
-    if "openvino" in cfg.anchors and "fp32" in paths:
-        why = wb.backend_available("openvino")
-        if why:
-            skipped.append(f"openvino anchors: {why}")
-        else:
-            if "openvino" not in cfg.backends:
-                cases.append(Case("openvino fp32", "anchor", "openvino", "fp32",
-                                  lambda: wb.open_backend("openvino", paths["fp32"], cfg.threads)))
-            cases.append(Case("openvino default", "anchor", "openvino", "bf16",
-                              lambda: wb.open_backend("openvino", paths["fp32"], cfg.threads, precision_hint="default")))
+    cases += _engine_cases(cfg, ref, paths, skipped, workdir, calibration)
+    cases += _openvino_anchors(cfg, paths, skipped)
     if cfg.gpu:
         from resdeploy.device import cuda_device_present
 
@@ -434,7 +443,69 @@ def build_cases(cfg: BenchConfig, ref: wb.Reference, paths: dict[str, Path], ski
             skipped.append("--gpu: no CUDA device here; the GPU section is empty")
         else:
             cases.insert(0, Case(GPU_REFERENCE, "gpu", "torch", "fp16",
-                              lambda: open_runner(ref.model, backend="torch", device="cuda", half=True, cuda_graphs=True)))
+                                 lambda: open_runner(ref.model, backend="torch", device="cuda", half=True, cuda_graphs=True)))
+    return sorted(cases, key=lambda c: 0 if c.name in (REFERENCE, GPU_REFERENCE) else 1 if c.served else 2)
+
+
+def _engine_cases(cfg: BenchConfig, ref: wb.Reference, paths: dict[str, Path], skipped: list[str],
+                  workdir: Path | None, calibration: np.ndarray | None) -> list[Case]:
+    """resdeploy's engines: backend x precision x settings (each runner's defaults, or with ``settings="all"`` every
+    configuration the engine choice searches), and the served configuration (marked, added when not among them)."""
+    from resdeploy.engines import check_settings
+    from resdeploy.pipeline.engine_choice import CPU_ENGINES, candidate_settings, config_name
+
+    ort_cfg = dict(cfg.ort_session_config)
+    served = cfg.served or {}
+    serve_key = ((served["backend"], served["precision"], check_settings(served["backend"], dict(served.get("settings") or {})))
+                 if served and served.get("backend") in CPU_ENGINES else None)
+    backends = tuple(cfg.backends)
+    if cfg.gpu and not set(backends) & set(wb.GPU_BACKENDS):
+        backends += wb.GPU_BACKENDS  # --gpu alone: the GPU engines next to the GPU baseline
+    wanted = [(b, p, s) for b in backends for p in cfg.precisions
+              for s in (candidate_settings(b) if cfg.settings == "all" and b in CPU_ENGINES else
+                        [check_settings(b, {})] if b in CPU_ENGINES else [{}])]
+    if serve_key is not None and serve_key not in wanted:
+        wanted.append(serve_key)
+    cases = []
+    for backend, prec, settings in wanted:
+        why = wb.backend_available(backend)
+        if backend in wb.GPU_BACKENDS and not cfg.gpu:
+            why = why or "GPU engines run in the --gpu section only"
+        name = config_name(backend, prec, settings)
+        if why or prec not in paths:
+            skipped.append(f"{name}: {why or f'no {prec} model (its preparation was skipped or failed)'}")
+            continue
+        extra = {**settings, **({"session_config": ort_cfg} if backend.startswith("onnxruntime") and ort_cfg else {})}
+
+        def factory(b: str = backend, p: str = prec, e: dict[str, Any] = extra) -> Any:
+            artifact = wb.engine_for(b, p, paths, Path(workdir or "."), calibration, max(int(x) for x in cfg.batches),
+                                      reference=ref)
+            return wb.open_backend(b, artifact, cfg.threads, **e)
+
+        cases.append(Case(name, "gpu" if backend in wb.GPU_BACKENDS else "engine", backend, prec, factory,
+                          settings=dict(settings), served=(backend, prec, settings) == serve_key))
+    return cases
+
+
+def _openvino_anchors(cfg: BenchConfig, paths: dict[str, Path], skipped: list[str]) -> list[Case]:
+    """OpenVINO as users run it: the f32 runner on the FP32 file (when OpenVINO is not among the engines), and
+    OpenVINO's own defaults (no precision or performance hint) on the FP32 file and on resdeploy's INT8 file."""
+    if "openvino" not in cfg.anchors or "fp32" not in paths:
+        return []
+    why = wb.backend_available("openvino")
+    if why:
+        skipped.append(f"openvino anchors: {why}")
+        return []
+    own = {"precision_hint": "default", "performance_hint": "default"}
+    cases = []
+    if "openvino" not in cfg.backends:
+        cases.append(Case("openvino fp32", "anchor", "openvino", "fp32",
+                          lambda: wb.open_backend("openvino", paths["fp32"], cfg.threads)))
+    cases.append(Case("openvino default", "anchor", "openvino", "fp32",
+                      lambda: wb.open_backend("openvino", paths["fp32"], cfg.threads, **own), settings=own))
+    if "int8" in paths:
+        cases.append(Case("openvino default int8", "anchor", "openvino", "int8",
+                          lambda: wb.open_backend("openvino", paths["int8"], cfg.threads, **own), settings=own))
     return cases
 
 
@@ -443,10 +514,9 @@ def _activate(case: Case, say: Progress, skipped: list[str]) -> bool:
         case.runner = case.factory()
         case.runner.activate()
         case.description = case.runner.description
-        if case.name == "openvino default" and getattr(case.runner, "inference_precision", ""):
-            # OpenVINO's own choice: bf16 on CPUs with avx512_bf16/AMX, f32 elsewhere; gate it as what it runs
-            p = case.runner.inference_precision
-            case.precision = {"f32": "fp32", "f16": "fp16"}.get(p, p)
+        # OpenVINO's own choice on an FP32 file: bf16 on CPUs with avx512_bf16/AMX, f32 elsewhere; gated (and its
+        # peak taken) as what it runs
+        case.precision = gate_precision(case.precision, case.runner)
         say(f"{case.name}: {case.description}")
         return True
     except (ResdeployError, RuntimeError) as exc:  # one broken backend (CUDA, TensorRT build...) must not sink the bench
@@ -456,11 +526,8 @@ def _activate(case: Case, say: Progress, skipped: list[str]) -> bool:
         return False
 
 
-def _parity(case: Case, images: np.ndarray, ref_logits: np.ndarray, labels: np.ndarray | None,
-            gates: ParityGates, meaningful: bool) -> dict[str, Any]:
-    logits = wb.run_batches(case.runner, images, 16)
-    m = compare(ref_logits, logits, labels if meaningful else None)
-    checks = gates.check(case.backend, case.precision, m, meaningful)
+def _parity(case: Case, data: wb.ParityData, ref_logits: np.ndarray, gates: ParityGates) -> dict[str, Any]:
+    m, checks = judge(case.runner, case.precision, ref_logits, data, gates, 16)
     failed = [g for g in checks if not g]
     return {"n": m.n, "top1_agreement": m.top1_agreement, "centered_top1_agreement": m.centered_top1_agreement,
             "reference_classes": m.reference_classes, "degenerate": m.degenerate, "max_abs": m.max_abs, "max_rel": m.max_rel,
@@ -506,7 +573,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None, *, stream:
                 continue
             if _activate(case, say, skipped):
                 if budget.allows(len(data.images) * fwd, cfg.reserve_seconds):
-                    case.parity = _parity(case, data.images, ref_logits, data.labels, cfg.gates, data.labels_meaningful)
+                    case.parity = _parity(case, data, ref_logits, cfg.gates)
                     say(f"{case.name}: parity {'pass' if case.parity['passed'] else 'FAIL ' + case.parity['failed']}")
                 else:
                     skipped.append(f"{case.name}: parity not checked, the budget ran out")
@@ -521,7 +588,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None, *, stream:
     machine["load_average_end"] = load_average()
     results = tuple(CaseResult(c.name, c.kind, c.backend, c.precision, c.description, c.parity,
                                {b: LatencyStats.from_seconds(s, b) for b, s in c.samples.items() if s},
-                               tuple(c.skipped)) for c in cases)
+                               tuple(c.skipped), c.settings, c.served) for c in cases)
     cfg_dict = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ("gates", "reference")}
     cfg_dict["gates"] = dataclasses.asdict(cfg.gates)
     cfg_dict["batches"] = [int(b) for b in cfg.batches]
@@ -633,7 +700,8 @@ def measure(cfg: BenchConfig, cases: list[Case], images: np.ndarray, budget: Bud
         cost = {c.name: (block[c.name] + settle[c.name]) * c.estimate[batch] for c in warm}
         wanted_rounds = None if want is None else max(math.ceil(want / block[n]) for n in block)
         min_rounds = max(math.ceil(cfg.min_runs / block[n]) for n in block)
-        rounds, dropped = plan_rounds(cost, wanted_rounds, seconds, min_rounds)
+        protect = (REFERENCE, GPU_REFERENCE, *(c.name for c in warm if c.served))  # dropped last
+        rounds, dropped = plan_rounds(cost, wanted_rounds, seconds, min_rounds, protect)
         for name in dropped:
             msg = f"batch {batch}: dropped, {cfg.min_runs} timed runs do not fit the {seconds:.1f} s left for this batch size"
             next(c for c in warm if c.name == name).skipped.append(msg)

@@ -109,10 +109,14 @@ class EnginesSection:
     # OpenVINO joins parity and bench when installed. Or name them: onnxruntime, tensorrt, openvino
     threads: int = 0  # ONNX Runtime intra-op threads for the builds; 0 = one per physical core
     trt_max_batch: int = 32  # TensorRT optimisation profile: batch 1..this
-    choose: str = "measure"  # measure: time every CPU engine x precision that passed parity, serve the fastest
-    # (engines/engine-choice.json; the repository's config names it); off: ONNX Runtime, as before
+    choose: str = "measure"  # measure: time every CPU engine x precision x settings that passes parity, serve the
+    # fastest (engines/engine-choice.json; the repository's config records it); off: ONNX Runtime, its defaults
     choice_seconds: float = 8.0  # time spent timing the engines
     choice_batches: list[int] = field(default_factory=list)  # batch sizes timed; [] = bench.batches
+    # How much each batch size counts: the score is the geometric mean over the batch sizes of p50 / fastest p50,
+    # weighted by these. [] = equal weights; else one number >= 0 per batch size of choice_batches (or bench.batches),
+    # e.g. [3, 1] when batch 1 is three times as common as batch 8
+    choice_weights: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -170,6 +174,11 @@ class RunConfig:
             raise InputError(f"parity.fp32_max_rel = {self.parity.fp32_max_rel}; give a relative error >= 0 (0 = max_abs)")
         if any(b < 1 for b in self.engines.choice_batches) or self.engines.choice_seconds <= 0:
             raise InputError("engines.choice_batches must be positive sizes and engines.choice_seconds > 0")
+        weights, sizes = self.engines.choice_weights, self.engines.choice_batches or self.bench.batches
+        if weights and (len(weights) != len(sizes) or min(weights) < 0 or sum(weights) <= 0):
+            raise InputError(f"engines.choice_weights = {weights}: give one weight >= 0 per batch size {sizes} "
+                             f"({'engines.choice_batches' if self.engines.choice_batches else 'bench.batches'}), "
+                             "not all 0; or [] for equal weights")
         if self.repository.precision not in ("fp32", "auto", *self.variants.precisions):
             raise InputError(f"repository.precision = {self.repository.precision!r} is not made by this run; use fp32 or "
                              f"one of variants.precisions {self.variants.precisions}")
@@ -198,7 +207,7 @@ def _section_types() -> dict[str, type]:
 
 # Element types of the lists whose default is empty (a default's first element says it for the others).
 _LIST_KINDS: dict[str, type] = {"model.input_shape": int, "model.mean": float, "model.std": float, "model.labels": str,
-                                "engines.choice_batches": int}
+                                "engines.choice_batches": int, "engines.choice_weights": float}
 
 
 def _check_value(where: str, value: Any, default: Any, element: type | None = None) -> Any:

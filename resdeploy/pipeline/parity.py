@@ -24,8 +24,9 @@ import numpy as np
 from resdeploy import atomic
 from resdeploy.errors import BackendUnavailable, CheckFailed, ResdeployError
 from resdeploy.pipeline.gates import GateResult, ParityGates, ParityMetrics, compare
-from resdeploy.pipeline.workbench import (BACKENDS, GPU_BACKENDS, PRECISIONS, Reference, backend_available, engine_for,
-                                          load_parity_data, load_reference, open_backend, prepare_variants, run_batches)
+from resdeploy.pipeline.workbench import (BACKENDS, GPU_BACKENDS, PRECISIONS, ParityData, Reference, backend_available,
+                                          engine_for, load_parity_data, load_reference, open_backend, prepare_variants,
+                                          run_batches)
 
 
 @dataclass
@@ -141,6 +142,22 @@ def _localize(onnx_path: Path, model: Any, sample: np.ndarray) -> dict[str, Any]
             "defects": [str(d) for d in rep.defects], "rows": rows}
 
 
+def gate_precision(precision: str, runner: Any) -> str:
+    """The gate for what runs: an FP32 file that OpenVINO runs in bf16 or f16 (its precision hint) is judged by the
+    bf16/fp16 gate; anything else by its file's precision (an INT8 file's float parts in bf16 stay under INT8's)."""
+    runs = getattr(runner, "inference_precision", "")
+    return {"bf16": "bf16", "f16": "fp16"}.get(runs, precision) if precision == "fp32" else precision
+
+
+def judge(runner: Any, precision: str, ref_logits: np.ndarray, data: ParityData, gates: ParityGates,
+          batch_size: int = 32) -> tuple[ParityMetrics, tuple[GateResult, ...]]:
+    """An active runner's logits on ``data``'s images against ``ref_logits``, and the gates of ``precision`` (see
+    :func:`gate_precision`): what parity, the engine choice's configurations and the bench's cases are judged by."""
+    logits = run_batches(runner, data.images, batch_size)
+    m = compare(ref_logits, logits, data.labels if data.labels_meaningful else None)
+    return m, gates.check(runner.name, gate_precision(precision, runner), m, data.labels_meaningful)
+
+
 def run_parity(checkpoint: str | Path | Reference | None = None,
                variants: Mapping[str, str | Path] | None = None,
                backends: Iterable[str] | None = None,
@@ -188,13 +205,11 @@ def run_parity(checkpoint: str | Path | Reference | None = None,
                     path = engine_for(backend, prec, paths, work, data.calibration, config.batch_size, engines, ref)
                     with open_backend(backend, path, config.threads) as runner:
                         say(f"{backend} {prec}: {runner.description}")
-                        logits = run_batches(runner, data.images, config.batch_size)
+                        m, gates = judge(runner, prec, ref_logits, data, config.gates, config.batch_size)
                         desc = runner.description
                 except tolerated as exc:
                     rows.append(VariantParity(backend, prec, str(path), "", None, skipped=f"{type(exc).__name__}: {exc}"))
                     continue
-                m = compare(ref_logits, logits, labels if data.labels_meaningful else None)
-                gates = config.gates.check(backend, prec, m, data.labels_meaningful)
                 div = None
                 if config.localize and not all(gates):
                     onnx_path = paths[prec]  # the skip-add check reads the ONNX variant the engine was made from

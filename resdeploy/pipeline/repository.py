@@ -384,23 +384,35 @@ def _write_version(version_dir: Path, src: Path, artifact: Any, plan_list: list[
 
 
 def _engine_choice_header(config: Any, engine_choice: Mapping[str, Any], notes: list[str]) -> str:
-    """The measured CPU engine into ``parameters { key: "resdeploy_backend" }``; returns config.pbtxt's comment
-    that says so, and what Triton would run instead."""
-    from resdeploy.serve.repository import BACKEND_PARAMETER, PARAMETER_BACKENDS
+    """The measured CPU engine configuration into ``parameters { key: "resdeploy_backend" }`` and its settings into
+    ``parameters { key: "resdeploy_backend_options" }`` (a JSON object); returns config.pbtxt's comment that says so,
+    and what Triton would run instead."""
+    import json
+
+    from resdeploy.engines import check_settings
+    from resdeploy.serve.repository import BACKEND_PARAMETER, OPTIONS_PARAMETER, PARAMETER_BACKENDS
 
     chosen = str(engine_choice.get("backend", ""))
     if chosen not in PARAMETER_BACKENDS:
         raise InputError(f"engine choice names backend {chosen!r}; a repository serves one of {', '.join(PARAMETER_BACKENDS)}")
+    settings = check_settings(chosen, dict(engine_choice.get("settings") or {}), "engine choice settings")
     config.parameters[BACKEND_PARAMETER].string_value = chosen
+    config.parameters[OPTIONS_PARAMETER].string_value = json.dumps(settings, sort_keys=True)
+    from resdeploy.pipeline.engine_choice import config_name
+
+    name = config_name(chosen, str(engine_choice.get("precision", "")), settings)
     cpu = (engine_choice.get("machine") or {}).get("cpu_model") or "this machine"
-    notes.append(f"engine chosen by measurement: {chosen} {engine_choice.get('precision', '')} "
-                 f"({engine_choice.get('reason', '')})")
-    return (f"# resdeploy engine choice (measured on {cpu}): {chosen} {engine_choice.get('precision', '')}; "
-            f"{engine_choice.get('reason', '')}\n"
-            f"# resdeploy serve runs this model with {chosen} (parameters {BACKEND_PARAMETER}); Triton's onnxruntime "
-            "backend runs it with ONNX Runtime" + (" (add optimization { execution_accelerators { "
-            "cpu_execution_accelerator { name: \"openvino\" } } } where Triton's build has the OpenVINO "
-            "execution provider)" if chosen == "openvino" else "") + "\n")
+    reason = engine_choice.get("reason", "")
+    notes.append(f"engine chosen by measurement: {name} ({reason})")
+    triton = {"openvino": " (add optimization { execution_accelerators { cpu_execution_accelerator { name: \"openvino\" "
+                          "} } } where Triton's build has the OpenVINO execution provider; its hints are that "
+                          "provider's own)",
+              "onnxruntime": " (Triton's onnxruntime backend has no spinning parameter: ONNX Runtime's default, on)"
+              if settings.get("spinning") is False else ""}[chosen]
+    return (f"# resdeploy engine choice (measured on {cpu}): {name}; {reason}\n"
+            f"# resdeploy serve runs this model with {chosen}, settings {json.dumps(settings, sort_keys=True)} "
+            f"(parameters {BACKEND_PARAMETER}, {OPTIONS_PARAMETER}); Triton's onnxruntime backend runs it with ONNX "
+            f"Runtime{triton}\n")
 
 
 __all__ = ["KINDS", "RepositoryResult", "WARMUPS", "make_model_repository", "parse_version_policy"]

@@ -413,8 +413,9 @@ def run_pipeline(cfg: RunConfig, *, say: Callable[[str], None] | None = None) ->
                 built[f"{backend} {p}"] = _engine(r, cfg, src.data, backend, p, model)
         failed = _parity(r, cfg, src, variants, built, engines)
         if failed is None:
-            choice = _engine_choice(r, cfg, src.data, variants) if cfg.engines.choose == "measure" else None
-            _bench(r, cfg, src, variants)
+            choice = _engine_choice(r, cfg, src, variants) if cfg.engines.choose == "measure" else None
+            served = served_engine(choice, _served_precision(cfg, variants, choice))
+            _bench(r, cfg, src, variants, served, choice)
             _repository(r, cfg, variants, choice)
         else:
             if cfg.engines.choose == "measure":
@@ -474,7 +475,10 @@ def _parity(r: _Runner, cfg: RunConfig, src: ModelSource, variants: dict[str, Pa
     return f"parity gate: {fails[0]}" + (f" (+{len(fails) - 1} more)" if len(fails) > 1 else "")
 
 
-def _bench(r: _Runner, cfg: RunConfig, src: ModelSource, variants: dict[str, Path]) -> None:
+def _bench(r: _Runner, cfg: RunConfig, src: ModelSource, variants: dict[str, Path], served: dict[str, Any],
+           choice: dict[str, Any] | None) -> None:
+    """Latency of every engine and anchor, the served configuration first (set up, checked and timed before the
+    others, dropped last)."""
     b = cfg.bench
     if not b.enabled:
         r.skip("bench", "disabled (bench.enabled = false)")
@@ -482,6 +486,7 @@ def _bench(r: _Runner, cfg: RunConfig, src: ModelSource, variants: dict[str, Pat
     out = r.root / "bench"
     judged = {p: str(variants[p]) for p in ("fp32", *cfg.variants.precisions)}
     backends = tuple(x for x in _parity_backends(cfg, ["onnxruntime"]) if x in ("onnxruntime", "openvino"))
+    serving = {k: served[k] for k in ("backend", "precision", "settings")}
 
     def run() -> tuple[str, dict[str, Any], list[Path]]:
         import io
@@ -490,27 +495,36 @@ def _bench(r: _Runner, cfg: RunConfig, src: ModelSource, variants: dict[str, Pat
 
         bc = BenchConfig(reference=src.reference(), gates=_parity_gates(cfg, src), batches=tuple(b.batches),
                          max_seconds=b.max_seconds, threads=b.threads, backends=backends, precisions=tuple(judged),
-                         anchors=tuple(b.anchors), variants=judged)
+                         anchors=tuple(b.anchors), variants=judged, served=serving)
         result = run_bench(bc, out_dir=out, stream=io.StringIO())
-        batch = min(b.batches)
-        best = result.best(batch)
-        if best is not None:
-            sp = result.speedups(batch).get(best.name)
-            summary = (f"best at batch {batch}: {best.name} p50 {best.stats[batch].p50_ms:.3f} ms"
-                       + (f" ({sp:.1f}x PyTorch eager)" if sp else ""))
-        else:
-            summary = f"no engine passed parity and was measured at batch {batch} within {b.max_seconds:g} s"
-        return summary, result.to_dict(), [out]
+        return _bench_summary(result, min(b.batches), b.max_seconds, choice), result.to_dict(), [out]
 
-    r.stage("bench", {**dataclasses.asdict(b), "backends": list(backends),
+    r.stage("bench", {**dataclasses.asdict(b), "backends": list(backends), "served": serving,
                       "gates": dataclasses.asdict(_parity_gates(cfg, src))},
             {**{k: r.sha(Path(v)) for k, v in judged.items()}, **_model_key(r, src)}, run)
 
 
-def _engine_choice(r: _Runner, cfg: RunConfig, data: str, variants: dict[str, Path]) -> dict[str, Any] | None:
-    """Time every CPU engine x precision that passed parity and record the fastest (engines/engine-choice.json).
-    With a fixed ``repository.precision`` the choice is among that precision's engines; with ``auto``, among all."""
-    from resdeploy.pipeline.engine_choice import CPU_ENGINES
+def _bench_summary(result: Any, batch: int, budget: float, choice: dict[str, Any] | None) -> str:
+    """The bench stage's line: the served configuration at the smallest batch size, from the bench, or (when the
+    bench could not measure it) from the engine choice's timing, saying which."""
+    c = result.served()
+    if c is not None and batch in c.stats:
+        sp = result.speedups(batch).get(c.name)
+        return (f"served {c.name} at batch {batch}: p50 {c.stats[batch].p50_ms:.3f} ms"
+                + (f" ({sp:.1f}x PyTorch eager)" if sp else "") + ("" if (c.parity or {}).get("passed") else
+                                                                   " (its bench parity sample did not pass: see the bench)"))
+    name = c.name if c is not None else "the served engine"
+    line = f"{name} was not measured at batch {batch} within {budget:g} s (see bench.md's skipped list)"
+    timed = next((t for t in (choice or {}).get("table") or [] if t.get("name") == (choice or {}).get("name")), None)
+    p50 = ((timed or {}).get("p50_ms") or {}).get(str(batch))
+    return line + (f"; the engine choice measured it at p50 {p50:.3f} ms" if p50 is not None else "")
+
+
+def _engine_choice(r: _Runner, cfg: RunConfig, src: ModelSource, variants: dict[str, Path]) -> dict[str, Any] | None:
+    """Every CPU engine x precision x settings (engine_choice.SEARCHED) through the parity gates, then those that
+    pass timed here; the fastest is recorded (engines/engine-choice.json). With a fixed ``repository.precision`` the
+    choice is among that precision's engines; with ``auto``, among all."""
+    from resdeploy.pipeline.engine_choice import CPU_ENGINES, SEARCHED
 
     parity = r.output("parity").result
     rows = [v for v in parity.get("variants", []) if v.get("backend") in CPU_ENGINES and v.get("precision") in variants
@@ -521,34 +535,34 @@ def _engine_choice(r: _Runner, cfg: RunConfig, data: str, variants: dict[str, Pa
         r.skip("engine-choice", f"no CPU engine for the {want} variant went through parity")
         return None
     out = r.root / "engines" / "engine-choice.json"
-    batches = sorted(set(cfg.engines.choice_batches or cfg.bench.batches or [1]))
+    batches = list(cfg.engines.choice_batches or cfg.bench.batches or [1])
+    threads = cfg.bench.threads or cfg.engines.threads or None
 
     def run() -> tuple[str, dict[str, Any], list[Path]]:
-        from resdeploy.pipeline.engine_choice import EngineCandidate, choose_engine, write_choice
-        from resdeploy.pipeline.exporting import held_out_images
-        from resdeploy.artifact import open_artifact
+        from resdeploy.pipeline.engine_choice import check_configurations, choose_engine, configurations, write_choice
+        from resdeploy.pipeline.workbench import load_parity_data
 
-        spec = open_artifact(variants["fp32"]).metadata.input_spec
-        image = held_out_images(spec, 1, data or None)[0] if spec is not None else None
-        cands = [EngineCandidate(v["backend"], v["precision"], variants[v["precision"]], bool(v.get("passed")),
-                                 "; ".join(g.get("metric", "") for g in v.get("gates", []) if not g.get("passed", True)))
-                 for v in pool]
-        choice = choose_engine(cands, batches=batches, threads=cfg.bench.threads or cfg.engines.threads or None,
-                               seconds=cfg.engines.choice_seconds, image=image)
+        ref = src.reference()
+        data = load_parity_data(ref, cfg.parity.limit or None)
+        cands = configurations([(v["backend"], v["precision"], variants[v["precision"]]) for v in pool])
+        cands = check_configurations(cands, ref.logits(data.images), data, _parity_gates(cfg, src), threads=threads)
+        choice = choose_engine(cands, batches=batches, threads=threads, seconds=cfg.engines.choice_seconds,
+                               image=data.images[:1], weights=cfg.engines.choice_weights)
         write_choice(choice, out.parent)
         return (f"{choice.name}: {choice.reason}", choice.to_dict(), [out])
 
-    rec = r.stage("engine-choice", {"choice_seconds": cfg.engines.choice_seconds, "batches": batches, "precision": want,
-                                    "threads": [cfg.bench.threads, cfg.engines.threads]},
-                  {f"{v['backend']} {v['precision']}": f"{v.get('sha256')}:{v.get('passed')}" for v in pool}, run)
+    rec = r.stage("engine-choice", {"choice_seconds": cfg.engines.choice_seconds, "batches": batches,
+                                    "weights": cfg.engines.choice_weights, "precision": want, "searched": SEARCHED,
+                                    "threads": [cfg.bench.threads, cfg.engines.threads],
+                                    "parity": dataclasses.asdict(cfg.parity)},
+                  {**{f"{v['backend']} {v['precision']}": f"{v.get('sha256')}:{v.get('passed')}" for v in pool},
+                   **_model_key(r, src)}, run)
     return rec.result or None
 
 
 def _repository(r: _Runner, cfg: RunConfig, variants: dict[str, Path], choice: dict[str, Any] | None = None) -> None:
     rc = cfg.repository
-    precision = rc.precision
-    if precision == "auto":
-        precision = str(choice["precision"]) if choice else "int8" if "int8" in variants else "fp32"
+    precision = _served_precision(cfg, variants, choice)
     src = variants[precision]
     out = r.root / "model_repository"
     name = cfg.model.name or _arch_of(src)
@@ -560,15 +574,33 @@ def _repository(r: _Runner, cfg: RunConfig, variants: dict[str, Path], choice: d
         res = make_model_repository(src, out, model_name=name, max_batch_size=rc.max_batch_size,
                                     max_queue_delay_us=rc.max_queue_delay_us, instances=rc.instances,
                                     engine_choice=choice)
-        engine = f", served by {choice['backend']} (chosen by measurement)" if choice else ""
+        engine = f", served by {served['name']} (chosen by measurement)" if choice else ""
         return (f"{name}: {precision} model{engine}, sha256 {atomic.sha256_file(res.model_path)[:12]}",
-                {"path": r.rel(out), "model_name": name, "precision": precision,
-                 "engine": choice["backend"] if choice else "onnxruntime",
-                 "model_sha256": atomic.sha256_file(res.model_path), "config": res.config_text}, [out])
+                {"path": r.rel(out), "model_name": name, "precision": precision, "engine": served["backend"],
+                 "served": served, "model_sha256": atomic.sha256_file(res.model_path), "config": res.config_text}, [out])
 
-    key_choice = {"backend": choice.get("backend"), "precision": choice.get("precision")} if choice else None
+    served = served_engine(choice, precision)
+    key_choice = {k: served[k] for k in ("backend", "precision", "settings")} if choice else None
     r.stage("repository", {**dataclasses.asdict(rc), "name": name, "precision": precision, "engine_choice": key_choice},
             {"model": r.sha(src)}, run)
+
+
+def _served_precision(cfg: RunConfig, variants: dict[str, Path], choice: dict[str, Any] | None) -> str:
+    precision = cfg.repository.precision
+    if precision == "auto":
+        precision = str(choice["precision"]) if choice else "int8" if "int8" in variants else "fp32"
+    return precision
+
+
+def served_engine(choice: dict[str, Any] | None, precision: str) -> dict[str, Any]:
+    """The engine configuration the repository serves: the engine choice's, else ONNX Runtime with its defaults."""
+    from resdeploy.engines import check_settings
+    from resdeploy.pipeline.engine_choice import config_name
+
+    backend = str(choice["backend"]) if choice else "onnxruntime"
+    settings = check_settings(backend, dict((choice or {}).get("settings") or {}))
+    return {"backend": backend, "precision": precision, "settings": settings,
+            "name": config_name(backend, precision, settings), "chosen_by": "measurement" if choice else "default"}
 
 
 def _arch_of(onnx_path: Path) -> str:
@@ -646,7 +678,8 @@ def _write_summary(r: _Runner, cfg: RunConfig, src: ModelSource, failed: str | N
         "bench": bench.result if bench is not None and bench.result else None,
         "bench_plot": "bench/bench.png" if bench is not None and (r.root / "bench" / "bench.png").is_file() else None,
         "artifacts": artifacts,
-        "repository": ({"path": repo.result["path"], "model_name": repo.result["model_name"]}
+        "repository": ({"path": repo.result["path"], "model_name": repo.result["model_name"],
+                        "served": repo.result.get("served")}
                        if repo is not None and repo.result else None),
     }
     atomic.write_json(r.root / "run.json", summary)

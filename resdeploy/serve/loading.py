@@ -20,9 +20,9 @@ from resdeploy.serve.batching import BatcherConfig, DynamicBatcher
 from resdeploy.serve.config import ServerConfig, usable_cores
 from resdeploy.serve.metrics import ModelStats
 from resdeploy.serve.protocol import DATATYPES, IOSpec
-from resdeploy.serve.repository import (ModelEntry, backend_parameter, check_artifact, check_config, complete_config,
-                                        instance_count, io_specs, normalize_config, read_labels, wants_cpu,
-                                        warmup_samples)
+from resdeploy.serve.repository import (ModelEntry, backend_options, backend_parameter, check_artifact, check_config,
+                                        complete_config, instance_count, io_specs, normalize_config, read_labels,
+                                        wants_cpu, warmup_samples)
 
 log = logging.getLogger("resdeploy.serve")
 
@@ -144,10 +144,13 @@ class ModelLoader:
         # Backend choice is the runners' (resolve_auto); the server only says where the config wants it to run.
         placement = "cpu" if wants_cpu(entry.config) or self.config.backend == "onnxruntime" else "auto"
         backend = self.config.backend
-        if backend == "auto" and artifact.suffix == ".onnx":
-            backend = backend_parameter(entry.config) or backend  # the CPU engine `resdeploy run` chose by measurement
+        settings: dict[str, Any] = {}
+        if backend == "auto" and artifact.suffix == ".onnx" and backend_parameter(entry.config):
+            # the CPU engine configuration `resdeploy run` chose by measurement, with its settings (checked on load)
+            backend, settings = backend_parameter(entry.config), backend_options(entry.config)
         for _ in range(instance_count(entry.config)):
-            r = open_runner(str(artifact), backend=backend, placement=placement, threads=threads, name=entry.name)
+            r = open_runner(str(artifact), backend=backend, placement=placement, threads=threads, name=entry.name,
+                            **settings)
             r.activate()
             model.runners.append(r)
         r0 = model.runners[0]

@@ -39,10 +39,16 @@ CONFIG_NAME = "config.pbtxt"
 MAX_CONFIG_BYTES = 4 << 20  # a config.pbtxt is a few KiB; a bigger one is a mistake (or /dev/zero behind a symlink)
 MAX_LABEL_BYTES = 64 << 20  # 1,000 ImageNet labels take 30 KiB
 _VERSION = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
-# config.pbtxt ``parameters`` key naming the engine resdeploy serve runs an ONNX model with (written by
-# `resdeploy repo`/`run` from the engine chosen by measurement); Triton ignores it.
+# config.pbtxt ``parameters`` naming the engine resdeploy serve runs an ONNX model with, and that engine's settings
+# as a JSON object (written by `resdeploy repo`/`run` from the engine configuration chosen by measurement); Triton
+# passes them to its backend, which ignores keys it does not know.
 BACKEND_PARAMETER = "resdeploy_backend"
+OPTIONS_PARAMETER = "resdeploy_backend_options"
 PARAMETER_BACKENDS = ("onnxruntime", "openvino")
+
+
+def _on_gpu(config: Any) -> bool:
+    return any(_pb().ModelInstanceGroup.Kind.Name(g.kind) == "KIND_GPU" for g in config.instance_group)
 
 
 def backend_parameter(config: Any) -> str | None:
@@ -51,12 +57,43 @@ def backend_parameter(config: Any) -> str | None:
     p = config.parameters.get(BACKEND_PARAMETER) if hasattr(config, "parameters") else None
     if p is None or not p.string_value:
         return None
-    if any(_pb().ModelInstanceGroup.Kind.Name(g.kind) == "KIND_GPU" for g in config.instance_group):
+    if _on_gpu(config):
         return None
     if p.string_value not in PARAMETER_BACKENDS:
         raise InputError(f"config parameter {BACKEND_PARAMETER} = {p.string_value!r}; use one of "
                          f"{', '.join(PARAMETER_BACKENDS)} (or remove it for the automatic choice)")
     return p.string_value
+
+
+def backend_options(config: Any) -> dict[str, Any]:
+    """The settings of the engine ``resdeploy_backend`` names, from ``resdeploy_backend_options`` (a JSON object),
+    checked and completed with the runner's defaults ({} when the config names no engine). InputError names the
+    parameter, what is wrong and the fix."""
+    import json
+
+    from resdeploy.engines import check_settings
+
+    p = config.parameters.get(OPTIONS_PARAMETER) if hasattr(config, "parameters") else None
+    backend = backend_parameter(config)
+    if p is None or not p.string_value:
+        return check_settings(backend, {}) if backend else {}
+    if backend is None:
+        if _on_gpu(config):
+            return {}
+        raise InputError(f"config parameter {OPTIONS_PARAMETER} is set but {BACKEND_PARAMETER} is not: name the engine "
+                         f"they are for ({', '.join(PARAMETER_BACKENDS)}) or remove {OPTIONS_PARAMETER}")
+    where = f"config parameter {OPTIONS_PARAMETER}"
+    try:
+        options = json.loads(p.string_value)
+    except ValueError as exc:
+        raise InputError(f"{where} is not JSON ({exc}); write an object such as "
+                         '{"precision_hint": "f32", "performance_hint": "LATENCY"}, or remove it for the defaults') from None
+    try:
+        return check_settings(backend, options, where)
+    except InputError as exc:
+        raise InputError(f"{exc}; fix it or remove {OPTIONS_PARAMETER} for the {backend} runner's defaults") from None
+
+
 # Triton's default file name and platform per backend.
 PLATFORMS = {".onnx": ("model.onnx", "onnxruntime_onnx", "onnxruntime"),
              ".plan": ("model.plan", "tensorrt_plan", "tensorrt")}
@@ -476,6 +513,10 @@ def check_config(config: Any, gpu_count: int) -> None:
         if g.count == 0:  # Triton's default count: 2 instances on the CPU, 1 per GPU
             on_cpu = g.kind == pb.ModelInstanceGroup.KIND_CPU or (g.kind == pb.ModelInstanceGroup.KIND_AUTO and not gpu_count)
             g.count = 2 if on_cpu else 1
+    try:  # the engine and settings resdeploy serve runs it with (Triton ignores them): refused before any loading
+        backend_options(config)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
 
 
 def normalize_config(config: Any, artifact: Path, on_gpu: bool, gpu_count: int) -> None:
