@@ -31,6 +31,9 @@ OTHER_TOOLS_FLAGS = {
     "--server-cpus": "benchmarks/serve_bench.py", "--server-arg": "benchmarks/serve_bench.py",
     "--ab-against": "benchmarks/serve_bench.py", "--reference-arg": "benchmarks/serve_bench.py",
     "--resnet50": "benchmarks/serve_bench.py", "--build-arg": "docker build",
+    **{f: "polygraphy run" for f in ("--trt", "--onnxrt", "--data-loader-script", "--save-inputs", "--load-inputs",
+                                     "--load-outputs", "--check-error-stat", "--atol", "--rtol", "--postprocess",
+                                     "--compare", "--strongly-typed")},
 }
 
 # `resdeploy ...`, `.venv/bin/resdeploy ...`, `python -m resdeploy ...`; not `resdeploy.artifact` or `resdeploy/serve`

@@ -128,6 +128,9 @@ class ParitySection:
     # torchvision resnet18 FP32 engines 1.5e-4 abs, 1.6e-6 rel)
     fp16_min_agreement: float = 0.995  # FP16 top-1 agreement with PyTorch FP32
     int8_max_drop: float = 1.0  # INT8 accuracy drop, points
+    polygraphy: bool = True  # write <run>/polygraphy/: parity's inputs, the reference's outputs and block values, probe
+    # graphs and the commands to check an engine with Polygraphy on a GPU (TensorRT) against this run's reference;
+    # it also makes the s8s8 INT8 variant TensorRT takes, so the kit's --trt INT8 line has its file
 
 
 @dataclass

@@ -16,7 +16,8 @@ reference with the tool TensorRT users already trust:
   output names (and the graph's outputs under theirs: Polygraphy pairs an output without a reference by position).
 * ``calibration.npy`` + ``data_loader.py`` - ``load_data()`` yields feed dicts of the calibration images, for
   ``--data-loader-script data_loader.py:load_data``; it needs only numpy (no resdeploy on the GPU machine).
-* ``README.md`` and ``commands.txt`` - the exact commands, with tolerances matched to resdeploy's parity gates.
+* ``README.md`` and ``commands.txt`` - the exact commands, with tolerances matched to resdeploy's parity gates, and
+  ``kit.json`` - the same for tools: each command's TensorRT and ONNX Runtime argv, its gate and how it differs.
 
 The commands (run inside the folder; ``--onnxrt`` in place of ``--trt`` and its shapes runs each on the CPU):
 
@@ -81,7 +82,7 @@ EXTRA = ("With data_loader.py (the calibration images): TensorRT's own INT8 cali
          "(implicit quantization, deprecated in TensorRT 10; to compare with resdeploy's Q/DQ INT8) and that "
          "engine's INT8 check; then TensorRT FP32 against ONNX Runtime on the same images")
 FILES = ("inputs.json", "inputs-probe.json", "reference.json", "reference-probe.json", "calibration.npy",
-         "data_loader.py", "README.md", "commands.txt")
+         "data_loader.py", "README.md", "commands.txt", "kit.json")
 
 
 class Gates(Protocol):
@@ -148,6 +149,16 @@ class KitResult:
         if self.extra:
             lines += ["", f"# {EXTRA}", *self.extra]
         return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        """What run.json records of the kit: enough for the report to print every command."""
+        return {"folder": self.folder.name, "files": list(self.files), "reference": self.reference,
+                "images": self.images, "batch": self.batch, "probe_images": self.probe_images,
+                "probes": {k: list(v) for k, v in self.probes.items()},
+                "commands": [{"variant": c.variant, "check": c.check, "gate": c.gate, "difference": c.difference,
+                              "tensorrt": c.trt is not None, "line": c.line(), "onnxrt_argv": c.argv("onnxrt"),
+                              "trt_argv": c.argv("trt") if c.trt is not None else None} for c in self.commands],
+                "extra": list(self.extra), "notes": list(self.notes)}
 
     def markdown(self) -> str:
         """The commands section for a report (and the folder's README)."""
@@ -229,8 +240,22 @@ def write_polygraphy_kit(out_dir: str | Path, *, variants: Mapping[str, str | Pa
     result = KitResult(folder, tuple(sorted(written)), ref.label, len(feeds.images), feeds.batch,
                        len(feeds.probe_images), {k: g.names for k, g in probes.items()}, commands, extra, tuple(notes))
     atomic.write_text(folder / "commands.txt", result.commands_text())
+    atomic.write_json(folder / "kit.json", result.to_dict())
     atomic.write_text(folder / "README.md", readme(result))
     return result
+
+
+def write_run_kit(out_dir: str | Path, reference: Any, variants: Mapping[str, str | Path], gates: Gates, *,
+                  limit: int | None = None, calibration_size: int = 128) -> KitResult:
+    """The kit of a run or a parity check: parity's own test images (:func:`load_parity_data` with the same
+    ``limit``), its calibration split, against ``reference`` (a workbench ``Reference``: the PyTorch module, or the
+    user's FP32 ONNX graph)."""
+    from resdeploy.pipeline.workbench import load_parity_data
+
+    data = load_parity_data(reference, limit, calibration_size)
+    return write_polygraphy_kit(out_dir, variants=variants, reference=reference.onnx or reference.model,
+                                inputs=data.images, calibration=data.calibration, gates=gates,
+                                labels_meaningful=data.labels_meaningful)
 
 
 def read_kit_commands(out_dir: str | Path) -> str:
@@ -503,7 +528,7 @@ resdeploy's parity check, in Polygraphy's formats, for engines resdeploy cannot 
 {probes}
 | `reference-probe.json` | {kit.reference}'s values at each probe output, under its name |
 | `data_loader.py`, `calibration.npy` | `--data-loader-script data_loader.py:load_data`: calibration images, numpy only |
-| `commands.txt` | the commands below |
+| `commands.txt`, `kit.json` | the commands below (`kit.json`: each as argv, for tools) |
 
 {kit.markdown()}
 """

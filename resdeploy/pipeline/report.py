@@ -43,6 +43,7 @@ the stage's result class, unchanged::
     int8_search        object or null       the INT8 variant's accuracy-aware search: quantizing.SearchResult.to_dict()
                                             (gate, steps with accuracy and action, regions kept in float and why)
     engine_choice      object or null       engine_choice.EngineChoice.to_dict() (the timed table and the reason)
+    polygraphy         object or null       polygraphy_kit.KitResult.to_dict() (the kit's folder, files, commands)
     parity             object or null       parity.ParityReport.to_dict()
     bench              object or null       bench.BenchResult.to_dict()
     bench_plot         str or null          the latency plot, relative to run_dir, e.g. "bench/bench.png"
@@ -94,7 +95,7 @@ _TOP: dict[str, tuple[Any, bool]] = {
     "artifacts": (list, False),
 }
 _OPTIONAL: dict[str, Any] = {"run_dir": str, "config": dict, "skipadd": dict, "fusion": dict, "parity": dict,
-                             "int8_search": dict, "engine_choice": dict,
+                             "int8_search": dict, "engine_choice": dict, "polygraphy": dict,
                              "bench": dict, "bench_plot": str, "repository": dict}
 _MACHINE = {"cpu": str, "isa": list, "cores": int, "python": str, "versions": dict}
 _MODEL = {"architecture": str, "parameters": int, "data": str, "data_fingerprint": str, "accuracy": dict,
@@ -451,6 +452,27 @@ def _engine_choice(s: Mapping[str, Any]) -> Section:
     return sec
 
 
+def _polygraphy(s: Mapping[str, Any]) -> Section:
+    sec = Section("Check it with Polygraphy", "polygraphy")
+    d = s.get("polygraphy")
+    if not d:
+        sec.blocks.append(Para("No Polygraphy kit was written in this run (parity.polygraphy = false, or an earlier "
+                               "stage failed).", "missing"))
+        return sec
+    sec.blocks.append(Para(f"`{d.get('folder', 'polygraphy')}/` holds parity's inputs ({d.get('images')} images) and "
+                           f"the reference's outputs ({d.get('reference', '?')}) in Polygraphy's formats, a probe graph "
+                           "per variant whose extra outputs are named after its blocks, and the commands below, with "
+                           "tolerances matched to the parity gates. Run them inside that folder on a GPU with TensorRT "
+                           "(`pip install polygraphy`); `--onnxrt` in place of `--trt` and its flags runs the same check "
+                           "on the CPU. A probe check's first FAILED output is the first block that departs."))
+    rows = tuple((_c(c.get("variant")), _c(c.get("check")), _c(c.get("gate")), _c(c.get("difference") or "the same"),
+                  _c(c.get("line"), "mono")) for c in d.get("commands") or [])
+    sec.blocks.append(Table(("variant", "checks", "parity gate", "how Polygraphy's check differs", "command"), rows))
+    if d.get("notes"):
+        sec.blocks.append(Bullets(tuple(d["notes"]), "note"))
+    return sec
+
+
 def _gate_text(g: Mapping[str, Any]) -> str:
     metric, v, lim = g.get("metric", "?"), g.get("value"), g.get("limit")
     if "agreement" in metric:
@@ -623,7 +645,7 @@ def _machine(s: Mapping[str, Any]) -> Section:
 
 def build_sections(summary: Mapping[str, Any], run_dir: Path) -> list[Section]:
     return [_model_card(summary), _skipadd(summary), _int8_search(summary), _fusion(summary), _parity(summary),
-            _engine_choice(summary), _bench(summary, run_dir),
+            _polygraphy(summary), _engine_choice(summary), _bench(summary, run_dir),
             _stages(summary), _artifacts(summary), _machine(summary)]
 
 

@@ -392,8 +392,10 @@ def run_pipeline(cfg: RunConfig, *, say: Callable[[str], None] | None = None) ->
     root.mkdir(parents=True, exist_ok=True)
     engines, notes = _engine_backends(cfg)
     precisions = ["fp32", *cfg.variants.precisions]
-    total = (2 + len(cfg.variants.precisions) + ("tensorrt" in engines and "int8" in precisions)  # train, export, variants
-             + len(engines) * len(precisions) + 3 + (cfg.engines.choose == "measure"))  # engines; parity, (choice), bench, repo
+    s8s8 = "int8" in precisions and ("tensorrt" in engines or cfg.parity.polygraphy)  # TensorRT's symmetric int8
+    total = (2 + len(cfg.variants.precisions) + s8s8  # train, export, variants
+             + len(engines) * len(precisions) + 3 + cfg.parity.polygraphy  # engines; parity, (polygraphy), bench, repo
+             + (cfg.engines.choose == "measure"))  # (engine choice)
     r = _Runner(cfg, root, total, say)
     for n in notes:
         say(f"note: {n}")
@@ -405,13 +407,15 @@ def run_pipeline(cfg: RunConfig, *, say: Callable[[str], None] | None = None) ->
         variants["fp32"] = _export(r, cfg, src)
         for p in cfg.variants.precisions:
             variants[p] = _variant(r, cfg, src, variants["fp32"], p, "u8s8" if p == "int8" else None)
-        if "tensorrt" in engines and "int8" in variants:  # TensorRT needs symmetric int8 activations
+        if s8s8:
             variants["int8-s8s8"] = _variant(r, cfg, src, variants["fp32"], "int8", "s8s8")
         for backend in engines:
             for p in precisions:
                 model = variants["int8-s8s8"] if backend == "tensorrt" and p == "int8" else variants[p]
                 built[f"{backend} {p}"] = _engine(r, cfg, src.data, backend, p, model)
         failed = _parity(r, cfg, src, variants, built, engines)
+        if cfg.parity.polygraphy:  # a failed gate is when a user most needs it
+            _polygraphy(r, cfg, src, variants)
         if failed is None:
             choice = _engine_choice(r, cfg, src, variants) if cfg.engines.choose == "measure" else None
             served = served_engine(choice, _served_precision(cfg, variants, choice))
@@ -425,7 +429,8 @@ def run_pipeline(cfg: RunConfig, *, say: Callable[[str], None] | None = None) ->
     except _StageFailed as exc:
         failed = str(exc)
         done = {s.name for s in r.records}
-        for name in ("parity", *(["engine-choice"] if cfg.engines.choose == "measure" else []), "bench", "repository"):
+        for name in ("parity", *(["polygraphy"] if cfg.parity.polygraphy else []),
+                     *(["engine-choice"] if cfg.engines.choose == "measure" else []), "bench", "repository"):
             if name not in done:
                 r.skip(name, "not run: an earlier stage failed")
     wall = time.perf_counter() - t0
@@ -473,6 +478,26 @@ def _parity(r: _Runner, cfg: RunConfig, src: ModelSource, variants: dict[str, Pa
         return None
     fails = rec.result.get("failures") or ["no backend ran"]
     return f"parity gate: {fails[0]}" + (f" (+{len(fails) - 1} more)" if len(fails) > 1 else "")
+
+
+def _polygraphy(r: _Runner, cfg: RunConfig, src: ModelSource, variants: dict[str, Path]) -> None:
+    """<run>/polygraphy/: parity's check in Polygraphy's formats, for the engines this machine cannot run."""
+    out = r.root / "polygraphy"
+    gates = _parity_gates(cfg, src)
+
+    def run() -> tuple[str, dict[str, Any], list[Path]]:
+        from resdeploy.pipeline.polygraphy_kit import write_run_kit
+
+        kit = write_run_kit(out, src.reference(), variants, gates, limit=cfg.parity.limit or None,
+                            calibration_size=cfg.variants.calibration_images)
+        probes = {k: len(v) for k, v in kit.probes.items()}
+        summary = (f"{len(kit.commands)} Polygraphy checks of {', '.join(probes)} on {kit.images} images, "
+                   f"{max(probes.values(), default=0)} block probes: {out.name}/README.md")
+        return summary, kit.to_dict(), [out]
+
+    r.stage("polygraphy", {"limit": cfg.parity.limit, "calibration_images": cfg.variants.calibration_images,
+                           "gates": dataclasses.asdict(gates)},
+            {**{k: r.sha(v) for k, v in variants.items()}, **_model_key(r, src)}, run)
 
 
 def _bench(r: _Runner, cfg: RunConfig, src: ModelSource, variants: dict[str, Path], served: dict[str, Any],
@@ -666,6 +691,7 @@ def _write_summary(r: _Runner, cfg: RunConfig, src: ModelSource, failed: str | N
     search = {name.removeprefix("variant-"): rec.result["search"] for name, rec in recs.items()
               if name.startswith("variant-") and rec.result.get("search")}
     choice = recs.get("engine-choice")
+    kit = recs.get("polygraphy")
     summary = {
         "resdeploy_version": resdeploy.__version__, "started": started, "wall_seconds": round(wall, 2),
         "passed": failed is None, "failed_gate": failed, "run_dir": str(r.root), "config": cfg.to_dict(),
@@ -675,6 +701,7 @@ def _write_summary(r: _Runner, cfg: RunConfig, src: ModelSource, failed: str | N
         "skipadd": skipadd, "fusion": fusion, "int8_search": search.get("int8"),
         "parity": recs["parity"].result if "parity" in recs and recs["parity"].result else None,
         "engine_choice": choice.result if choice is not None and choice.result else None,
+        "polygraphy": kit.result if kit is not None and kit.result else None,
         "bench": bench.result if bench is not None and bench.result else None,
         "bench_plot": "bench/bench.png" if bench is not None and (r.root / "bench" / "bench.png").is_file() else None,
         "artifacts": artifacts,

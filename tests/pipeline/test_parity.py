@@ -211,3 +211,32 @@ def test_random_weight_reference_gets_batchnorm_statistics_from_real_images():
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
         assert fixed(x).abs().max() < 0.01 * raw(x).abs().max()
+
+
+def test_parity_cli_writes_a_polygraphy_kit_that_agrees_with_the_gate(trained_resnet20_dir, perturbed_onnx, variants,
+                                                                      tmp_path):
+    """`parity --polygraphy DIR`: the kit of the files parity judged. Real Polygraphy (through ONNX Runtime) passes
+    the good FP32 file and fails the perturbed one, and its first failing probe is parity's localised block."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from resdeploy.pipeline.cli import main
+
+    exe = Path(sys.executable).with_name("polygraphy")
+    for name, model, code in (("good", variants["fp32"], 0), ("bad", perturbed_onnx, 1)):
+        kit = tmp_path / name
+        args = ["parity", str(trained_resnet20_dir), "--fp32", str(model), "--precisions", "fp32", "--backends",
+                "onnxruntime", "--limit", "64", "--polygraphy", str(kit)]
+        assert main(args) == code
+        cmds = json.loads((kit / "kit.json").read_text())["commands"]
+        outputs = next(c["onnxrt_argv"] for c in cmds if c["check"] == "outputs")
+        probes = next(c["onnxrt_argv"] for c in cmds if c["check"] == "probes")
+        assert all(c["line"] in (kit / "commands.txt").read_text() for c in cmds)
+        onnxrt = lambda argv: [str(exe), *argv[1:]]  # noqa: E731 - the venv's polygraphy
+        r = subprocess.run(onnxrt(outputs), cwd=kit, capture_output=True, text=True, timeout=300)
+        assert (r.returncode == 0) == (code == 0), r.stdout[-2000:] + r.stderr[-2000:]
+        if code:
+            r = subprocess.run(onnxrt(probes), cwd=kit, capture_output=True, text=True, timeout=300)
+            failed = [ln for ln in (r.stdout + r.stderr).splitlines() if "FAILED" in ln and "| Output:" in ln]
+            assert r.returncode != 0 and failed and "layer2.0" in failed[0], r.stdout[-3000:]

@@ -105,19 +105,21 @@ def test_tiny_run_goes_from_training_to_a_served_repository(tiny_run, tmp_path):
     out, result, lines = tiny_run
     assert result, result
     names = [s.name for s in result.stages]
-    assert names == ["train", "export", "variant-fp16", "variant-int8", "engine-onnxruntime-fp32",
-                     "engine-onnxruntime-fp16", "engine-onnxruntime-int8", "parity", "engine-choice", "bench",
-                     "repository"], names
+    assert names == ["train", "export", "variant-fp16", "variant-int8", "variant-int8-s8s8", "engine-onnxruntime-fp32",
+                     "engine-onnxruntime-fp16", "engine-onnxruntime-int8", "parity", "polygraphy", "engine-choice",
+                     "bench", "repository"], names
     assert all(s.status == "ran" for s in result.stages), result
     assert len(lines) >= len(names) and all("s  " in ln for ln in lines if ln.startswith("["))  # one line per stage
     for f in ("run.json", "report.md", "report.html", "parity.json", "bench/bench.json", "checkpoint/model.safetensors",
               "onnx/fp32.onnx", "onnx/int8.onnx", "engines/onnxruntime-int8/fusion_report.json",
               "model_repository/tiny/config.pbtxt", "model_repository/tiny/1/model.onnx", "stages/parity.json",
-              "engines/engine-choice.json"):
+              "engines/engine-choice.json", "polygraphy/inputs.json", "polygraphy/reference.json",
+              "polygraphy/probe-int8-s8s8.onnx", "polygraphy/reference-probe.json", "polygraphy/data_loader.py",
+              "polygraphy/commands.txt", "polygraphy/README.md"):
         assert (out / f).is_file(), f
     summary = json.loads((out / "run.json").read_text())
     assert summary["passed"] and summary["model"]["architecture"] == "resnet20"
-    assert set(summary["skipadd"]) == {"fp32", "fp16", "int8"} and summary["skipadd"]["int8"]["passed"]
+    assert set(summary["skipadd"]) == {"fp32", "fp16", "int8", "int8-s8s8"} and summary["skipadd"]["int8"]["passed"]
     assert {a["path"] for a in summary["artifacts"]} >= {"onnx/int8.onnx", "model_repository/tiny/1/model.onnx"}
 
     proc, port = _serve(out / "model_repository", tmp_path / "serve.log")
@@ -137,6 +139,21 @@ def test_tiny_run_goes_from_training_to_a_served_repository(tiny_run, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_the_run_writes_a_polygraphy_kit_its_report_shows(tiny_run):
+    """The kit names every variant the run made (the s8s8 file TensorRT takes included) and the report prints each
+    command; the kit's own checks against real Polygraphy are in tests/export/test_polygraphy.py."""
+    out, _, _ = tiny_run
+    kit = json.loads((out / "run.json").read_text())["polygraphy"]
+    assert set(kit["probes"]) == {"fp32", "fp16", "int8", "int8-s8s8"}
+    assert all(kit["probes"][v] == kit["probes"]["fp32"] for v in ("fp16", "int8-s8s8")), kit["probes"]
+    commands = (out / "polygraphy" / "commands.txt").read_text()
+    lines = [c["line"] for c in kit["commands"]]
+    assert lines and all(line in commands for line in lines)
+    assert any("probe-int8-s8s8.onnx --trt" in line for line in lines), lines
+    report = (out / "report.md").read_text()
+    assert "Check it with Polygraphy" in report and "reference-probe.json" in report
 
 
 def test_parity_judged_exactly_the_files_the_repository_serves(tiny_run):
@@ -160,7 +177,8 @@ def test_second_run_redoes_nothing_then_one_option_reruns_only_what_depends_on_i
     changed = run_pipeline(load_config(None, [*TINY, f"out={json.dumps(str(out))}", "variants.calibration_images=32"]),
                            say=lines.append)
     status = {s.name: s.status for s in changed.stages}
-    assert {k for k, v in status.items() if v == "ran"} == {"variant-int8", "engine-onnxruntime-int8", "parity",
+    assert {k for k, v in status.items() if v == "ran"} == {"variant-int8", "variant-int8-s8s8",
+                                                           "engine-onnxruntime-int8", "parity", "polygraphy",
                                                            "engine-choice", "bench", "repository"}, status
     assert status["train"] == status["export"] == status["variant-fp16"] == "cached"
 

@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="INT8 gate metric on random-weight models: top1 agreement (default) or centered top-1 (stricter)")
     p.add_argument("--workdir", help="keep the ONNX variants built here (default: a temporary folder)")
     p.add_argument("--json", help="write the report as JSON to this file")
+    p.add_argument("--polygraphy", metavar="DIR", help="also write the Polygraphy kit here: parity's inputs, the "
+                   "reference's outputs and block values, probe graphs and the commands that check an engine (TensorRT "
+                   "on your GPU) against this reference; variants built here are kept in DIR/variants unless --workdir")
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -43,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from resdeploy.errors import InputError
     from resdeploy.pipeline.gates import ParityGates
     from resdeploy.pipeline.parity import ParityConfig, run_parity
+    from resdeploy.pipeline.workbench import load_reference, make_variant
 
     import tempfile
     from pathlib import Path
@@ -63,13 +67,25 @@ def run(args: argparse.Namespace) -> int:
     config = ParityConfig(backends=tuple(args.backends), precisions=tuple(args.precisions), limit=args.limit,
                           threads=args.threads, gates=dataclasses.replace(ParityGates(), **overrides))
     variants = {k: v for k, v in {"fp32": args.fp32, "fp16": args.fp16, "int8": args.int8}.items() if v}
-    reference = src.reference() if src is not None else args.checkpoint
+    reference = src.reference() if src is not None else load_reference(args.checkpoint, args.arch, config.seed)
+    workdir = args.workdir or (str(Path(args.polygraphy) / "variants") if args.polygraphy else None)
     with tempfile.TemporaryDirectory(prefix="resdeploy-parity-") as tmp:
         if src is not None:
-            variants["fp32"] = imported_fp32(src, Path(args.workdir or tmp), variants.get("fp32"))
-        report = run_parity(reference, {k: v for k, v in variants.items() if v}, config=config, arch=args.arch,
-                            workdir=args.workdir)
+            variants["fp32"] = imported_fp32(src, Path(workdir or tmp), variants.get("fp32"))
+        report = run_parity(reference, {k: v for k, v in variants.items() if v}, config=config, workdir=workdir)
     print(report)
+    if args.polygraphy:
+        from resdeploy.pipeline.polygraphy_kit import write_run_kit
+
+        judged = {k: Path(variants[k]) if variants.get(k) else Path(workdir) / f"{k}.onnx" for k in config.precisions}
+        s8s8 = Path(workdir) / "int8-s8s8.onnx"  # TensorRT takes symmetric int8: the kit's --trt INT8 line needs it
+        if "int8" in judged and "fp32" in judged and reference.model is not None:
+            if not s8s8.is_file():
+                make_variant(reference, judged["fp32"], s8s8, "int8", flavour="s8s8")
+            judged["int8-s8s8"] = s8s8
+        kit = write_run_kit(args.polygraphy, reference, judged, config.gates, limit=args.limit)
+        print(f"wrote the Polygraphy kit to {kit.folder} ({len(kit.commands)} checks: {kit.folder / 'README.md'})",
+              file=sys.stderr)
     if args.json:
         atomic.write_json(args.json, report.to_dict())
         print(f"wrote {args.json}", file=sys.stderr)
