@@ -36,6 +36,7 @@ KINDS = [
     ("bench", "Latency bench (engines and anchors)", "`resdeploy bench`, or the bench stage of `resdeploy run`"),
     ("engine-choice", "Engine choice",
      "`resdeploy build --backend auto`, or the engine-choice stage of `resdeploy run`"),
+    ("engine-config", "The served engine configuration against the anchors", "`benchmarks/engine_config.py`"),
     ("zoo", "Zoo networks: short-path check and graph surgery", "`benchmarks/zoo_networks.py` in `.venv-zoo`"),
     ("ab", "A/B runs of two resdeploy checkouts", "`benchmarks/serve_bench.py --vs-triton --ab-against CHECKOUT`"),
     ("experiment", "Serving experiments (not the default settings)", "`benchmarks/serve_bench.py` with a local change"),
@@ -66,6 +67,8 @@ def kind_of(d: dict[str, Any]) -> str:
         return "bench"
     if d.get("format") == "resdeploy-engine-choice/1":
         return "engine-choice"
+    if d.get("format") == "resdeploy-engine-config/1":
+        return "engine-config"
     if "networks" in d:
         return "zoo"
     if {"name", "status", "summary"} <= d.keys():
@@ -126,6 +129,8 @@ def config_of(kind: str, d: dict[str, Any], path: str) -> str:
         return f"{d.get('model', NOT_RECORDED)}, batch {batches or NOT_RECORDED}"
     if kind == "engine-choice":
         return f"{d.get('model', NOT_RECORDED)}"
+    if kind == "engine-config":
+        return f"{d.get('model', NOT_RECORDED)}, batch {','.join(str(r.get('batch')) for r in d.get('rows') or [])}"
     if kind == "zoo":
         return "the zoo tier's networks"
     return path  # one-offs: every file is its own configuration
@@ -289,14 +294,28 @@ def bench_table(d: dict[str, Any]) -> list[str]:
 
 def engine_choice_table(d: dict[str, Any]) -> list[str]:
     batches = d.get("batches") or []
-    lines = ["| engine | precision | parity | " + " | ".join(f"p50 ms, batch {b}" for b in batches) + " |",
+    lines = ["| engine configuration | precision | parity | " + " | ".join(f"p50 ms, batch {b}" for b in batches) + " |",
              "| --- | --- | --- |" + " ---: |" * len(batches)]
     for row in d.get("table") or []:
         p50 = [num((row.get("p50_ms") or {}).get(str(b)), ".3f") for b in batches]
-        lines.append(f"| {row.get('backend')} | {row.get('precision')} | "
+        lines.append(f"| {row.get('name') or row.get('backend')} | {row.get('precision')} | "
                      f"{'pass' if row.get('parity_passed') else 'fail'} | " + " | ".join(p50) + " |")
-    lines += ["", f"Chosen: {d.get('backend')} {d.get('precision')}: {d.get('reason', NOT_RECORDED)} "
-              f"({num(d.get('seconds'), '.1f')} s of timing)."]
+    chosen = d.get("name") or f"{d.get('backend')} {d.get('precision')}"
+    lines += ["", f"Chosen: {chosen}: {d.get('reason', NOT_RECORDED)} ({num(d.get('seconds'), '.1f')} s of timing)."]
+    return lines
+
+
+def engine_config_table(d: dict[str, Any]) -> list[str]:
+    lines = ["| batch | served | p50 ms | x eager | % of int8 peak | fastest anchor passing parity | its p50 ms | "
+             "served speed / anchor's | target met |", "| ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
+    for r in d.get("rows") or []:
+        peak = r.get("served_int8_peak")
+        lines.append(f"| {r.get('batch')} | {r.get('served')} | {num(r.get('served_p50_ms'), '.3f')} | "
+                     f"{num(r.get('speedup_vs_eager'), '.1f')} | "
+                     f"{num(peak * 100 if isinstance(peak, (int, float)) else None, '.1f')} % | "
+                     f"{r.get('anchor', NOT_RECORDED)} | {num(r.get('anchor_p50_ms'), '.3f')} | "
+                     f"{num(r.get('served_speed_vs_anchor'))}x | {'yes' if r.get('met') else 'NO'} |")
+    lines += ["", f"ISA: {d.get('isa', NOT_RECORDED)}."]
     return lines
 
 
@@ -322,7 +341,7 @@ def summary_only(d: dict[str, Any]) -> list[str]:
 
 
 TABLES = {"vs-triton": vs_table, "ab": vs_table, "experiment": vs_table, "overhead": overhead_table,
-          "bench": bench_table, "engine-choice": engine_choice_table, "zoo": zoo_table, "stage": summary_only,
+          "bench": bench_table, "engine-choice": engine_choice_table, "engine-config": engine_config_table, "zoo": zoo_table, "stage": summary_only,
           "other": summary_only}
 
 

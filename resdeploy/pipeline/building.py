@@ -136,29 +136,33 @@ class AutoBuildReport:
 
 def cpu_engine_candidates(model_path: Path, sample: np.ndarray | None, min_agreement: float,
                           threads: int | None) -> list[Any]:
-    """ONNX Runtime and (when installed) OpenVINO on ``model_path``, each checked against the model run by ONNX
-    Runtime without graph optimisation on ``sample`` (top-1 agreement >= ``min_agreement``)."""
+    """ONNX Runtime and (when installed) OpenVINO on ``model_path``, each with every setting the engine choice
+    searches (engine_choice.configurations), each checked against the model run by ONNX Runtime without graph
+    optimisation on ``sample`` (top-1 agreement >= ``min_agreement``)."""
+    from dataclasses import replace as with_fields
+
     from resdeploy.pipeline import workbench as wb
     from resdeploy.pipeline.gates import compare
-    from resdeploy.pipeline.engine_choice import EngineCandidate
+    from resdeploy.pipeline.engine_choice import configurations
     from resdeploy.artifact import precision_of
     from resdeploy.artifact import load_onnx
 
     precision = precision_of(load_onnx(model_path))
     backends = ["onnxruntime"] + (["openvino"] if wb.backend_available("openvino") is None else [])
+    cands = configurations([(b, precision, model_path) for b in backends])
     if sample is None:
-        return [EngineCandidate(b, precision, model_path, True, "no real images to check on") for b in backends]
+        return [with_fields(c, parity="no real images to check on") for c in cands]
     from resdeploy.engines import open_runner
 
     with open_runner(str(model_path), backend="onnxruntime", provider="cpu", optimization="disable", threads=threads) as r:
         ref = wb.run_batches(r, sample, 16)
     out = []
-    for b in backends:
-        with wb.open_backend(b, model_path, threads) as r:
+    for c in cands:
+        with wb.open_backend(c.backend, model_path, threads, **dict(c.settings)) as r:
             m = compare(ref, wb.run_batches(r, sample, 16))
         ok = m.top1_agreement >= min_agreement
-        out.append(EngineCandidate(b, precision, model_path, ok,
-                                   f"top-1 agreement {m.top1_agreement:.1%} with the model on {m.n} images, max abs {m.max_abs:.2g}"))
+        out.append(with_fields(c, parity_passed=ok, parity=f"top-1 agreement {m.top1_agreement:.1%} with the model on "
+                                                            f"{m.n} images, max abs {m.max_abs:.2g}"))
     return out
 
 

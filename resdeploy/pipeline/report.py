@@ -4,7 +4,7 @@
     print(files.html)          # one self-contained file: CSS inline, the plot inlined as a data URI, no scripts
 
 Both files hold the same sections, in this order: a verdict banner (safe to ship or the failed gate, and the
-best engine's batch-1 p50 with its speedup over PyTorch eager), the model card, the skip-add table per variant,
+served engine configuration's batch-1 p50 with its speedup over PyTorch eager), the model card, the skip-add table per variant,
 the INT8 search's steps, the fusion report per engine, the parity table, the engine choice's timed table, the
 latency table and plot, the stages, every artifact with its
 sha256, and the versions and machine. A section whose stage did not run says so. All text is escaped.
@@ -42,7 +42,8 @@ the stage's result class, unchanged::
                                             engines.tensorrt_fusion.FusionReport.to_dict() (TensorRT)
     int8_search        object or null       the INT8 variant's accuracy-aware search: quantizing.SearchResult.to_dict()
                                             (gate, steps with accuracy and action, regions kept in float and why)
-    engine_choice      object or null       engine_choice.EngineChoice.to_dict() (the timed table and the reason)
+    engine_choice      object or null       engine_choice.EngineChoice.to_dict() (the timed table of engine
+                                            configurations, the winner per batch size, the weights and the reason)
     polygraphy         object or null       polygraphy_kit.KitResult.to_dict() (the kit's folder, files, commands)
     parity             object or null       parity.ParityReport.to_dict()
     bench              object or null       bench.BenchResult.to_dict()
@@ -50,7 +51,9 @@ the stage's result class, unchanged::
     artifacts          [object]             every file the run made: {"name": str, "path": str (relative to
                                              run_dir), "sha256": str, "bytes": int, "kind": str (onnx | engine |
                                              repository | bench | report ...)}
-    repository         object or null       {"path": str (relative to run_dir), "model_name": str}
+    repository         object or null       {"path": str (relative to run_dir), "model_name": str; optional:
+                                             "served": {"backend": str, "precision": str, "settings": object,
+                                             "name": str, "chosen_by": "measurement"|"default"}}
 
 :func:`validate_summary` checks the keys the report reads and raises :class:`InputError` naming the first one
 missing or of the wrong type (``summary.model.accuracy.test``), so a pipeline bug surfaces as one clear line.
@@ -69,6 +72,7 @@ from typing import Any
 
 from resdeploy import atomic
 from resdeploy.errors import InputError
+from resdeploy.pipeline.engine_choice import winner_lines
 
 MD_NAME = "report.md"
 HTML_NAME = "report.html"
@@ -236,18 +240,27 @@ def _size(n: int) -> str:
 # the sections
 # ---------------------------------------------------------------------------------------------------------
 def _speed(bench: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """Best resdeploy engine (passing parity) at batch 1, else the smallest batch measured: name, batch, p50, speedup."""
+    """The served configuration at batch 1 (else the smallest batch it was measured at): name, batch, p50, speedup,
+    and the fastest resdeploy engine passing parity there when that is another. Without a served case (a bench
+    run on its own): the fastest engine passing parity, ``served`` False."""
     if not bench:
         return None
     batches = sorted(int(b) for b in bench["config"]["batches"])
-    for b in ([1] if 1 in batches else []) + [x for x in batches if x != 1]:
+    order = ([1] if 1 in batches else []) + [x for x in batches if x != 1]
+    served = next((c for c in bench["cases"] if c.get("served")), None)
+    for b in order:
         pool = [c for c in bench["cases"] if c.get("kind") == "engine" and str(b) in (c.get("stats") or {})
                 and (c.get("parity") or {}).get("passed")]
-        if pool:
-            best = min(pool, key=lambda c: c["stats"][str(b)]["p50_ms"])
-            sp = (bench.get("speedup_vs_eager_p50") or {}).get(str(b), {}).get(best["name"])
-            return {"name": best["name"], "batch": b, "p50_ms": best["stats"][str(b)]["p50_ms"], "speedup": sp,
-                    "throughput": best["stats"][str(b)].get("throughput")}
+        fastest = min(pool, key=lambda c: c["stats"][str(b)]["p50_ms"], default=None)
+        case = served if served is not None else fastest
+        if case is None or str(b) not in (case.get("stats") or {}):
+            continue
+        sp = (bench.get("speedup_vs_eager_p50") or {}).get(str(b), {}).get(case["name"])
+        out = {"name": case["name"], "batch": b, "p50_ms": case["stats"][str(b)]["p50_ms"], "speedup": sp,
+               "throughput": case["stats"][str(b)].get("throughput"), "served": served is not None}
+        if served is not None and fastest is not None and fastest["name"] != case["name"]:
+            out["fastest"] = {"name": fastest["name"], "p50_ms": fastest["stats"][str(b)]["p50_ms"]}
+        return out
     return None
 
 
@@ -294,8 +307,15 @@ def _verdict(summary: Mapping[str, Any]) -> tuple[bool, str, list[str], list[tup
         ratio = (f", {sp['speedup']:.2f}x PyTorch eager" if sp.get("speedup") is not None else
                  ", no PyTorch baseline (the model came as ONNX)" if no_torch else ", PyTorch eager not measured")
         busy = any(str(n).startswith("the machine was busy") for n in summary["bench"].get("notes") or [])
-        lines.append(f"speed: best engine {sp['name']} p50 {sp['p50_ms']:.3f} ms at batch {sp['batch']}{ratio}"
+        who = "served engine" if sp.get("served") else "best engine"
+        faster = sp.get("fastest")
+        other = (f"; {faster['name']} measured {faster['p50_ms']:.3f} ms at this batch size in the bench (the engine "
+                 "choice weighs every batch size: see Engine choice)" if faster else "")
+        lines.append(f"speed: {who} {sp['name']} p50 {sp['p50_ms']:.3f} ms at batch {sp['batch']}{ratio}{other}"
                      + (" (measured on a busy machine: noisy, see Latency)" if busy else ""))
+    served = (summary.get("repository") or {}).get("served")
+    if served and (sp is None or not sp.get("served")):
+        lines.append(f"served: {served.get('name')} ({'chosen by measurement' if served.get('chosen_by') == 'measurement' else 'the default engine'})")
     return passed, head, lines, gates
 
 
@@ -437,18 +457,26 @@ def _engine_choice(s: Mapping[str, Any]) -> Section:
                                "engine passed parity); the repository serves ONNX Runtime.", "missing"))
         return sec
     batches = [str(b) for b in d.get("batches") or []]
-    sec.blocks.append(Para(f"Served: {d.get('backend', '?')} {d.get('precision', '?')}, {d.get('reason', '')}. Every CPU "
-                           "engine x precision that passed parity was timed here, interleaved, one untimed run after "
-                           "each switch of engine; the score is the geometric mean over batch sizes of p50 / fastest p50.",
+    weights = d.get("weights") or []
+    how = ("batch sizes weighed equally" if len(set(weights)) <= 1 else "weights " + ", ".join(
+        f"b{b} {float(w):.2f}" for b, w in zip(batches, weights))) + " ([engines] choice_weights)"
+    sec.blocks.append(Para(f"Served: {d.get('name') or d.get('backend', '?') + ' ' + d.get('precision', '?')}, "
+                           f"settings {json.dumps(d.get('settings') or {}, sort_keys=True)}; {d.get('reason', '')}. "
+                           "Every CPU engine x precision x settings was judged by the parity gates on the test images; "
+                           "those that passed were timed here, interleaved, one untimed run after each switch of "
+                           f"engine. The score is the geometric mean over batch sizes of p50 / fastest p50, {how}.",
                            "ok"))
+    sec.blocks.append(Bullets(tuple(winner_lines(d))))
     rows = []
     for t in sorted(d.get("table") or [], key=lambda t: (t.get("score") is None, t.get("score") or 0.0)):
-        rows.append((_c(f"{t.get('backend')} {t.get('precision')}"), _ok(t.get("parity_passed")),
+        rows.append((_c(t.get("name") or f"{t.get('backend')} {t.get('precision')}"), _ok(t.get("parity_passed")),
                      *(Cell(_ms((t.get("p50_ms") or {}).get(b))) for b in batches),
                      *(Cell(_ms((t.get("min_ms") or {}).get(b))) for b in batches),
-                     Cell("-" if t.get("score") is None else f"{float(t['score']):.2f}x"), _c(t.get("note") or "")))
-    sec.blocks.append(Table(("engine", "parity", *(f"p50 ms b{b}" for b in batches), *(f"min ms b{b}" for b in batches),
-                             "vs fastest", "note"), tuple(rows), numeric=tuple(range(2, 3 + 2 * len(batches)))))
+                     Cell("-" if t.get("score") is None else f"{float(t['score']):.2f}x"),
+                     _c("; ".join(x for x in (t.get("parity"), t.get("note")) if x))))
+    sec.blocks.append(Table(("engine configuration", "parity", *(f"p50 ms b{b}" for b in batches),
+                             *(f"min ms b{b}" for b in batches), "vs fastest", "parity verdict, note"), tuple(rows),
+                            numeric=tuple(range(2, 3 + 2 * len(batches)))))
     return sec
 
 
@@ -607,8 +635,11 @@ def _artifacts(s: Mapping[str, Any]) -> Section:
     sec = Section("Artifacts", "artifacts")
     repo = s.get("repository")
     if repo:
-        sec.blocks.append(Para(f"Triton model repository: {repo['path']} (model {repo['model_name']}); serve it with: "
-                               f"resdeploy serve {repo['path']}"))
+        served = repo.get("served") or {}
+        engine = (f"; resdeploy serve runs it with {served.get('name')}, settings "
+                  f"{json.dumps(served.get('settings') or {}, sort_keys=True)}" if served else "")
+        sec.blocks.append(Para(f"Triton model repository: {repo['path']} (model {repo['model_name']}{engine}); serve it "
+                               f"with: resdeploy serve {repo['path']}"))
     else:
         sec.blocks.append(Para("No model repository was written in this run.", "missing"))
     arts = s["artifacts"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 from types import SimpleNamespace
@@ -185,3 +186,30 @@ def test_bench_shows_openvino_anchors_with_their_parity(short_bench):
     assert default.precision.replace("fp", "f") in default.description  # says the precision it actually ran
     assert default.parity is not None and "top1_agreement" in default.parity
     assert result.case("openvino fp32").parity["passed"]
+
+
+def test_the_bench_always_times_the_served_configuration(trained_resnet20_dir, tmp_path):
+    """The served configuration (the engine choice's, with its settings) is a case even when the bench's own
+    settings would not make it, is marked, comes right after the baseline and leads the summary; OpenVINO's own
+    defaults on resdeploy's INT8 file are an anchor."""
+    served = {"backend": "onnxruntime", "precision": "fp32", "settings": {"spinning": False}}
+    config = BenchConfig(checkpoint=str(trained_resnet20_dir), batches=(1,), warmup=2, runs=10, max_seconds=60,
+                         backends=("onnxruntime",), precisions=("fp32", "int8"), anchors=("eager", "openvino"),
+                         parity_samples=32, min_runs=5, served=served)
+    result = run_bench(config, out_dir=tmp_path, stream=io.StringIO())
+    case = result.served()
+    assert case is not None and case.name == "onnxruntime fp32 [spinning off]" and case.settings == {"spinning": False}
+    assert "spinning off" in case.description  # what the live session reports, not what was asked
+    assert [c.name for c in result.cases][:2] == [REFERENCE, case.name]
+    assert result.case("onnxruntime fp32").settings == {"spinning": True}  # the runner's defaults, also timed
+    assert result.summary()[0].startswith(f"batch 1: served {case.name}: p50 ")
+    data = json.loads((tmp_path / "bench.json").read_text())
+    row = next(c for c in data["cases"] if c["served"])
+    assert row["name"] == case.name and "1" in row["fraction_of_int8_peak"]
+    assert f"{case.name} (served)" in (tmp_path / "bench.md").read_text()
+    if importlib.util.find_spec("openvino") is not None:
+        own = result.case("openvino default int8")
+        assert own.kind == "anchor" and own.settings == {"precision_hint": "default", "performance_hint": "default"}
+        assert own.parity is not None
+    with pytest.raises(InputError, match="served .* must name backend and precision"):
+        BenchConfig(checkpoint="x", served={"backend": "onnxruntime"}).validate()

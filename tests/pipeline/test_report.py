@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import html
 import io
 import json
 import os
@@ -94,6 +95,38 @@ def test_sections_in_order_with_the_real_numbers(run_dir: Path, summary: dict[st
             f"{summary['bench']['speedup_vs_eager_p50']['1'][best['name']]:.2f}x PyTorch eager"
     assert speed in _banner(page) and speed in md.split("## Model card")[0]
     assert 'class="banner pass"' in page
+
+
+def test_the_banner_names_the_served_engine_configuration(run_dir: Path, summary: dict[str, Any]) -> None:
+    """The repository serves the engine choice's configuration; the banner gives its speed, not the bench's fastest
+    engine at batch 1, and says which engine was faster there."""
+    s = copy.deepcopy(summary)
+    engines = sorted((c for c in s["bench"]["cases"] if c["kind"] == "engine" and c["parity"]["passed"]),
+                     key=lambda c: c["stats"]["1"]["p50_ms"])
+    assert len(engines) >= 2
+    served, fastest = engines[-1], engines[0]
+    served["served"] = True
+    s["repository"]["served"] = {"backend": served["backend"], "precision": served["precision"], "settings": {},
+                                 "name": served["name"], "chosen_by": "measurement"}
+    s["engine_choice"] = {"backend": served["backend"], "precision": served["precision"], "name": served["name"],
+                          "settings": {"spinning": True}, "batches": [1, 8], "weights": [0.25, 0.75],
+                          "reason": "lowest score", "table": [],
+                          "winners": {"1": {"engine": fastest["name"], "p50_ms": 0.25, "chosen_p50_ms": 0.5,
+                                            "chosen_ratio": 2.0},
+                                      "8": {"engine": served["name"], "p50_ms": 1.5, "runner_up": fastest["name"],
+                                            "runner_up_ratio": 1.3}}}
+    md, page = _report(run_dir, s)
+    speed = (f"served engine {served['name']} p50 {served['stats']['1']['p50_ms']:.3f} ms at batch 1, "
+             f"{s['bench']['speedup_vs_eager_p50']['1'][served['name']]:.2f}x PyTorch eager; {fastest['name']} measured "
+             f"{fastest['stats']['1']['p50_ms']:.3f} ms")
+    assert speed in html.unescape(_banner(page)) and speed in md.split("## Model card")[0]
+    assert "best engine" not in md.split("## Model card")[0]
+    for text in (md, html.unescape(page)):
+        assert (f"batch 1: {fastest['name']} is fastest, p50 0.250 ms; the chosen {served['name']} is 2.00x slower "
+                "there (0.500 ms)") in text
+        assert f"batch 8: the chosen {served['name']} is fastest, p50 1.500 ms; next {fastest['name']} is 1.30x slower" in text
+        assert "weights b1 0.25, b8 0.75 ([engines] choice_weights)" in text
+        assert f'resdeploy serve runs it with {served["name"]}, settings {{}}' in text
 
 
 def test_html_is_self_contained(run_dir: Path, summary: dict[str, Any]) -> None:

@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--anchors", type=csv_list, default=("eager", "compile", "openvino"),
                    help="comparison points: eager (always), compile, openvino (f32 and OpenVINO's default precision)")
     p.add_argument("--gpu", action="store_true", help="add the GPU section where CUDA is present")
+    p.add_argument("--settings", choices=("default", "all"), default="default",
+                   help="engine settings timed: each runner's defaults, or all the engine choice searches "
+                        "(ONNX Runtime spinning off, OpenVINO's own hints)")
     p.add_argument("--parity-samples", type=int, default=64, help="real images each case's parity is checked on (default 64)")
     p.add_argument("--fp32-max-rel", type=float, default=None,
                    help="parity gate: FP32 on max relative error instead of max abs 1e-4 (random nets have large logits)")
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                              warmup=args.warmup, runs=args.runs if args.runs is not None else (None if args.duration else 100),
                              duration=args.duration, max_seconds=args.max_seconds, threads=args.threads,
                              backends=tuple(args.backends), precisions=tuple(args.precisions), anchors=tuple(args.anchors),
-                             gpu=args.gpu, parity_samples=args.parity_samples, ort_session_config=ort_config,
+                             gpu=args.gpu, settings=args.settings, parity_samples=args.parity_samples, ort_session_config=ort_config,
                              variants={k: v for k, v in {"fp32": fp32, "fp16": args.fp16, "int8": args.int8}.items() if v})
         result = run_bench(config, out_dir=args.out)
     print(result)
