@@ -1,9 +1,11 @@
 """The engine configuration resdeploy serves against the anchors users would try, on this machine, in one run.
 
     .venv/bin/python benchmarks/engine_config.py --arch resnet50 --batches 1,8 --out benchmarks/results/engine-config
+    .venv/bin/python benchmarks/engine_config.py --checkpoint runs/resnet50-224 --batches 1,8   # a trained one
 
 What it does, as `resdeploy run` does it:
-1. The FP32 and INT8 variants of the network (random weights, seed 0; INT8 calibrated on the val split) in
+1. The FP32 and INT8 variants of the network (``--checkpoint``, else random weights, seed 0: whose near-uniform
+   logits make INT8's top-1 agreement gate hard to pass; INT8 calibrated on the val split) in
    ``--workdir`` (reused when already there: resnet50's INT8 takes minutes).
 2. The engine choice: every CPU engine x precision x settings judged by the parity gates on the test images, those
    that pass timed at ``--batches`` (engine_choice.choose_engine), the fastest kept.
@@ -30,7 +32,8 @@ from resdeploy import atomic
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--arch", default="resnet50", help="random weights of this architecture (without --checkpoint)")
+    p.add_argument("--checkpoint", default="", help="a trained checkpoint folder instead of random weights")
     p.add_argument("--batches", default="1,8", help="comma list of batch sizes (default 1,8)")
     p.add_argument("--weights", default="", help="choice_weights per batch size, e.g. 3,1 (default equal)")
     p.add_argument("--choice-seconds", type=float, default=40.0)
@@ -50,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     from resdeploy.pipeline.machine import isa_line, machine_info
 
     t0 = time.perf_counter()
-    ref = wb.load_reference(arch=args.arch)
+    ref = wb.load_reference(args.checkpoint) if args.checkpoint else wb.load_reference(arch=args.arch)
+    name = Path(args.checkpoint).name if args.checkpoint else args.arch
     data = wb.load_parity_data(ref, args.limit, 64)
-    work = Path(args.workdir) / args.arch
+    work = Path(args.workdir) / name
     given = {p: work / f"{p}.onnx" for p in ("fp32", "int8") if (work / f"{p}.onnx").is_file()}
     paths = wb.prepare_variants(ref, work, ("fp32", "int8"), data.calibration, given=given, progress=print,
                                 sample=data.images[:4])
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     print(result)
 
     m = machine_info()
-    stem = f"{args.arch}-{_slug(m.get('cpu_model') or 'cpu')}"
+    stem = f"{name}-{_slug(m.get('cpu_model') or 'cpu')}"
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out / f"{stem}-engine-choice.json", choice.to_dict())
     for suffix in (".json", ".md"):
@@ -81,18 +85,50 @@ def main(argv: list[str] | None = None) -> int:
     for leftover in tmp.iterdir():
         leftover.unlink()
     tmp.rmdir()
-    verdict = _verdict(result, batches, args, isa_line(result.machine))
+    ceiling = int8_gemm_ceiling(args.threads)
+    print(f"measured int8 GEMM ceiling: {ceiling['gops']:.0f} GOPS on {args.threads} threads ({ceiling['how']})")
+    verdict = _verdict(result, batches, name, ref.name + ("" if ref.trained else ", random weights"), isa_line(result.machine), ceiling)
     atomic.write_json(out / f"{stem}-verdict.json", verdict)
     atomic.write_text(out / f"{stem}-verdict.md", _verdict_md(verdict))
     print(_verdict_md(verdict))
     return 0 if verdict["met"] else 1
 
 
+def int8_gemm_ceiling(threads: int, n: int = 2048, runs: int = 12) -> dict:
+    """A measured int8 ceiling for this machine: ONNX Runtime's MatMulInteger (u8 x s8 -> s32, MLAS's VNNI/AMX
+    kernels) on n x n x n, best of ``runs``, in GOPS (2 ops per multiply-accumulate). The theoretical peak assumes
+    the nominal clock; on a VM whose cores turbo above it a network can pass "100 %" of it, this cannot lie so."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "gemm",
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n]),
+                               helper.make_tensor_value_info("b", TensorProto.INT8, [n, n])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feed = {"a": rng.integers(0, 255, (n, n), dtype=np.uint8), "b": rng.integers(-127, 127, (n, n), dtype=np.int8)}
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    gops = 2.0 * n ** 3 / min(times) / 1e9
+    return {"gops": gops, "gops_per_thread": gops / threads, "n": n, "threads": threads, "best_ms": 1e3 * min(times),
+            "how": f"ONNX Runtime {ort.__version__} MatMulInteger u8 x s8, {n}^3, best of {runs}"}
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40]
 
 
-def _verdict(result, batches, args, isa: str) -> dict:
+def _verdict(result, batches, name: str, model: str, isa: str, ceiling: dict) -> dict:
     """Per batch size: the served case, the fastest anchor passing parity, the ratio and the fractions of peak."""
     served = result.served()
     rows = []
@@ -103,12 +139,17 @@ def _verdict(result, batches, args, isa: str) -> dict:
             continue
         anchor = result.best(b, "anchor")
         s_p50 = served.stats[b].p50_ms
+
+        def gemm(p50: float, b: int = b) -> float:
+            return 2.0 * result.macs * b / (p50 / 1e3) / (ceiling["gops"] * 1e9)
+
         row.update(served_p50_ms=s_p50, served_parity=(served.parity or {}).get("passed"),
-                   served_int8_peak=result.fraction_of_peak(served, b, "int8"),
+                   served_int8_peak=result.fraction_of_peak(served, b, "int8"), served_int8_gemm=gemm(s_p50),
                    speedup_vs_eager=result.speedups(b).get(served.name),
                    cases={c.name: {"p50_ms": c.stats[b].p50_ms, "kind": c.kind,
                                    "parity": (c.parity or {}).get("passed"),
-                                   "int8_peak": result.fraction_of_peak(c, b, "int8")}
+                                   "int8_peak": result.fraction_of_peak(c, b, "int8"),
+                                   "int8_gemm": gemm(c.stats[b].p50_ms)}
                           for c in result.cases if b in c.stats})
         if anchor is not None:
             row.update(anchor=anchor.name, anchor_p50_ms=anchor.stats[b].p50_ms,
@@ -116,7 +157,8 @@ def _verdict(result, batches, args, isa: str) -> dict:
         # "at least as fast": within the run's own repeatability (p50 of interleaved blocks), 2 %
         row["met"] = bool(row.get("served_parity")) and (anchor is None or s_p50 <= 1.02 * anchor.stats[b].p50_ms)
         rows.append(row)
-    return {"format": "resdeploy-engine-config/1", "model": args.arch, "isa": isa, "machine": result.machine,
+    return {"format": "resdeploy-engine-config/1", "model": name, "reference": model, "isa": isa,
+            "int8_gemm_ceiling": ceiling, "macs_per_image": result.macs, "machine": result.machine,
             "command": "benchmarks/engine_config.py " + " ".join(sys.argv[1:]), "served": served.name if served else None,
             "rows": rows, "met": all(r["met"] for r in rows)}
 
@@ -126,13 +168,16 @@ def _verdict_md(v: dict) -> str:
     lines = [f"# {v['model']}: the served engine configuration against the anchors", "",
              f"- machine: {m.get('cpu_model')}, {m.get('usable_cpus')} usable CPUs; ISA: {v['isa']}",
              f"- load average at start/end: {m.get('load_average_start')} / {m.get('load_average_end')}",
+             f"- measured int8 ceiling: {v['int8_gemm_ceiling']['gops']:.0f} GOPS ({v['int8_gemm_ceiling']['how']}, "
+             f"{v['int8_gemm_ceiling']['threads']} threads); % of int8 peak: theoretical at the nominal clock / measured "
+             "int8 GEMM ceiling",
              f"- command: `{v['command']}`; served: **{v['served']}**", ""]
     for r in v["rows"]:
-        lines += [f"## batch {r['batch']}", "", "| case | kind | p50 ms | x eager | % of int8 peak | parity |",
+        lines += [f"## batch {r['batch']}", "", "| case | kind | p50 ms | x eager | % of int8 peak (theory / GEMM) | parity |",
                   "|---|---|---:|---:|---:|---|"]
         eager = (r.get("cases") or {}).get("torch eager fp32", {}).get("p50_ms")
         for name, c in sorted((r.get("cases") or {}).items(), key=lambda kv: kv[1]["p50_ms"]):
-            pk = f"{100 * c['int8_peak']:.1f}%" if c.get("int8_peak") is not None else "-"
+            pk = " / ".join(f"{100 * c[k]:.1f}%" if c.get(k) is not None else "-" for k in ("int8_peak", "int8_gemm"))
             x = f"{eager / c['p50_ms']:.1f}" if eager else "-"
             mark = " (served)" if name == r.get("served") else ""
             lines.append(f"| {name}{mark} | {c['kind']} | {c['p50_ms']:.3f} | {x} | {pk} | "
