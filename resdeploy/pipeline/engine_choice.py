@@ -193,14 +193,15 @@ def check_configurations(candidates: Sequence[EngineCandidate], ref_logits: np.n
                          threads: int | None = None, open_fn: Callable[[EngineCandidate, int | None], Any] | None = None,
                          batch_size: int = 32, say: Callable[[str], None] | None = None) -> list[EngineCandidate]:
     """Each candidate through the parity gates (``gates``: a ParityGates) on ``data`` (a ParityData: the test images)
-    against ``ref_logits``: the candidates again, with ``parity_passed`` and the verdict in words. One that already
-    failed, or cannot start, is not judged (its reason is kept)."""
+    against ``ref_logits``: the candidates again, with ``parity_passed`` and the verdict in words. One already
+    judged (its verdict given, as parity's own rows are) or already failed is kept as it is; one that cannot start
+    fails with the reason."""
     from resdeploy.pipeline.parity import judge
 
     open_fn = open_fn or _default_open
     out = []
     for c in candidates:
-        if not c.parity_passed:
+        if not c.parity_passed or c.parity:
             out.append(c)
             continue
         try:

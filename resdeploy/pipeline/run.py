@@ -29,7 +29,7 @@ import json
 import platform
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -569,7 +569,9 @@ def _engine_choice(r: _Runner, cfg: RunConfig, src: ModelSource, variants: dict[
 
         ref = src.reference()
         data = load_parity_data(ref, cfg.parity.limit or None)
-        cands = configurations([(v["backend"], v["precision"], variants[v["precision"]]) for v in pool])
+        judged = {(v["backend"], v["precision"]): v for v in pool}
+        cands = [_parity_verdict(c, judged[c.backend, c.precision])
+                 for c in configurations([(v["backend"], v["precision"], variants[v["precision"]]) for v in pool])]
         cands = check_configurations(cands, ref.logits(data.images), data, _parity_gates(cfg, src), threads=threads)
         choice = choose_engine(cands, batches=batches, threads=threads, seconds=cfg.engines.choice_seconds,
                                image=data.images[:1], weights=cfg.engines.choice_weights)
@@ -583,6 +585,22 @@ def _engine_choice(r: _Runner, cfg: RunConfig, src: ModelSource, variants: dict[
                   {**{f"{v['backend']} {v['precision']}": f"{v.get('sha256')}:{v.get('passed')}" for v in pool},
                    **_model_key(r, src)}, run)
     return rec.result or None
+
+
+def _parity_verdict(candidate: Any, row: Mapping[str, Any]) -> Any:
+    """``candidate`` with the parity stage's verdict when it runs the runner's default settings (what that stage
+    judged, on the same images and gates), else as it is, to be judged with its own settings."""
+    from resdeploy.engines import check_settings
+
+    if dict(candidate.settings) != check_settings(candidate.backend, {}):
+        return candidate
+    gates = row.get("gates") or []
+    failed = [g for g in gates if not g.get("passed")]
+    words = "; ".join(f"{g.get('metric')} {g.get('value'):.4g} (limit {g.get('op')} {g.get('limit'):.4g})"
+                      for g in (failed or gates))
+    n = (row.get("metrics") or {}).get("n")
+    return dataclasses.replace(candidate, parity_passed=bool(row.get("passed")),
+                               parity=f"{'FAILED ' if failed else ''}{words} (n={n}, the parity stage)")
 
 
 def _repository(r: _Runner, cfg: RunConfig, variants: dict[str, Path], choice: dict[str, Any] | None = None) -> None:
