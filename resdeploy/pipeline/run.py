@@ -596,7 +596,7 @@ def _parity_verdict(candidate: Any, row: Mapping[str, Any]) -> Any:
         return candidate
     gates = row.get("gates") or []
     failed = [g for g in gates if not g.get("passed")]
-    words = "; ".join(f"{g.get('metric')} {g.get('value'):.4g} (limit {g.get('op')} {g.get('limit'):.4g})"
+    words = "; ".join(f"{g.get('metric')} {g.get('value') + 0.0:.4g} (limit {g.get('op')} {g.get('limit'):.4g})"
                       for g in (failed or gates))
     n = (row.get("metrics") or {}).get("n")
     return dataclasses.replace(candidate, parity_passed=bool(row.get("passed")),
